@@ -1,0 +1,105 @@
+"""The contract between the trainer and whatever generates its rollouts.
+
+The trainer hands a `RolloutEngine` tokenised prompts and `SamplingParams` and
+gets back a `RolloutBatch`: `params.n` completions per prompt, grouped by prompt
+(row `i * n + j` is sample `j` of prompt `i`), each with its token ids, its
+text and the log-probability the sampler gave every token it drew. After each
+optimizer step the trainer pushes the new weights with `update_weights`, stamped
+with a policy version, so every batch says which policy produced it.
+
+The built-in torch engine, the worker-process client and the vLLM engine all
+implement this protocol; the trainer never knows which one it talks to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample completions.
+
+    n: completions per prompt (GRPO's group size G).
+    temperature: softmax temperature; 0 means greedy.
+    top_p: nucleus sampling mass in (0, 1]; 1 keeps the whole distribution.
+    max_new_tokens: completion length cap, in tokens.
+    stop_token_ids: generation of a sample ends after it emits one of these
+        (the stop token is kept in the completion, as EOS is in training).
+    seed: makes sampling reproducible when set.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class RolloutBatch:
+    """Completions for a batch of prompts, `n` per prompt, grouped by prompt.
+
+    All lists have length `num_prompts * n`; row `i * n + j` is sample `j` of prompt `i`.
+
+    prompt_ids: the prompt's token ids (repeated for each of its samples).
+    completion_ids: the sampled token ids, stop token included when one was emitted.
+    completion_text: the completion decoded without special tokens.
+    sampler_logprobs: per completion, a float32 tensor (len(completion_ids[k]),)
+        with the log-probability the sampler assigned to each drawn token,
+        after temperature scaling and before top-p truncation.
+    finish_reason: "stop" if a stop token ended the sample, "length" if the cap did.
+    policy_version: the weights version that generated every row of the batch.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    completion_text: list[str]
+    sampler_logprobs: list[torch.Tensor]
+    finish_reason: list[FinishReason]
+    policy_version: int
+    num_generated_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        rows = len(self.completion_ids)
+        for name in ("prompt_ids", "completion_text", "sampler_logprobs", "finish_reason"):
+            if len(getattr(self, name)) != rows:
+                raise ValueError(f"RolloutBatch.{name} has {len(getattr(self, name))} rows, expected {rows}")
+        self.num_generated_tokens = sum(len(ids) for ids in self.completion_ids)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Generates grouped completions and accepts new policy weights."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        """Sample `params.n` completions for each tokenised prompt."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load new policy weights (names as in the policy's state_dict) and stamp them `version`."""
+        ...
+
+    def close(self) -> None:
+        """Release processes, devices and memory held by the engine."""
+        ...
