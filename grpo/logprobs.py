@@ -1,0 +1,118 @@
+"""Token log-probabilities without materialising full-vocabulary logits.
+
+A GRPO batch of N completions of T tokens over a vocabulary of V words would
+need N * T * V fp32 logits (and as much again for their gradient) if computed
+at once: 64 x 1024 x 129280 x 4 bytes = 34 GB for DeepSeek-V3. Instead the
+decoder's last hidden states are pushed through the output head a chunk of
+tokens at a time; each chunk's logits are reduced to the log-probability of the
+sampled token (and its entropy) and then freed. With gradients enabled every
+chunk is checkpointed, so the backward pass recomputes its logits instead of
+keeping them: peak memory is one chunk of logits, whatever N and T.
+
+`TokenLogprobModel` wraps any causal LM (ours or a Hugging Face one, with or
+without a peft adapter) so that a forward call returns completion-token
+log-probs; accelerate/DDP/FSDP wrap this module, so every forward goes through
+their hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: nn.Module, temperature: float,
+                    softcap: float | None) -> tuple[Tensor, Tensor]:
+    """log p(target) and entropy for hidden (n, H), targets (n,): each (n,) float32."""
+    logits = head(hidden).float()  # (n, V)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_norm = torch.logsumexp(logits, dim=-1)  # (n,)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        entropy = log_norm - (probs * logits).sum(dim=-1)
+    return logp, entropy
+
+
+def token_logprobs_from_hidden(hidden: Tensor, targets: Tensor, head: nn.Module, *,
+                               temperature: float = 1.0, chunk_size: int = 1024,
+                               softcap: float | None = None) -> tuple[Tensor, Tensor]:
+    """Log-probs and entropies of `targets` under `head(hidden) / temperature`.
+
+    hidden: (N, T, H) decoder states whose next token is `targets` (N, T).
+    head: the output projection (H -> V).
+    Returns (logp, entropy), each (N, T) float32; entropy carries no gradient.
+    """
+    if hidden.shape[:2] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree")
+    n, t, h = hidden.shape
+    flat_hidden, flat_targets = hidden.reshape(n * t, h), targets.reshape(n * t)
+    logps, entropies = [], []
+    for start in range(0, n * t, chunk_size):
+        args = (flat_hidden[start:start + chunk_size], flat_targets[start:start + chunk_size],
+                head, temperature, softcap)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            logp, entropy = _chunk_logprobs(*args)
+        logps.append(logp)
+        entropies.append(entropy)
+    return torch.cat(logps).view(n, t), torch.cat(entropies).view(n, t)
+
+
+@dataclass
+class TokenLogprobs:
+    """What a policy forward returns for a batch of N completions of T tokens.
+
+    logp: (N, T) float32 log-probs of the completion tokens (with gradient).
+    entropy: (N, T) float32 entropy of the next-token distribution, no gradient.
+    aux_loss: MoE balance loss of this forward (0-dim), or None for dense models.
+    mtp_loss: multi-token-prediction loss on the completion tokens, or None.
+    """
+
+    logp: Tensor
+    entropy: Tensor
+    aux_loss: Tensor | None = None
+    mtp_loss: Tensor | None = None
+
+
+class TokenLogprobModel(nn.Module):
+    """A causal LM whose forward returns the log-probs of the completion tokens.
+
+    Sequences are laid out as `[left-padded prompt (P) | right-padded completion (T)]`;
+    the hidden state at position p predicts the token at p + 1, so positions
+    P - 1 .. P + T - 2 score the completion.
+    """
+
+    def __init__(self, model: nn.Module, *, temperature: float = 1.0, chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, prompt_length: int,
+                completion_mask: Tensor | None = None, with_mtp: bool = False) -> TokenLogprobs:
+        """input_ids, attention_mask, position_ids: (N, P + T); completion_mask (N, T) for the MTP loss."""
+        decoder_output = self.model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        hidden = decoder_output.last_hidden_state  # (N, P + T, H)
+        logp, entropy = token_logprobs_from_hidden(
+            hidden[:, prompt_length - 1:-1], input_ids[:, prompt_length:], self.model.get_output_embeddings(),
+            temperature=self.temperature, chunk_size=self.chunk_size, softcap=self.softcap,
+        )
+        mtp_loss = None
+        if with_mtp:
+            if completion_mask is None:
+                raise ValueError("the MTP loss needs completion_mask")
+            loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            loss_mask[:, prompt_length:] = completion_mask.bool()
+            mtp_loss = self.model.mtp_loss(hidden, input_ids, loss_mask)
+        return TokenLogprobs(logp, entropy, getattr(decoder_output, "aux_loss", None), mtp_loss)
