@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: nn.Module, temperature: float,
-                    softcap: float | None) -> tuple[Tensor, Tensor]:
+def _chunk_logprobs(
+    hidden: Tensor, targets: Tensor, head: nn.Module, temperature: float, softcap: float | None
+) -> tuple[Tensor, Tensor]:
     """log p(target) and entropy for hidden (n, H), targets (n,): each (n,) float32."""
     logits = head(hidden).float()  # (n, V)
     if softcap is not None:
@@ -40,9 +41,15 @@ def _chunk_logprobs(hidden: Tensor, targets: Tensor, head: nn.Module, temperatur
     return logp, entropy
 
 
-def token_logprobs_from_hidden(hidden: Tensor, targets: Tensor, head: nn.Module, *,
-                               temperature: float = 1.0, chunk_size: int = 1024,
-                               softcap: float | None = None) -> tuple[Tensor, Tensor]:
+def token_logprobs_from_hidden(
+    hidden: Tensor,
+    targets: Tensor,
+    head: nn.Module,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
     """Log-probs and entropies of `targets` under `head(hidden) / temperature`.
 
     hidden: (N, T, H) decoder states whose next token is `targets` (N, T).
@@ -55,8 +62,13 @@ def token_logprobs_from_hidden(hidden: Tensor, targets: Tensor, head: nn.Module,
     flat_hidden, flat_targets = hidden.reshape(n * t, h), targets.reshape(n * t)
     logps, entropies = [], []
     for start in range(0, n * t, chunk_size):
-        args = (flat_hidden[start:start + chunk_size], flat_targets[start:start + chunk_size],
-                head, temperature, softcap)
+        args = (
+            flat_hidden[start : start + chunk_size],
+            flat_targets[start : start + chunk_size],
+            head,
+            temperature,
+            softcap,
+        )
         if torch.is_grad_enabled() and hidden.requires_grad:
             logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
@@ -97,16 +109,27 @@ class TokenLogprobModel(nn.Module):
         self.chunk_size = chunk_size
         self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, prompt_length: int,
-                completion_mask: Tensor | None = None, with_mtp: bool = False) -> TokenLogprobs:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        prompt_length: int,
+        completion_mask: Tensor | None = None,
+        with_mtp: bool = False,
+    ) -> TokenLogprobs:
         """input_ids, attention_mask, position_ids: (N, P + T); completion_mask (N, T) for the MTP loss."""
         decoder_output = self.model.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
         hidden = decoder_output.last_hidden_state  # (N, P + T, H)
         logp, entropy = token_logprobs_from_hidden(
-            hidden[:, prompt_length - 1:-1], input_ids[:, prompt_length:], self.model.get_output_embeddings(),
-            temperature=self.temperature, chunk_size=self.chunk_size, softcap=self.softcap,
+            hidden[:, prompt_length - 1 : -1],
+            input_ids[:, prompt_length:],
+            self.model.get_output_embeddings(),
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            softcap=self.softcap,
         )
         mtp_loss = None
         if with_mtp:

@@ -52,8 +52,15 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 
 @OBJECTIVES.register("grpo")
-def clipped_token_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
-                            epsilon_low: float, epsilon_high: float) -> tuple[Tensor, Tensor]:
+def clipped_token_objective(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> tuple[Tensor, Tensor]:
     """-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) per token; returns (loss, rho), both (N, T)."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
@@ -63,8 +70,15 @@ def clipped_token_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, 
 
 
 @OBJECTIVES.register("gspo")
-def clipped_sequence_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
-                               epsilon_low: float, epsilon_high: float) -> tuple[Tensor, Tensor]:
+def clipped_sequence_objective(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> tuple[Tensor, Tensor]:
     """GSPO: the token ratio of `grpo` replaced by s_i = exp(mean_t(logp - old_logp)) for every token of i.
 
     The gradient flows through every token's logp via the mean (GSPO-token with
@@ -79,23 +93,26 @@ def clipped_sequence_objective(logp: Tensor, old_logp: Tensor, advantages: Tenso
 
 
 @AGGREGATIONS.register("sequence_mean")
-def sequence_mean(per_token: Tensor, mask: Tensor, *, num_sequences: float, num_tokens: float,
-                  max_length: int) -> Tensor:
+def sequence_mean(
+    per_token: Tensor, mask: Tensor, *, num_sequences: float, num_tokens: float, max_length: int
+) -> Tensor:
     """Mean over each sequence's tokens, then sum over sequences / num_sequences (the paper's 1/G 1/|o_i|)."""
     per_sequence = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     return per_sequence.sum() / num_sequences
 
 
 @AGGREGATIONS.register("token_mean")
-def token_mean(per_token: Tensor, mask: Tensor, *, num_sequences: float, num_tokens: float,
-               max_length: int) -> Tensor:
+def token_mean(
+    per_token: Tensor, mask: Tensor, *, num_sequences: float, num_tokens: float, max_length: int
+) -> Tensor:
     """Sum over all tokens / num_tokens (DAPO): long completions weigh in proportion to their length."""
     return (per_token * mask).sum() / max(num_tokens, 1.0)
 
 
 @AGGREGATIONS.register("constant")
-def constant_normalizer(per_token: Tensor, mask: Tensor, *, num_sequences: float, num_tokens: float,
-                        max_length: int) -> Tensor:
+def constant_normalizer(
+    per_token: Tensor, mask: Tensor, *, num_sequences: float, num_tokens: float, max_length: int
+) -> Tensor:
     """Sum over all tokens / (num_sequences * max_length) (Dr. GRPO): no length bias."""
     return (per_token * mask).sum() / (num_sequences * max_length)
 

@@ -88,8 +88,12 @@ def format_prompt(question: str) -> str:
     return f"Question: {question}\n"
 
 
-def arithmetic_dataset(num_problems: int, seed: int, cfg: ArithmeticTaskConfig | None = None,
-                       exclude: frozenset[str] = frozenset()) -> Dataset:
+def arithmetic_dataset(
+    num_problems: int,
+    seed: int,
+    cfg: ArithmeticTaskConfig | None = None,
+    exclude: frozenset[str] = frozenset(),
+) -> Dataset:
     """`num_problems` distinct problems from `seed`, none of whose prompts is in `exclude`."""
     cfg = cfg or ArithmeticTaskConfig()
     rng, rows, seen = random.Random(seed), [], set(exclude)
@@ -105,8 +109,9 @@ def arithmetic_dataset(num_problems: int, seed: int, cfg: ArithmeticTaskConfig |
     return Dataset.from_list(rows)
 
 
-def arithmetic_splits(num_train: int, num_eval: int, seed: int = 0,
-                      cfg: ArithmeticTaskConfig | None = None) -> tuple[Dataset, Dataset]:
+def arithmetic_splits(
+    num_train: int, num_eval: int, seed: int = 0, cfg: ArithmeticTaskConfig | None = None
+) -> tuple[Dataset, Dataset]:
     """Train and held-out problems with disjoint prompts."""
     held_out = arithmetic_dataset(num_eval, seed=seed + 1_000_003, cfg=cfg)
     train = arithmetic_dataset(num_train, seed=seed, cfg=cfg, exclude=frozenset(held_out["prompt"]))

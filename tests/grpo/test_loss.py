@@ -40,8 +40,9 @@ def paper_grpo_objective(logp, old, ref, adv, mask, eps_low, eps_high, beta):
 def test_grpo_loss_equals_paper_formula(eps_low, eps_high, beta):
     logp, old, ref, adv, mask = random_inputs()
     out = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=beta, epsilon_low=eps_low, epsilon_high=eps_high)
-    expected = -paper_grpo_objective(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask,
-                                     eps_low, eps_high, beta)
+    expected = -paper_grpo_objective(
+        logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask, eps_low, eps_high, beta
+    )
     assert out.loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
@@ -106,8 +107,15 @@ def test_micro_batch_normalizers_reproduce_full_batch():
         kwargs = dict(ref_logp=ref, beta=0.1, aggregation=aggregation, max_length=7)
         full = grpo_loss(logp, old, adv, mask, **kwargs).loss
         parts = sum(
-            grpo_loss(logp[s], old[s], adv[s], mask[s], num_sequences=8.0, num_tokens=mask.sum().item(),
-                      **{**kwargs, "ref_logp": ref[s]}).loss
+            grpo_loss(
+                logp[s],
+                old[s],
+                adv[s],
+                mask[s],
+                num_sequences=8.0,
+                num_tokens=mask.sum().item(),
+                **{**kwargs, "ref_logp": ref[s]},
+            ).loss
             for s in (slice(0, 3), slice(3, 8))
         )
         torch.testing.assert_close(parts, full)

@@ -1,0 +1,113 @@
+"""Checkpoints that are never half-written and resume a run exactly.
+
+A checkpoint directory `checkpoint-{step}` holds the policy and tokenizer in
+Hugging Face format (loadable by `policy.load_policy`, transformers and vLLM),
+plus `training_state.pt`: optimizer, scheduler, RNG states and the trainer's own
+state (step, prompt position, policy version). Everything is written into a
+temporary sibling directory first and renamed into place, so a crash leaves
+either the previous checkpoint or the new one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "training_state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_model_atomic(
+    model: nn.Module, tokenizer, directory: str | Path, extra_state: dict | None = None
+) -> Path:
+    """Write model + tokenizer (+ `training_state.pt` if given) to `directory` via a temporary rename."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if extra_state is not None:
+            torch.save(extra_state, tmp / STATE_FILE)
+        if directory.exists():
+            stale = directory.with_name(f".{directory.name}.stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(directory, stale)
+            os.replace(tmp, directory)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """`checkpoint-{step}` directories under `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    trainer_state: dict,
+    keep_last: int | None = None,
+) -> Path:
+    """Save `checkpoint-{step}` and delete all but the newest `keep_last` checkpoints."""
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "trainer": trainer_state,
+    }
+    path = save_model_atomic(model, tokenizer, Path(output_dir) / f"checkpoint-{step}", state)
+    if keep_last is not None:
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    return path
+
+
+def load_training_state(checkpoint: str | Path, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG states; return the trainer's own saved state."""
+    path = Path(checkpoint) / STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{checkpoint} is not a training checkpoint: {STATE_FILE} is missing")
+    state = torch.load(path, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["trainer"]

@@ -1,0 +1,54 @@
+"""Run metrics: one JSON line per logged step, mirrored to accelerate's trackers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def nan_mean_std(values: Tensor) -> tuple[float, float]:
+    """Mean and (biased) std of the non-NaN entries; NaN, NaN when there are none."""
+    kept = values[~torch.isnan(values)].double()
+    if kept.numel() == 0:
+        return math.nan, math.nan
+    return kept.mean().item(), kept.std(unbiased=False).item()
+
+
+class MetricsLogger:
+    """Appends metrics to `metrics.jsonl` in the run directory (main process only)."""
+
+    def __init__(self, output_dir: str | Path, accelerator) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.accelerator = accelerator
+        if accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after `step` (a resumed run re-logs them)."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def _jsonable(value: float) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,157 @@
+"""The built-in rollout engine: batched sampling with a KV cache, in plain torch.
+
+Works with any causal LM that follows the Hugging Face cache interface (our
+DeepSeek-V3 policy with its latent cache, or any transformers model). Prompts
+are left-padded so that every row's next token sits in the last column; each
+decode step feeds one token per row, reusing the cache. Rows that emit a stop
+token are dropped from the batch (and from the cache) once half of the rows
+are finished, so long stragglers do not pay for finished rows.
+
+The engine owns the module it is given. Hand it a copy of the trainer's policy
+to keep generation and training apart, or the trainer's module itself to share
+memory (then `update_weights` sees the same tensors and copies nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from rollout.engine import RolloutBatch, SamplingParams
+from rollout.sampling import sample_next_tokens
+
+
+class TorchRolloutEngine:
+    """RolloutEngine over an in-process torch model.
+
+    model: a causal LM accepting (input_ids, attention_mask, position_ids,
+        past_key_values, use_cache, logits_to_keep).
+    tokenizer: decodes completions; its pad token id pads prompts.
+    max_batch_rows: at most this many sequences are decoded together.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, max_batch_rows: int = 256) -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_rows = max_batch_rows
+        self.policy_version = 0
+        self.device = next(model.parameters()).device
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        """Sample `params.n` completions per prompt; rows are grouped by prompt."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt and no empty prompt")
+        rows = [list(p) for p in prompts for _ in range(params.n)]
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        completions: list[list[int]] = []
+        logprobs: list[Tensor] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(rows), self.max_batch_rows):
+                    ids, lps = self._generate_rows(
+                        rows[start : start + self.max_batch_rows], params, generator
+                    )
+                    completions += ids
+                    logprobs += lps
+        finally:
+            self.model.train(was_training)
+        stop = set(params.stop_token_ids)
+        return RolloutBatch(
+            prompt_ids=rows,
+            completion_ids=completions,
+            completion_text=self.tokenizer.batch_decode(completions, skip_special_tokens=True),
+            sampler_logprobs=logprobs,
+            finish_reason=["stop" if ids and ids[-1] in stop else "length" for ids in completions],
+            policy_version=self.policy_version,
+        )
+
+    def _generate_rows(
+        self, rows: list[list[int]], params: SamplingParams, generator: torch.Generator | None
+    ) -> tuple[list[list[int]], list[Tensor]]:
+        """Decode one batch of rows; returns per-row completion ids and sampler log-probs."""
+        num_rows, width = len(rows), max(len(r) for r in rows)
+        input_ids = torch.full((num_rows, width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((num_rows, width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row) :] = torch.tensor(row)
+            attention_mask[i, width - len(row) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device)
+
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_position = positions[:, -1] + 1  # (R,)
+        active = torch.arange(num_rows, device=self.device)  # original row of each batch row
+        tokens = torch.full((num_rows, params.max_new_tokens), -1, dtype=torch.long, device=self.device)
+        token_logprobs = torch.zeros((num_rows, params.max_new_tokens), device=self.device)
+        lengths = torch.full((num_rows,), params.max_new_tokens, dtype=torch.long, device=self.device)
+
+        done = torch.zeros(num_rows, dtype=torch.bool, device=self.device)  # per batch row
+        for step in range(params.max_new_tokens):
+            new_tokens, new_logprobs = sample_next_tokens(
+                logits, temperature=params.temperature, top_p=params.top_p, generator=generator
+            )
+            tokens[active, step] = new_tokens  # rows already done write past their length: never read
+            token_logprobs[active, step] = new_logprobs
+            finished_now = torch.isin(new_tokens, stop_ids) & ~done
+            lengths[active[finished_now]] = step + 1
+            done |= finished_now
+            if step + 1 == params.max_new_tokens or bool(done.all()):
+                break
+            if 2 * int(done.sum()) >= len(active):  # drop finished rows from the batch and the cache
+                keep = (~done).nonzero().squeeze(-1)
+                cache.reorder_cache(keep)
+                active, new_tokens, next_position = active[keep], new_tokens[keep], next_position[keep]
+                attention_mask, done = attention_mask[keep], done[keep]
+            attention_mask = torch.cat([attention_mask, (~done).long().unsqueeze(-1)], dim=-1)
+            out = self.model(
+                input_ids=new_tokens.unsqueeze(-1),
+                attention_mask=attention_mask,
+                position_ids=next_position.unsqueeze(-1),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1]
+            next_position = next_position + 1
+
+        lengths, tokens, token_logprobs = lengths.cpu(), tokens.cpu(), token_logprobs.cpu()
+        return (
+            [tokens[i, : lengths[i]].tolist() for i in range(num_rows)],
+            [token_logprobs[i, : lengths[i]].clone() for i in range(num_rows)],
+        )
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+        """Copy new weights (state_dict names of the engine's model) in place and stamp `version`."""
+        targets = dict(self.model.state_dict(keep_vars=True))
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in targets:
+                    raise KeyError(f"update_weights: the rollout model has no tensor named {name!r}")
+                target = targets[name]
+                if target.shape != tensor.shape:
+                    raise ValueError(
+                        f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
+                        f"the rollout model expects {tuple(target.shape)}"
+                    )
+                if target.data_ptr() != tensor.data_ptr():
+                    target.copy_(tensor)
+        self.policy_version = version
+
+    def close(self) -> None:
+        """Nothing to release: the model lives as long as its owner keeps it."""
