@@ -75,9 +75,7 @@ def build_policy_batch(rollout: RolloutBatch, pad_token_id: int) -> PolicyBatch:
     for i, (prompt, completion) in enumerate(zip(rollout.prompt_ids, rollout.completion_ids, strict=True)):
         start = prompt_length - len(prompt)
         input_ids[i, start:prompt_length] = torch.tensor(prompt)
-        input_ids[i, prompt_length : prompt_length + len(completion)] = torch.tensor(
-            completion, dtype=torch.long
-        )
+        input_ids[i, prompt_length : prompt_length + len(completion)] = torch.tensor(completion, dtype=torch.long)
         attention_mask[i, start : prompt_length + len(completion)] = 1
         completion_mask[i, : len(completion)] = 1
         sampler_logprobs[i, : len(completion)] = rollout.sampler_logprobs[i]

@@ -41,9 +41,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_model_atomic(
-    model: nn.Module, tokenizer, directory: str | Path, extra_state: dict | None = None
-) -> Path:
+def save_model_atomic(model: nn.Module, tokenizer, directory: str | Path, extra_state: dict | None = None) -> Path:
     """Write model + tokenizer (+ `training_state.pt` if given) to `directory` via a temporary rename."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)

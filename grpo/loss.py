@@ -102,9 +102,7 @@ def sequence_mean(
 
 
 @AGGREGATIONS.register("token_mean")
-def token_mean(
-    per_token: Tensor, mask: Tensor, *, num_sequences: float, num_tokens: float, max_length: int
-) -> Tensor:
+def token_mean(per_token: Tensor, mask: Tensor, *, num_sequences: float, num_tokens: float, max_length: int) -> Tensor:
     """Sum over all tokens / num_tokens (DAPO): long completions weigh in proportion to their length."""
     return (per_token * mask).sum() / max(num_tokens, 1.0)
 

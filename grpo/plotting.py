@@ -11,9 +11,10 @@ import matplotlib.pyplot as plt
 
 from grpo.metrics import read_metrics
 
+SKIPPED_SUFFIXES = ("/std", "/errors", "/timeouts", "/not_applicable", "/total/mean")
 # (title, metric-name prefixes drawn in the panel)
 PANELS = (
-    ("reward (mean over completions)", ("reward/",)),
+    ("reward (mean over completions)", ("reward", "rewards/")),
     ("accuracy", ("accuracy", "eval/accuracy")),
     ("KL to reference (k3)", ("kl",)),
     ("completion length (tokens)", ("completion_length/mean",)),
@@ -37,7 +38,7 @@ def _series(records: list[dict], prefixes: tuple[str, ...]) -> dict[str, tuple[l
     series: dict[str, tuple[list[int], list[float]]] = {}
     for record in records:
         for key, value in record.items():
-            if value is None or key.endswith("/std") or not key.startswith(prefixes):
+            if value is None or key.endswith(SKIPPED_SUFFIXES) or not key.startswith(prefixes):
                 continue
             steps, values = series.setdefault(key, ([], []))
             steps.append(record["step"])

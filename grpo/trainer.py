@@ -13,8 +13,8 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
@@ -38,20 +38,24 @@ from rollout.engine import RolloutEngine, SamplingParams
 EvalHook = Callable[[int], dict[str, float]]
 
 
-@dataclass
-class RewardScores:
-    """What the trainer needs from a reward suite for N completions.
+class RewardScores(Protocol):
+    """What the trainer reads from a reward suite's result for N completions (see rewards.RewardResult).
 
     total: (N,) weighted sum of the reward functions.
-    per_function: name -> (N,) scores, NaN where a function gave None or failed.
+    scores: name -> (N,) scores, NaN where a function gave None or failed.
+    metrics(prefix): flat per-function statistics to log.
     """
 
     total: Tensor
-    per_function: dict[str, Tensor]
+    scores: dict[str, Tensor]
+
+    def metrics(self, prefix: str = ...) -> dict[str, float]: ...
 
 
-# score(prompts, completions, columns) -> RewardScores
-ScoreFn = Callable[[list[str], list[str], dict[str, list]], RewardScores]
+class RewardScorer(Protocol):
+    """A reward suite: scores completions given their prompts and dataset columns (see rewards.RewardSuite)."""
+
+    def score(self, prompts: list, completions: list[str], columns: dict[str, list]) -> RewardScores: ...
 
 
 class GRPOTrainer:
@@ -59,7 +63,7 @@ class GRPOTrainer:
 
     policy: a causal LM (ours or any transformers model); trained in place.
     engine: generates rollouts; receives the new weights after every step.
-    score: the reward suite's scoring call, see `ScoreFn`.
+    rewards: the reward suite (see `RewardScorer`).
     reference: the frozen KL reference; defaults to a copy of `policy` at the
         start when beta > 0, and is never built when beta == 0.
     accuracy_reward: name of the reward function reported as "accuracy".
@@ -71,7 +75,7 @@ class GRPOTrainer:
         policy: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
         engine: RolloutEngine,
-        score: ScoreFn,
+        rewards: RewardScorer,
         train_dataset: Dataset,
         *,
         reference: nn.Module | None = None,
@@ -83,19 +87,17 @@ class GRPOTrainer:
         check_prompt_dataset(train_dataset, prompt_column)
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs pad and eos tokens")
-        self.config, self.tokenizer, self.engine, self.score = config, tokenizer, engine, score
+        self.config, self.tokenizer, self.engine, self.rewards = config, tokenizer, engine, rewards
         self.prompt_column, self.accuracy_reward, self.evaluate = prompt_column, accuracy_reward, evaluate
         self.accelerator = accelerator or Accelerator()
         torch.manual_seed(config.seed)
 
-        self.policy = policy
-        model = TokenLogprobModel(
-            policy, temperature=config.temperature, chunk_size=config.logprob_chunk_size
-        )
+        self.policy = policy.train()
+        model = TokenLogprobModel(policy, temperature=config.temperature, chunk_size=config.logprob_chunk_size)
         optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad],
             lr=config.learning_rate,
-            betas=config.adam_betas,
+            betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay,
         )
         scheduler = get_scheduler(
@@ -163,13 +165,9 @@ class GRPOTrainer:
 
         repeat = lambda values: [v for v in values for _ in range(config.num_generations)]
         columns = {c: repeat([row[c] for row in rows]) for c in rows[0] if c != self.prompt_column}
-        scores = self.score(
-            repeat([row[self.prompt_column] for row in rows]), rollout.completion_text, columns
-        )
+        scores = self.rewards.score(repeat([row[self.prompt_column] for row in rows]), rollout.completion_text, columns)
         rewards = scores.total.view(len(rows), config.num_generations)
-        advantages = compute_advantages(rewards, config.advantage_estimator, eps=config.advantage_eps).view(
-            -1
-        )
+        advantages = compute_advantages(rewards, config.advantage_estimator, eps=config.advantage_eps).view(-1)
 
         batch = build_policy_batch(rollout, self.tokenizer.pad_token_id).to(self.accelerator.device)
         update_metrics = self._optimize(batch, advantages.to(self.accelerator.device))

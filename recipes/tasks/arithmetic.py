@@ -32,16 +32,21 @@ class ArithmeticTaskConfig:
     max_operand: added / subtracted quantities are drawn from [1, max_operand].
     max_factor: multipliers are drawn from [2, max_factor].
     max_steps: each problem chains 1..max_steps operations.
+    worked_fraction: share of solutions that show their steps; the others go
+        straight to the answer, `<think> </think> <answer> 14 </answer>`.
     """
 
     max_start: int = 30
     max_operand: int = 20
     max_factor: int = 4
     max_steps: int = 3
+    worked_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_start < 2 or self.max_operand < 1 or self.max_factor < 2 or self.max_steps < 1:
             raise ValueError(f"invalid ArithmeticTaskConfig: {self}")
+        if not 0 <= self.worked_fraction <= 1:
+            raise ValueError(f"worked_fraction must be in [0, 1], got {self.worked_fraction}")
 
 
 def _step(rng: random.Random, value: int, cfg: ArithmeticTaskConfig) -> tuple[str, str, int]:
@@ -76,9 +81,10 @@ def make_problem(rng: random.Random, cfg: ArithmeticTaskConfig) -> dict[str, str
         sentences.append(prefix + sentence.replace("{p}", subject).replace("{item}", item))
         steps.append(step)
     question = " ".join(sentences) + f" How many {item} does {name} have now?"
+    reasoning = " . ".join(steps) if rng.random() < cfg.worked_fraction else ""
     return {
         "prompt": format_prompt(question),
-        "completion": f"<think> {' . '.join(steps)} </think> <answer> {value} </answer>",
+        "completion": f"<think> {reasoning} </think> <answer> {value} </answer>".replace("  ", " "),
         "answer": str(value),
     }
 
