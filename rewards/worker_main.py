@@ -1,0 +1,98 @@
+"""The reward worker process: `python -m rewards.worker_main`, started by `rewards.worker_pool`.
+
+It reads framed messages on stdin and writes framed replies on stdout (a frame
+is a 4-byte big-endian length followed by a pickle):
+
+    parent -> worker   ("load", functions_pickle)   once, first
+                       ("score", [(task_id, fn_index, completion, prompt, row), ...])
+    worker -> parent   ("ready", None) | ("load_error", message)
+                       ("result", task_id, score_or_None, error_or_None)   one per task, in order
+
+Each task scores one completion with one function, so the parent knows exactly
+which completion a worker is on and can kill it when that completion runs past
+its time limit. The real stdin/stdout are moved aside before any reward code
+runs: a reward that prints writes to stderr and cannot corrupt the channel.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import resource
+import struct
+import sys
+import traceback
+from typing import Any, BinaryIO
+
+from rewards.protocol import call_reward
+
+_HEADER = struct.Struct(">I")
+
+
+def read_frame(stream: BinaryIO) -> Any:
+    """Next message from a framed stream; None at end of stream."""
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    (length,) = _HEADER.unpack(header)
+    return pickle.loads(stream.read(length))
+
+
+def encode_frame(message: Any) -> bytes:
+    """A message as one frame: length header + pickle."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(payload)) + payload
+
+
+def _private_channel() -> tuple[BinaryIO, BinaryIO]:
+    """Move the protocol pipes off fds 0/1; point fd 0 at /dev/null and fd 1 at stderr."""
+    channel_in = os.fdopen(os.dup(0), "rb")
+    channel_out = os.fdopen(os.dup(1), "wb")
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    return channel_in, channel_out
+
+
+def _limit_memory(limit_mb: int) -> None:
+    """Cap the worker's address space, so a runaway reward raises MemoryError instead of exhausting RAM."""
+    if limit_mb > 0:
+        limit = limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _score(functions: list[Any], task: tuple[Any, ...]) -> tuple[str, int, float | None, str | None]:
+    task_id, fn_index, completion, prompt, row = task
+    try:
+        columns = {key: [value] for key, value in row.items()}
+        (score,) = call_reward(functions[fn_index], [completion], [prompt], columns)
+        return ("result", task_id, score, None)
+    except BaseException as error:  # SystemExit from a reward is an error too; the parent decides
+        if isinstance(error, KeyboardInterrupt):
+            raise
+        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+        return ("result", task_id, None, detail)
+
+
+def main(argv: list[str]) -> None:
+    """Serve the parent until it closes the channel. argv: [memory limit in MiB, 0 for none]."""
+    channel_in, channel_out = _private_channel()
+    _limit_memory(int(argv[0]))
+    message = read_frame(channel_in)
+    try:
+        functions = pickle.loads(message[1])
+    except Exception:  # reported to the parent, which raises naming the reward
+        channel_out.write(encode_frame(("load_error", traceback.format_exc())))
+        channel_out.flush()
+        return
+    channel_out.write(encode_frame(("ready", None)))
+    channel_out.flush()
+    while (message := read_frame(channel_in)) is not None and message[0] == "score":
+        for task in message[1]:
+            channel_out.write(encode_frame(_score(functions, task)))
+            channel_out.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
