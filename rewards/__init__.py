@@ -8,6 +8,7 @@
 Rule-based rewards live in `rewards.rules` and are registered by name on import;
 model-based rewards (a reward model, a generative judge) live in
 `rewards.models`, which imports torch and transformers only when used.
+`IsolatedReward` runs one batched reward in a process of its own.
 
 The suite and its result are imported lazily: reward worker processes import
 this package to load reward functions and should not pay for importing torch.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rewards.isolated import IsolatedReward
 from rewards.protocol import RewardFn, RewardOutputError, call_reward, completion_text, reward_name
 from rewards.registry import register, registered_names, resolve
 from rewards.rules import (
@@ -28,6 +30,7 @@ from rewards.rules import (
     code_execution,
     format_reward,
     language_consistency,
+    length_penalty,
     math_accuracy,
 )
 
@@ -39,6 +42,7 @@ _LAZY = {"RewardError", "RewardFailure", "RewardResult", "RewardSuite", "RewardS
 __all__ = [
     "CodeExecution",
     "FormatReward",
+    "IsolatedReward",
     "LanguageConsistency",
     "MathAccuracy",
     "OverlongPenalty",
@@ -54,6 +58,7 @@ __all__ = [
     "completion_text",
     "format_reward",
     "language_consistency",
+    "length_penalty",
     "math_accuracy",
     "register",
     "registered_names",

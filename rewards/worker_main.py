@@ -3,15 +3,20 @@
 It reads framed messages on stdin and writes framed replies on stdout (a frame
 is a 4-byte big-endian length followed by a pickle):
 
-    parent -> worker   ("load", functions_pickle)   once, first
+    parent -> worker   ("load", functions_pickle, build)   once, first
                        ("score", [(task_id, fn_index, completion, prompt, row), ...])
+                       ("batch", fn_index, completions, prompts, columns)
     worker -> parent   ("ready", None) | ("load_error", message)
                        ("result", task_id, score_or_None, error_or_None)   one per task, in order
+                       ("batch_result", scores_or_None, error_or_None)
 
-Each task scores one completion with one function, so the parent knows exactly
-which completion a worker is on and can kill it when that completion runs past
-its time limit. The real stdin/stdout are moved aside before any reward code
-runs: a reward that prints writes to stderr and cannot corrupt the channel.
+With `build` true the pickled objects are factories, called once in the worker
+to build the reward functions (a reward model is loaded there, not pickled).
+A "score" task scores one completion with one function, so the parent knows
+exactly which completion a worker is on and can kill it when that completion
+runs past its time limit; a "batch" scores a whole batch in one call. The real
+stdin/stdout are moved aside before any reward code runs: a reward that prints
+writes to stderr and cannot corrupt the channel.
 """
 
 from __future__ import annotations
@@ -75,23 +80,37 @@ def _score(functions: list[Any], task: tuple[Any, ...]) -> tuple[str, int, float
         return ("result", task_id, None, detail)
 
 
+def _score_batch(functions: list[Any], message: tuple[Any, ...]) -> tuple[str, Any, str | None]:
+    _, fn_index, completions, prompts, columns = message
+    try:
+        return ("batch_result", call_reward(functions[fn_index], completions, prompts, columns), None)
+    except Exception:
+        return ("batch_result", None, traceback.format_exc())
+
+
 def main(argv: list[str]) -> None:
     """Serve the parent until it closes the channel. argv: [memory limit in MiB, 0 for none]."""
     channel_in, channel_out = _private_channel()
     _limit_memory(int(argv[0]))
-    message = read_frame(channel_in)
+    _, functions_pickle, build = read_frame(channel_in)
     try:
-        functions = pickle.loads(message[1])
+        functions = pickle.loads(functions_pickle)
+        functions = [factory() for factory in functions] if build else functions
     except Exception:  # reported to the parent, which raises naming the reward
-        channel_out.write(encode_frame(("load_error", traceback.format_exc())))
-        channel_out.flush()
+        _send(channel_out, ("load_error", traceback.format_exc()))
         return
-    channel_out.write(encode_frame(("ready", None)))
-    channel_out.flush()
-    while (message := read_frame(channel_in)) is not None and message[0] == "score":
-        for task in message[1]:
-            channel_out.write(encode_frame(_score(functions, task)))
-            channel_out.flush()
+    _send(channel_out, ("ready", None))
+    while (message := read_frame(channel_in)) is not None:
+        if message[0] == "batch":
+            _send(channel_out, _score_batch(functions, message))
+            continue
+        for task in message[1]:  # answer task by task: the parent times each one
+            _send(channel_out, _score(functions, task))
+
+
+def _send(channel: BinaryIO, message: Any) -> None:
+    channel.write(encode_frame(message))
+    channel.flush()
 
 
 if __name__ == "__main__":

@@ -61,10 +61,15 @@ class WorkerStartError(RuntimeError):
     """A worker could not load the reward functions or did not start in time."""
 
 
-class _Worker:
+def worker_command(memory_mb: int | None) -> list[str]:
+    """Command line that starts a reward worker with an optional address-space limit in MiB."""
+    return [sys.executable, "-m", "rewards.worker_main", str(memory_mb or 0)]
+
+
+class WorkerProcess:
     """One worker process and the tasks it has been sent but not yet answered (running task first)."""
 
-    def __init__(self, command: list[str], env: dict[str, str], functions_pickle: bytes) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], functions_pickle: bytes, build: bool) -> None:
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0, start_new_session=True
         )
@@ -72,7 +77,7 @@ class _Worker:
         self.ready = False
         self.tasks: deque[Task] = deque()
         self.since = time.monotonic()  # when the running task started (or when the process was spawned)
-        self.send(("load", functions_pickle))
+        self.send(("load", functions_pickle, build))
 
     def fileno(self) -> int:
         return self.process.stdout.fileno()
@@ -106,7 +111,7 @@ class _Worker:
         return code
 
 
-def _worker_env() -> dict[str, str]:
+def worker_env() -> dict[str, str]:
     """The caller's environment, plus its sys.path so workers import what the caller imports."""
     env = dict(os.environ)
     paths = [path or os.getcwd() for path in sys.path if isinstance(path, str)]
@@ -123,8 +128,8 @@ class WorkerPool:
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"WorkerPool needs num_workers >= 1, got {num_workers}")
-        self._command = [sys.executable, "-m", "rewards.worker_main", str(memory_mb or 0)]
-        self._env = _worker_env()
+        self._command = worker_command(memory_mb)
+        self._env = worker_env()
         self._functions_pickle = functions_pickle
         self._start_timeout_s = start_timeout_s
         self._workers = [self._spawn() for _ in range(num_workers)]
@@ -132,8 +137,8 @@ class WorkerPool:
             self._receive({}, deque(), timeout_s=_POLL_S)
             self._check_starts()
 
-    def _spawn(self) -> _Worker:
-        return _Worker(self._command, self._env, self._functions_pickle)
+    def _spawn(self) -> WorkerProcess:
+        return WorkerProcess(self._command, self._env, self._functions_pickle, build=False)
 
     def run(
         self, tasks: list[Task], payload: Callable[[Task], tuple[Any, ...]], timeout_s: float
@@ -181,7 +186,7 @@ class WorkerPool:
             for message in messages:
                 self._handle(worker, message, outcomes)
 
-    def _handle(self, worker: _Worker, message: tuple[Any, ...], outcomes: dict[int, Outcome]) -> None:
+    def _handle(self, worker: WorkerProcess, message: tuple[Any, ...], outcomes: dict[int, Outcome]) -> None:
         kind = message[0]
         if kind == "ready":
             worker.ready = True
@@ -204,7 +209,7 @@ class WorkerPool:
 
     def _replace(
         self,
-        worker: _Worker,
+        worker: WorkerProcess,
         outcomes: dict[int, Outcome],
         pending: deque[Task],
         outcome_of: Callable[[int], Outcome],

@@ -11,7 +11,7 @@ import time
 
 
 def misbehaving(completions: list[str], **columns: object) -> list[float | None]:
-    """len(completion); but "hang"/"spin" never return, "boom" raises, "exit" ends the process, "none" -> None."""
+    """len(completion); "hang"/"spin" never return, "boom" raises, "exit" ends the process, "none" -> None."""
     scores: list[float | None] = []
     for text in completions:
         if text == "hang":
