@@ -55,27 +55,27 @@ def is_async_reward(fn: RewardFn) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
 
 
-def _accepted_keywords(fn: RewardFn) -> set[str] | None:
-    """Keyword names `fn` accepts, or None when it takes **kwargs (then it accepts every name)."""
+def _keywords(fn: RewardFn) -> tuple[set[str], bool]:
+    """Names `fn` accepts by keyword, and whether it also takes **kwargs (then every name is accepted)."""
     try:
         parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # builtins without a signature: pass everything
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return None
-    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    except (TypeError, ValueError):  # a callable without a signature: pass everything
+        return set(), True
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def call_reward(
     fn: RewardFn, completions: list[str], prompts: list[str], columns: Mapping[str, Sequence[Any]]
 ) -> list[float | None]:
     """Call `fn` under the contract and return its checked scores (float or None, one per completion)."""
-    accepted = _accepted_keywords(fn)
+    names, takes_any = _keywords(fn)
     kwargs = {"prompts": prompts, **columns}
-    if accepted is not None:
-        kwargs = {key: value for key, value in kwargs.items() if key in accepted}
-    if accepted is not None and "completions" in accepted:
-        output = fn(completions=completions, **kwargs)
+    if not takes_any:
+        kwargs = {key: value for key, value in kwargs.items() if key in names}
+    if "completions" in names:  # TRL passes it by keyword; the first parameter may be `prompts`
+        kwargs["completions"] = completions
+        output = fn(**kwargs)
     else:
         output = fn(completions, **kwargs)
     if inspect.isawaitable(output):

@@ -1,7 +1,7 @@
 """The reward worker process: `python -m rewards.worker_main`, started by `rewards.worker_pool`.
 
-It reads framed messages on stdin and writes framed replies on stdout (a frame
-is a 4-byte big-endian length followed by a pickle):
+It reads framed messages (`rewards.channel`) on stdin and writes framed replies
+on stdout:
 
     parent -> worker   ("load", functions_pickle, build)   once, first
                        ("score", [(task_id, fn_index, completion, prompt, row), ...])
@@ -24,29 +24,12 @@ from __future__ import annotations
 import os
 import pickle
 import resource
-import struct
 import sys
 import traceback
 from typing import Any, BinaryIO
 
+from rewards.channel import encode_frame, read_frame
 from rewards.protocol import call_reward
-
-_HEADER = struct.Struct(">I")
-
-
-def read_frame(stream: BinaryIO) -> Any:
-    """Next message from a framed stream; None at end of stream."""
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        return None
-    (length,) = _HEADER.unpack(header)
-    return pickle.loads(stream.read(length))
-
-
-def encode_frame(message: Any) -> bytes:
-    """A message as one frame: length header + pickle."""
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(payload)) + payload
 
 
 def _private_channel() -> tuple[BinaryIO, BinaryIO]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import select
 import signal
 import subprocess
@@ -33,9 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rewards.worker_main import encode_frame
+from rewards.channel import encode_frame, split_frames
 
-_HEADER_BYTES = 4
 _POLL_S = 0.5  # longest wait between checks of the deadlines
 
 
@@ -91,15 +89,7 @@ class WorkerProcess:
         if not data:
             return None
         self.buffer.extend(data)
-        messages = []
-        while len(self.buffer) >= _HEADER_BYTES:
-            length = int.from_bytes(self.buffer[:_HEADER_BYTES], "big")
-            if len(self.buffer) < _HEADER_BYTES + length:
-                break
-            payload = bytes(self.buffer[_HEADER_BYTES : _HEADER_BYTES + length])
-            del self.buffer[: _HEADER_BYTES + length]
-            messages.append(pickle.loads(payload))
-        return messages
+        return split_frames(self.buffer)
 
     def kill(self) -> int:
         """SIGKILL the worker's process group; returns its exit code."""

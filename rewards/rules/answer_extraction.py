@@ -34,6 +34,8 @@ _NUMBER_RE = re.compile(_NUMBER)
 _LEADING_NUMBER_RE = re.compile(
     rf"^(?P<number>{_NUMBER})(?:\s*/\s*(?P<denominator>\d+)(?![\d.]))?\s*(?P<percent>%|\\%|percent\b)?"
 )
+_MATH_CONTINUES_RE = re.compile(r"\s*[\\^_{*/+\-=×·(\[\d]")  # "2\sqrt{2}", "3 + 4": not a number plus a unit
+_TEXT_COMMAND_RE = re.compile(r"\\(?:text|textbf|mbox)\s*\{([^{}]*)\}")
 _CALCULATOR_RE = re.compile(r"<<[^<>\n]{0,200}>>")
 _HASHES_RE = re.compile(r"####\s*([^\n]*)")
 _THE_ANSWER_IS_RE = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*:?\s*([^\n]*)", re.IGNORECASE)
@@ -122,7 +124,7 @@ def extract_final_answer(text: str) -> str | None:
 
 def _strip_wrappers(span: str) -> str:
     """Remove markdown/LaTeX wrappers, currency signs and a trailing period from an answer span."""
-    span = span.strip()
+    span = _TEXT_COMMAND_RE.sub(r" \1 ", span.strip())
     for delimiter in _DELIMITERS:
         span = span.replace(delimiter, " ")
     span = span.replace("\\!", "").replace("\\,", "").replace("{,}", ",")
@@ -136,10 +138,12 @@ def _strip_wrappers(span: str) -> str:
 
 
 def canonical_answer(span: str) -> str | None:
-    """Canonical form of an answer span: a plain number string when it starts with one, else LaTeX.
+    """Canonical form of an answer span: a plain number string when it is a number, else LaTeX.
 
-    Thousands separators, currency and unit words go; a percentage keeps its number
-    (GSM8K asks "what percent..." and expects 25, not 0.25); "3/4" stays a fraction.
+    A span is a number when it starts with one that no math continues ("18 dollars",
+    not "2\\sqrt{2}" or "3 + 4"). Thousands separators, currency, \\text{} and unit
+    words go; a percentage keeps its number (GSM8K asks "what percent..." and
+    expects 25, not 0.25); "3/4" stays a fraction.
     Returns None for an empty or over-long span.
 
     >>> canonical_answer("**$1,234.50** dollars.")
@@ -155,7 +159,7 @@ def canonical_answer(span: str) -> str | None:
     if not span or len(span) > MAX_ANSWER_CHARS:
         return None
     match = _LEADING_NUMBER_RE.match(span)
-    if match is None:
+    if match is None or _MATH_CONTINUES_RE.match(span, match.end()):
         return span
     number = match.group("number").replace(",", "").replace("−", "-").lstrip("+")
     denominator = match.group("denominator")
