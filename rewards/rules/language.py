@@ -11,7 +11,7 @@ script: Latin, Han, Cyrillic, Arabic, ...), which is what separates the
 languages that R1's reasoning mixed (Chinese and English) without a language-ID
 model; it does not tell English from French. The prompt's scripts are those
 holding at least 20% of its words, so a Japanese prompt (kanji and kana) accepts
-both. Words: runs of letters of one script; each Han, kana or Hangul character
+both; hiragana and katakana count as one script. Words: runs of letters of one script; each Han, kana or Hangul character
 is a word of its own. LaTeX commands, fenced code and one-letter Latin words
 (variables) are ignored. The score is None when the prompt or the reasoning has
 no words (pure arithmetic, for example).
@@ -31,15 +31,15 @@ from rewards.registry import register
 
 _IGNORED_RE = re.compile(r"```.*?(?:```|$)|\\[A-Za-z]+", re.DOTALL)
 _LETTERS_RE = re.compile(r"[^\W\d_]+")
-_CHARACTER_WORD_SCRIPTS = frozenset({"CJK", "HIRAGANA", "KATAKANA", "HANGUL"})
-_SCRIPT_ALIASES = {"FULLWIDTH": "LATIN", "HALFWIDTH": "KATAKANA"}
+_CHARACTER_WORD_SCRIPTS = frozenset({"CJK", "KANA", "HANGUL"})
+_SCRIPT_ALIASES = {"FULLWIDTH": "LATIN", "HALFWIDTH": "KANA", "HIRAGANA": "KANA", "KATAKANA": "KANA"}
 MIN_SCRIPT_SHARE = 0.2
 MAX_CHARS = 50_000  # longer texts are judged on their first MAX_CHARS characters
 
 
 @lru_cache(maxsize=65536)
 def script_of(char: str) -> str:
-    """Unicode script family of a letter: "LATIN", "CJK", "CYRILLIC", "HIRAGANA", ..."""
+    """Unicode script family of a letter: "LATIN", "CJK" (Han), "KANA" (hiragana and katakana), ..."""
     first_word = unicodedata.name(char, "UNKNOWN").split(" ", 1)[0]
     return _SCRIPT_ALIASES.get(first_word, first_word)
 
