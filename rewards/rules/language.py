@@ -11,10 +11,10 @@ script: Latin, Han, Cyrillic, Arabic, ...), which is what separates the
 languages that R1's reasoning mixed (Chinese and English) without a language-ID
 model; it does not tell English from French. The prompt's scripts are those
 holding at least 20% of its words, so a Japanese prompt (kanji and kana) accepts
-both; hiragana and katakana count as one script. Words: runs of letters of one script; each Han, kana or Hangul character
-is a word of its own. LaTeX commands, fenced code and one-letter Latin words
-(variables) are ignored. The score is None when the prompt or the reasoning has
-no words (pure arithmetic, for example).
+both; hiragana and katakana count as one script. Words: runs of letters of one
+script; each Han, kana or Hangul character is a word of its own. LaTeX
+commands, fenced code and one-letter Latin words (variables) are ignored. The
+score is None when the prompt or the reasoning has no words (pure arithmetic).
 """
 
 from __future__ import annotations

@@ -37,3 +37,18 @@ def sleepy(completions: list[str], **columns: object) -> list[float]:
 def wrong_length(completions: list[str], **columns: object) -> list[float]:
     """One score too many: a contract violation the suite must report."""
     return [1.0] * (len(completions) + 1)
+
+
+def worker_pid(completions: list[str], **columns: object) -> list[float]:
+    """The id of the process that scored each completion."""
+    return [float(os.getpid())] * len(completions)
+
+
+def fails_on_bad(completions: list[str], **columns: object) -> list[float]:
+    """1.0 per completion, but the whole call raises when any completion is "bad"."""
+    if "bad" in completions:
+        raise RuntimeError("cannot score 'bad'")
+    return [1.0] * len(completions)
+
+
+fails_on_bad.batched = True  # scored in the calling process, whole batch per call
