@@ -35,6 +35,7 @@ _LEADING_NUMBER_RE = re.compile(
     rf"^(?P<number>{_NUMBER})(?:\s*/\s*(?P<denominator>\d+)(?![\d.]))?\s*(?P<percent>%|\\%|percent\b)?"
 )
 _MATH_CONTINUES_RE = re.compile(r"\s*[\\^_{*/+\-=×·(\[\d]")  # "2\sqrt{2}", "3 + 4": not a number plus a unit
+_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _TEXT_COMMAND_RE = re.compile(r"\\(?:text|textbf|mbox)\s*\{([^{}]*)\}")
 _CALCULATOR_RE = re.compile(r"<<[^<>\n]{0,200}>>")
 _HASHES_RE = re.compile(r"####\s*([^\n]*)")
@@ -128,6 +129,7 @@ def _strip_wrappers(span: str) -> str:
     for delimiter in _DELIMITERS:
         span = span.replace(delimiter, " ")
     span = span.replace("\\!", "").replace("\\,", "").replace("{,}", ",")
+    span = _THOUSANDS_RE.sub("", span)  # 1,234 -> 1234, inside LaTeX too
     span = span.strip().rstrip(".").strip()
     boxed = last_boxed(span)
     if boxed is not None:

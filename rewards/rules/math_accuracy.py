@@ -51,7 +51,8 @@ class _DisabledTimeoutWarning(logging.Filter):
         return "Timeout is disabled" not in record.getMessage()
 
 
-logging.getLogger("math_verify.parser").addFilter(_DisabledTimeoutWarning())
+for _logger in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_logger).addFilter(_DisabledTimeoutWarning())
 
 
 def _nesting_depth(text: str) -> int:

@@ -62,5 +62,6 @@ def rewrite_final_answer(solution: str, style: str) -> str | None:
         "bold": f"**{answer}**",
         "dollars": f"{answer} dollars",
         "thousands": f"A: {answer}",
+        "latex_fraction": f"\\boxed{{\\frac{{{answer}}}{{1}}}}",
     }[style]
     return solution[: match.start()] + "\n" + line

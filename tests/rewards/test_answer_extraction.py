@@ -51,6 +51,8 @@ def test_extraction_priority(text, expected):
         (r"2\sqrt{2}", r"2\sqrt{2}"),  # a number followed by math is not a number with a unit
         ("3 + 4", "3 + 4"),
         (r"\frac{1}{2}", r"\frac{1}{2}"),
+        (r"\frac{3,000}{1}", r"\frac{3000}{1}"),
+        ("(1,2)", "(1,2)"),
         ("", None),
         ("9" * 500, None),
     ],

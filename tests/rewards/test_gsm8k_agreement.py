@@ -57,3 +57,18 @@ def test_same_verdicts_when_the_final_answer_is_rewritten(solutions, style):
     after = math_accuracy(rewritten, answer=references)
     changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
     assert not changed, [rewritten[i][-80:] for i in changed[:5]]
+
+
+@pytest.mark.slow
+def test_same_verdicts_on_the_sympy_path_through_workers(solutions):
+    """Every final answer as \\boxed{\\frac{N}{1}}: math-verify parses all 5,276 (about 10 s on 2 workers)."""
+    pairs = [(rewrite_final_answer(s.solution, "latex_fraction"), s) for s in solutions]
+    pairs = [(text, s) for text, s in pairs if text is not None]
+    with RewardSuite(["math_accuracy"], config=RewardSuiteConfig(num_workers=2, on_error="raise")) as suite:
+        result = suite.score(
+            [s.question for _, s in pairs],
+            [text for text, _ in pairs],
+            {"answer": [s.reference for _, s in pairs]},
+        )
+    before = math_accuracy([s.solution for _, s in pairs], answer=[s.reference for _, s in pairs])
+    assert result.scores["math_accuracy"].tolist() == before
