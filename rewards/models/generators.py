@@ -106,25 +106,23 @@ class OpenAIGenerator:
         return urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
 
     def complete(self, prompt: str) -> str:
-        """The endpoint's reply to one prompt; raises RuntimeError after the retries are spent."""
+        """The endpoint's reply to one prompt; raises RuntimeError once the retries are spent."""
         for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(0.5 * 2 ** (attempt - 1))
             try:
                 with urllib.request.urlopen(self._request(prompt), timeout=self.timeout_s) as response:
                     reply = json.loads(response.read())
                 return str(reply["choices"][0]["message"]["content"] or "")
             except urllib.error.HTTPError as error:
-                transient = error.code == 429 or error.code >= 500
-                if not transient or attempt == self.retries:
-                    raise RuntimeError(
-                        f"{self.base_url}: HTTP {error.code}: {error.read()[:200]!r}"
-                    ) from error
+                failure = RuntimeError(f"{self.base_url}: HTTP {error.code}: {error.read()[:200]!r}")
+                if error.code != 429 and error.code < 500:  # not transient: do not retry
+                    raise failure from error
             except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-                if attempt == self.retries:
-                    raise RuntimeError(f"{self.base_url}: {error}") from error
-            except (KeyError, IndexError, ValueError) as error:
+                failure = RuntimeError(f"{self.base_url}: {error}")
+            except (KeyError, IndexError, TypeError, ValueError) as error:
                 raise RuntimeError(f"{self.base_url}: not a chat-completions reply: {error!r}") from error
-            time.sleep(0.5 * 2**attempt)
-        raise AssertionError("unreachable")
+        raise failure
 
     def generate(self, prompts: list[str]) -> list[str]:
         if len(prompts) <= 1:
