@@ -224,12 +224,13 @@ class RewardSuite:
         self.names = _unique_names(
             [
                 spec if isinstance(spec, str) and ":" not in spec else reward_name(fn)
-                for spec, fn in zip(rewards, self.functions, strict=False)
+                for spec, fn in zip(rewards, self.functions, strict=True)
             ]
         )
         self.weights = weights
         use_workers = self.config.num_workers > 0
         self._in_workers = [use_workers and _worker_safe(fn) for fn in self.functions]
+        # function index -> its index among the functions loaded by the workers
         self._worker_index = {f: i for i, f in enumerate(f for f, w in enumerate(self._in_workers) if w)}
         self._lock = threading.Lock()
         self._closed = False
@@ -260,7 +261,7 @@ class RewardSuite:
         columns = {key: list(values) for key, values in (columns or {}).items()}
         _check_batch(prompts, completions, columns)
         texts = [completion_text(c) for c in completions]
-        prompts = [str(p) if not isinstance(p, str) else p for p in prompts]
+        prompts = list(prompts)  # strings or conversations: passed on as they are, like TRL does
         with self._lock:
             if self._closed:
                 raise RuntimeError("this RewardSuite is closed")
@@ -278,6 +279,7 @@ class RewardSuite:
     def _score_in_workers(
         self, texts: list[str], prompts: list[Any], columns: dict[str, list[Any]]
     ) -> dict[int, list[Outcome]]:
+        """Outcomes of the worker-placed functions, by function index; one task per (function, completion)."""
         if self._pool is None or not texts:
             return {f: [Outcome() for _ in texts] for f in self._worker_index}
         tasks = [

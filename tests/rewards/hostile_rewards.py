@@ -28,9 +28,9 @@ def misbehaving(completions: list[str], **columns: object) -> list[float | None]
     return scores
 
 
-def sleepy(completions: list[str], **columns: object) -> list[float]:
-    """1.0 per completion after sleeping 0.2 s per completion."""
-    time.sleep(0.2 * len(completions))
+def sleepy(completions: list[str], *, seconds: list[float], **columns: object) -> list[float]:
+    """1.0 per completion, after sleeping the sum of the `seconds` column."""
+    time.sleep(sum(seconds))
     return [1.0] * len(completions)
 
 

@@ -65,8 +65,8 @@ def test_isolated_reward_is_killed_at_its_time_limit_and_restarts():
     sleepy = IsolatedReward(functools.partial(resolve, "tests.rewards.hostile_rewards:sleepy"), timeout_s=0.5)
     try:
         with pytest.raises(TimeoutError, match="exceeded its time limit"):
-            sleepy(["a"] * 5, prompts=["p"] * 5)  # sleeps 1 s
-        assert sleepy(["a"], prompts=["p"]) == [1.0]  # a fresh process
+            sleepy(["a"], prompts=["p"], seconds=[30.0])
+        assert sleepy(["a"], prompts=["p"], seconds=[0.0]) == [1.0]  # served by a fresh process
     finally:
         sleepy.close()
 
@@ -76,3 +76,15 @@ def test_bad_arguments_raise():
         RewardModelReward(tiny_reward_model(word_tokenizer()))
     with pytest.raises(TypeError, match="cannot be pickled"):
         IsolatedReward(lambda: None)
+
+
+@pytest.mark.gpu
+def test_reward_model_on_its_own_cuda_device_matches_cpu():
+    tokenizer = word_tokenizer()
+    model = tiny_reward_model(tokenizer)
+    cpu = RewardModelReward(model, tokenizer, use_chat_template=False, device="cpu")(
+        COMPLETIONS, prompts=PROMPTS
+    )
+    gpu_reward = RewardModelReward(model, tokenizer, batch_size=3, use_chat_template=False, device="cuda")
+    assert gpu_reward.device.type == "cuda"
+    assert gpu_reward(COMPLETIONS, prompts=PROMPTS) == pytest.approx(cpu, abs=1e-4)
