@@ -6,7 +6,9 @@ Extraction and canonicalisation are in `answer_extraction` (\\boxed{} first, the
 <answer> tags, "####", "The answer is", "Answer:", the last number). Equivalence:
 
 - two plain numbers ("1234.5", "-3", "3/4") are compared exactly as rationals,
-  so 0.5 ≡ 1/2 ≡ .50 and 1,000 ≡ 1000 (separators are gone by then);
+  so 0.5 ≡ 1/2 ≡ .50 and 1,000 ≡ 1000 (separators are gone by then); two
+  near-equal ones (closer than 1e-6, not both integers) go to math-verify, which
+  rounds floats to 6 decimals (0.3333333 ≡ 1/3, though 9.999999999999999 ≢ 10);
 - anything else goes to math-verify (LaTeX and expressions parsed with sympy:
   \\frac{1}{2} ≡ 0.5, 2\\sqrt{2} ≡ \\sqrt{8}, sets, intervals, ...).
 
@@ -42,6 +44,7 @@ MAX_NESTING = 12  # brackets nested deeper than this are not a final answer
 MAX_EXPONENT = 10_000  # b^e with e above this is refused (the value would have >10^4 digits)
 MAX_FACTORIAL = 1_000
 MAX_DIGITS = 300  # longer integer literals are refused before sympy sees them
+ROUNDING_GAP = Fraction(1, 10**6)  # numbers this far apart differ after math-verify's 6-decimal rounding
 
 
 class _DisabledTimeoutWarning(logging.Filter):
@@ -103,9 +106,11 @@ def answers_equal(predicted: str, reference: str) -> bool:
         return True
     if _PLAIN_NUMBER_RE.fullmatch(predicted) and _PLAIN_NUMBER_RE.fullmatch(reference):
         try:
-            return Fraction(predicted) == Fraction(reference)
+            a, b = Fraction(predicted), Fraction(reference)
         except (ValueError, ZeroDivisionError):
             return False
+        if a == b or (a.denominator == 1 and b.denominator == 1) or abs(a - b) >= ROUNDING_GAP:
+            return a == b  # decided without sympy: only near-equal non-integers go on to rounding
     if not (is_safe_to_evaluate(predicted) and is_safe_to_evaluate(reference)):
         return False
     gold, target = _parse_latex(reference), _parse_latex(predicted)

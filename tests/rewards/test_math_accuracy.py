@@ -18,6 +18,8 @@ from rewards.rules.math_accuracy import answers_equal, is_safe_to_evaluate, scor
         (r"\boxed{\frac{1}{2}}", "0.5", 1.0),
         (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
         ("Answer: 3/4", "0.75", 1.0),
+        ("Answer: 0.3333333", "1/3", 1.0),  # math-verify's float rounding
+        ("Answer: 0.33", "1/3", 0.0),
         ("So 25% of them.", "25", 1.0),
         (r"\boxed{2\sqrt{2}}", r"\sqrt{8}", 1.0),
         (r"\boxed{x = 5}", "5", 1.0),
