@@ -1,0 +1,26 @@
+"""Rule-based rewards, registered by name on import: math_accuracy, format, length_penalty,
+language_consistency, code_execution. Each is a frozen dataclass instance whose
+class can be built with other settings (another answer column, other tags, ...)."""
+
+from rewards.rules.code import CodeExecution, code_execution
+from rewards.rules.format import FormatReward, format_reward
+from rewards.rules.language import LanguageConsistency, language_consistency
+from rewards.rules.length import OverlongPenalty, length_penalty
+from rewards.rules.math_accuracy import MathAccuracy, math_accuracy
+from rewards.rules.sandbox import SandboxLimits, SandboxReport, run_python_tests
+
+__all__ = [
+    "CodeExecution",
+    "FormatReward",
+    "LanguageConsistency",
+    "MathAccuracy",
+    "OverlongPenalty",
+    "SandboxLimits",
+    "SandboxReport",
+    "code_execution",
+    "format_reward",
+    "language_consistency",
+    "length_penalty",
+    "math_accuracy",
+    "run_python_tests",
+]
