@@ -83,13 +83,12 @@ def quantize_blockwise(
     """Quantise x (..., R, C) to E4M3 with one scale per `block` of its last two dimensions."""
     _check_quantizable(x, block)
     rows, cols = x.shape[-2:]
-    block_rows, block_cols = block
-    padded = F.pad(x.float(), (0, -cols % block_cols, 0, -rows % block_rows))
-    tiles = padded.unflatten(-1, (-1, block_cols)).unflatten(-3, (-1, block_rows))  # (..., nr, br, nc, bc)
-    scale = block_scales(tiles.abs().amax(dim=(-3, -1)), amax_floor=amax_floor, power_of_two=power_of_two)
-    scaled = tiles / scale[..., :, None, :, None]
-    data = scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).flatten(-2, -1).flatten(-3, -2)
-    return BlockQuantized(data[..., :rows, :cols].contiguous(), scale, (block_rows, block_cols))
+    tiles = _tiles(x.float(), block)  # (..., R/br, br, C/bc, bc)
+    amax = torch.maximum(tiles.amax(dim=(-3, -1)), -tiles.amin(dim=(-3, -1)))  # (..., R/br, C/bc)
+    scale = block_scales(amax, amax_floor=amax_floor, power_of_two=power_of_two)
+    scaled = (tiles / scale[..., :, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
+    data = _untile(scaled.to(FP8_DTYPE), rows, cols)
+    return BlockQuantized(data.contiguous(), scale, (block[0], block[1]))
 
 
 def dequantize_blockwise(
@@ -103,8 +102,22 @@ def dequantize_blockwise(
             f"scale shape {tuple(scale.shape)} does not match data {tuple(data.shape)} "
             f"in {block[0]}x{block[1]} blocks (expected {(*data.shape[:-2], *expected)})"
         )
-    full = scale.float().repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
-    return (data.float() * full[..., :rows, :cols]).to(dtype)
+    tiles = _tiles(data.to(torch.float32, copy=True), block).mul_(scale.float()[..., :, None, :, None])
+    return _untile(tiles, rows, cols).to(dtype)
+
+
+def _tiles(x: Tensor, block: tuple[int, int]) -> Tensor:
+    """(..., R, C) -> (..., ceil(R/br), br, ceil(C/bc), bc), zero-padding partial blocks."""
+    rows, cols = x.shape[-2:]
+    pad_rows, pad_cols = -rows % block[0], -cols % block[1]
+    if pad_rows or pad_cols:
+        x = F.pad(x, (0, pad_cols, 0, pad_rows))  # zeros never raise a block's amax
+    return x.unflatten(-1, (-1, block[1])).unflatten(-3, (-1, block[0]))
+
+
+def _untile(tiles: Tensor, rows: int, cols: int) -> Tensor:
+    """Inverse of `_tiles`: (..., nr, br, nc, bc) -> (..., rows, cols), dropping the padding."""
+    return tiles.flatten(-2, -1).flatten(-3, -2)[..., :rows, :cols]
 
 
 def quantize_tensorwise(x: Tensor, *, amax_floor: float, power_of_two: bool = False) -> BlockQuantized:
