@@ -161,7 +161,7 @@ def scaled_mm_arguments(a: BlockQuantized, b: BlockQuantized, out_dtype: torch.d
         scale_b, recipe_b = _outer_dim_major(b.scale), ScalingType.BlockWise1x128
     else:
         k_blocks = b.scale.shape[1]
-        scale_b = F.pad(b.scale, (0, -k_blocks % 4)).t()
+        scale_b = F.pad(b.scale, (0, -k_blocks % 4)).contiguous().t()  # pad keeps strides
         recipe_b = ScalingType.BlockWise128x128
     return {
         "mat_a": a.data,

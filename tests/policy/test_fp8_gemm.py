@@ -60,10 +60,12 @@ def gemm_operands(kind: str, m: int, n: int, k: int, device: str = "cpu"):
 
 
 @pytest.mark.parametrize("kind", ["fprop", "dgrad", "wgrad"])
-def test_cuda_arguments_pass_torch_scaled_mm_shape_and_stride_checks(kind):
+@pytest.mark.parametrize("n", [256, 512])
+def test_cuda_arguments_pass_torch_scaled_mm_shape_and_stride_checks(kind, n):
     # torch's own checks of F.scaled_mm run on meta tensors without a GPU. K = 384 (3 blocks)
-    # exercises the L4 padding of 128x128 scales; M = 100 the row padding.
-    a, b = gemm_operands(kind, m=100, n=256, k=384, device="meta")
+    # exercises the L4 padding of 128x128 scales (and N = 512 its absence in Dgrad), M = 100
+    # the row padding.
+    a, b = gemm_operands(kind, m=100, n=n, k=384, device="meta")
     out = F.scaled_mm(**scaled_mm_arguments(a, b, torch.bfloat16))
     assert out.dtype == torch.bfloat16
     assert out.shape[0] >= a.data.shape[0] and out.shape[1] >= b.data.shape[0]
