@@ -92,6 +92,8 @@ class _FrozenFP8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
         w_data, w_scale = ctx.saved_tensors
         weight_t = BlockQuantized(w_data, w_scale, ctx.config.weight_block).transpose()  # (K, N)
         with torch.autocast(dy.device.type, enabled=False):
