@@ -1,0 +1,53 @@
+"""FP8 mixed-precision training with DeepSeek-V3's fine-grained block scaling (public API).
+
+Recipe (DeepSeek-V3 technical report, Section 3.3): the three GEMMs of every converted linear
+layer and routed expert (Fprop, Dgrad, Wgrad) take E4M3 operands; activations and gradients
+are scaled per 1 x 128 tile along the reduction dimension, weights per 128 x 128 block, each
+with its own float32 scale amax / 448 (floored, optionally a power of two); products accumulate
+in float32. Master weights, gradients and optimizer state stay in the parameters' dtype, and
+the embedding, output head, router, norms and attention core stay in higher precision.
+
+Where each part lives:
+    fp8_quant.py       block quantisation numerics (pure functions)
+    fp8_gemm.py        FP8Config, the block-scaled GEMM and its CUDA / emulated back ends
+    fp8_linear.py      FP8Linear, FrozenFP8Linear, convert_to_fp8, convert_to_frozen_fp8
+    fp8_grouped.py     fp8_grouped_linear for routed experts
+    fp8_checkpoint.py  DeepSeek-V3 `weight_scale_inv` checkpoints
+
+Typical use:
+    config = FP8Config()
+    convert_to_fp8(model, config)                                   # projections
+    y = fp8_grouped_linear(x_sorted, w_experts, tokens_per_expert, config)   # experts
+"""
+
+from policy.fp8_checkpoint import dequantize_fp8_state_dict, split_fp8_state_dict, weight_block_size
+from policy.fp8_gemm import FP8Config, cuda_block_scaled_mm_available
+from policy.fp8_grouped import fp8_grouped_linear
+from policy.fp8_linear import (
+    DEFAULT_SKIP_PATTERNS,
+    FP8Linear,
+    FrozenFP8Linear,
+    convert_to_fp8,
+    convert_to_frozen_fp8,
+    fp8_linear,
+)
+from policy.fp8_quant import BlockQuantized, dequantize_blockwise, quantize_blockwise, quantize_tensorwise
+
+__all__ = [
+    "DEFAULT_SKIP_PATTERNS",
+    "BlockQuantized",
+    "FP8Config",
+    "FP8Linear",
+    "FrozenFP8Linear",
+    "convert_to_fp8",
+    "convert_to_frozen_fp8",
+    "cuda_block_scaled_mm_available",
+    "dequantize_blockwise",
+    "dequantize_fp8_state_dict",
+    "fp8_grouped_linear",
+    "fp8_linear",
+    "quantize_blockwise",
+    "quantize_tensorwise",
+    "split_fp8_state_dict",
+    "weight_block_size",
+]

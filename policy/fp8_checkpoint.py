@@ -1,0 +1,117 @@
+"""FP8 block-quantised checkpoints in DeepSeek-V3's released format.
+
+The released checkpoints store each quantised projection as two tensors,
+
+    "<module>.weight"            (N, K) float8_e4m3fn
+    "<module>.weight_scale_inv"  (ceil(N / 128), ceil(K / 128)) float32
+
+and declare the format in config.json:
+    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                            "weight_block_size": [128, 128]}
+Despite its name, `weight_scale_inv` multiplies: w[i, j] = fp8[i, j] * scale_inv[i // 128, j // 128]
+(the same convention as `BlockQuantized.scale`). Everything else (embeddings, norms, router,
+output head) is stored in BF16/FP32 and passes through untouched.
+
+Two ways in: `dequantize_fp8_state_dict` turns every FP8 weight into BF16/FP32 master weights
+for training; `split_fp8_state_dict` keeps the FP8 data and scales for `FrozenFP8Linear`
+(see `convert_to_frozen_fp8`). Both refuse a weight without its scale, a scale without its
+weight and a scale of the wrong shape, naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from policy.fp8_quant import FP8_DTYPE, BlockQuantized
+
+SCALE_SUFFIX = "_scale_inv"
+DEEPSEEK_BLOCK = (128, 128)
+
+
+def weight_block_size(model_config: Mapping) -> tuple[int, int] | None:
+    """Block shape declared by a HF config dict's `quantization_config`, None if not FP8-quantised."""
+    quant = model_config.get("quantization_config")
+    if quant is None:
+        return None
+    if quant.get("quant_method") != "fp8":
+        raise ValueError(f"quantization_config.quant_method is {quant.get('quant_method')!r}, expected 'fp8'")
+    if quant.get("fmt", "e4m3") != "e4m3":
+        raise ValueError(f"quantization_config.fmt is {quant.get('fmt')!r}, only 'e4m3' is supported")
+    block = quant.get("weight_block_size")
+    if not (
+        isinstance(block, list | tuple)
+        and len(block) == 2
+        and all(isinstance(b, int) and b > 0 for b in block)
+    ):
+        raise ValueError(f"quantization_config.weight_block_size must be two positive ints, got {block!r}")
+    return (block[0], block[1])
+
+
+def split_fp8_state_dict(
+    state: Mapping[str, Tensor], *, block: tuple[int, int] = DEEPSEEK_BLOCK
+) -> tuple[dict[str, Tensor], dict[str, BlockQuantized]]:
+    """(other tensors, {"<module>.weight": BlockQuantized}) of a checkpoint mapping.
+
+    Every float8_e4m3fn tensor must come with "<key>_scale_inv" of shape ceil(shape / block);
+    every "_scale_inv" key must belong to such a tensor.
+    """
+    plain: dict[str, Tensor] = {}
+    quantized: dict[str, BlockQuantized] = {}
+    for key, tensor in state.items():
+        if key.endswith(SCALE_SUFFIX):
+            weight_key = key.removesuffix(SCALE_SUFFIX)
+            if weight_key not in state or state[weight_key].dtype != FP8_DTYPE:
+                raise KeyError(f"{key!r} has no float8_e4m3fn weight {weight_key!r} to scale")
+        elif tensor.dtype == FP8_DTYPE:
+            quantized[key] = _paired(state, key, block)
+        elif tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1:
+            raise TypeError(
+                f"{key!r} is {tensor.dtype}; only float8_e4m3fn block-quantised weights are supported"
+            )
+        else:
+            plain[key] = tensor
+    return plain, quantized
+
+
+def dequantize_fp8_state_dict(
+    state: Mapping[str, Tensor],
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    block: tuple[int, int] = DEEPSEEK_BLOCK,
+) -> dict[str, Tensor]:
+    """The checkpoint with every FP8 weight replaced by fp8 * scale_inv in `dtype`
+    (computed in float32, then cast) and the "_scale_inv" keys consumed."""
+    plain, quantized = split_fp8_state_dict(state, block=block)
+    return {
+        key: quantized[key].dequantize(dtype) if key in quantized else plain[key]
+        for key in state
+        if not key.endswith(SCALE_SUFFIX)
+    }
+
+
+def _paired(state: Mapping[str, Tensor], key: str, block: tuple[int, int]) -> BlockQuantized:
+    scale_key = key + SCALE_SUFFIX
+    if scale_key not in state:
+        raise KeyError(f"FP8 weight {key!r} has no scale {scale_key!r}")
+    data, scale = state[key], state[scale_key]
+    if data.dim() != 2:
+        raise ValueError(f"FP8 weight {key!r} must be 2-D, got shape {tuple(data.shape)}")
+    expected = (-(-data.shape[0] // block[0]), -(-data.shape[1] // block[1]))
+    if tuple(scale.shape) != expected or not scale.is_floating_point():
+        raise ValueError(
+            f"{scale_key!r} has shape {tuple(scale.shape)} and dtype {scale.dtype}; weight {key!r} of shape "
+            f"{tuple(data.shape)} in {block[0]}x{block[1]} blocks needs a float tensor of shape {expected}"
+        )
+    return BlockQuantized(data, scale.float(), block)
+
+
+__all__ = [
+    "DEEPSEEK_BLOCK",
+    "SCALE_SUFFIX",
+    "dequantize_fp8_state_dict",
+    "split_fp8_state_dict",
+    "weight_block_size",
+]
