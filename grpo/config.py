@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from grpo.advantages import ADVANTAGE_ESTIMATORS
 from grpo.loss import AGGREGATIONS, OBJECTIVES
-from grpo.options import option
+from grpo.options import ConfigError, option
 
 
 @dataclass
@@ -59,24 +59,24 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"num_generations (G) must be >= 2 for group-relative advantages, got {self.num_generations}"
             )
         positive = ("prompts_per_step", "max_completion_length", "micro_batch_size", "max_steps",
                     "num_iterations", "logprob_chunk_size", "logging_steps")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
         if not 0 < self.epsilon < 1:
-            raise ValueError(f"epsilon must be in (0, 1), got {self.epsilon}")
+            raise ConfigError(f"epsilon must be in (0, 1), got {self.epsilon}")
         if self.epsilon_high is not None and self.epsilon_high <= 0:
-            raise ValueError(f"epsilon_high must be > 0, got {self.epsilon_high}")
+            raise ConfigError(f"epsilon_high must be > 0, got {self.epsilon_high}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
+            raise ConfigError(f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
         if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         for value, registry in (
             (self.objective, OBJECTIVES),
             (self.aggregation, AGGREGATIONS),

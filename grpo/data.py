@@ -8,14 +8,16 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from grpo.options import ConfigError
+
 
 def check_prompt_dataset(dataset: Dataset, prompt_column: str, required: tuple[str, ...] = ()) -> None:
     """Raise a ValueError naming what is missing if `dataset` cannot feed GRPO."""
     missing = [c for c in (prompt_column, *required) if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"dataset is missing column(s) {missing}; it has {dataset.column_names}")
+        raise ConfigError(f"dataset is missing column(s) {missing}; it has {dataset.column_names}")
     if len(dataset) == 0:
-        raise ValueError("dataset has no rows")
+        raise ConfigError("dataset has no rows")
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> list[int]:
@@ -34,7 +36,7 @@ class PromptSampler:
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int) -> None:
         if batch_size > len(dataset):
-            raise ValueError(f"prompts_per_step ({batch_size}) exceeds the dataset's {len(dataset)} rows")
+            raise ConfigError(f"prompts_per_step ({batch_size}) exceeds the dataset's {len(dataset)} rows")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)

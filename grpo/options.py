@@ -1,4 +1,4 @@
-"""`option(default, help)`: a dataclass field documented once, readable by HfArgumentParser's --help."""
+"""Configuration helpers: `option(default, help)` fields and the ConfigError for bad user input."""
 
 from __future__ import annotations
 
@@ -11,3 +11,7 @@ def option(default: Any, help: str) -> Any:
     if isinstance(default, list | dict | set):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+class ConfigError(ValueError):
+    """Bad user input (a flag, a config value, a dataset, a path): reported in one line, without a traceback."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from grpo.options import ConfigError
+
 F = TypeVar("F", bound=Callable)
 
 
@@ -30,7 +32,7 @@ class Registry(Generic[F]):
         try:
             return self._table[name]
         except KeyError:
-            raise ValueError(f"unknown {self.kind} {name!r}; known: {self.names()}") from None
+            raise ConfigError(f"unknown {self.kind} {name!r}; known: {self.names()}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._table

@@ -31,6 +31,7 @@ from grpo.data import PromptSampler, check_prompt_dataset, encode_prompt
 from grpo.logprobs import TokenLogprobModel
 from grpo.loss import grpo_loss, masked_mean
 from grpo.metrics import MetricsLogger, nan_mean_std
+from grpo.options import ConfigError
 from grpo.plotting import plot_run
 from rollout.engine import RolloutEngine, SamplingParams
 
@@ -86,7 +87,7 @@ class GRPOTrainer:
     ) -> None:
         check_prompt_dataset(train_dataset, prompt_column)
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer needs pad and eos tokens")
+            raise ConfigError("the tokenizer needs pad and eos tokens")
         self.config, self.tokenizer, self.engine, self.rewards = config, tokenizer, engine, rewards
         self.prompt_column, self.accuracy_reward, self.evaluate = prompt_column, accuracy_reward, evaluate
         self.accelerator = accelerator or Accelerator()
@@ -291,11 +292,10 @@ class GRPOTrainer:
             "reward": reward_mean,
             "reward/std": reward_std,
             "zero_std_groups": zero_std_groups(rewards).float().mean().item(),
+            **scores.metrics(prefix="rewards/"),
         }
-        for name, values in scores.per_function.items():
-            metrics[f"reward/{name}"], metrics[f"reward/{name}/std"] = nan_mean_std(values)
-        if self.accuracy_reward in scores.per_function:
-            metrics["accuracy"] = metrics[f"reward/{self.accuracy_reward}"]
+        if self.accuracy_reward in scores.scores:
+            metrics["accuracy"] = nan_mean_std(scores.scores[self.accuracy_reward])[0]
         return metrics
 
     # -------------------------------------------------------------- checkpoints
