@@ -16,7 +16,8 @@ before its shared-head norm. Positions use the main model's position ids.
 
 Loss, with loss_mask[b, j] True when token j of row b is a training target:
 
-    CE_k = mean over {(b, i): loss_mask[b, i + k + 1]} of -log P_i^k(t_{i+k+1})
+    CE_k = mean over {(b, i): loss_mask[b, i + k + 1] and position i is not padding}
+           of -log P_i^k(t_{i+k+1})
     L_MTP = (lambda / D) * sum_k CE_k
 
 i.e. at depth k the inputs are shifted left by k and the targets by k + 1; the
@@ -94,7 +95,8 @@ def mtp_loss(
         token_mask = real & shift_left(real, depth, fill=False)
         hidden, _, load = module(hidden, next_embeds, rope, mask, token_mask)
         loads.append(load)
-        targets = shift_left(loss_mask, depth + 1, fill=False)  # (B, T): position i predicts i + depth + 1
+        # position i predicts token i + depth + 1, and only from a real (non-padding) position
+        targets = shift_left(loss_mask, depth + 1, fill=False) & real  # (B, T)
         logits = head(module.norm(hidden[targets])).float()  # (N_targets, V)
         labels = shift_left(input_ids, depth + 1)[targets]
         # with no target the zero term still keeps every MTP parameter in the graph
