@@ -7,8 +7,9 @@ Prints, in one run:
      DeepSeek-V3 config (576 values against 2 * 128 * 128 per token and layer).
   2. Forward + backward time of our MoE layer against transformers'
      DeepseekV3MoE on the same config and weights (its default experts back end
-     and "eager"), plus our layer with the padded-bmm fallback as the expert
-     GEMM (the dispatch choice on this machine).
+     and "eager"), plus our layer on the padded-bmm fallback GEMM (the dispatch
+     choice), for the "tiny" preset and a fine-grained 64-expert variant.
+     Contestants are timed in interleaved rounds.
   3. One decode step (batch of 64, one new token after a 256-token prompt):
      our absorbed latent attention against transformers' DeepseekV3.
 
@@ -29,19 +30,22 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as HFMoE
 
 from policy import DeepseekV3ForCausalLM, LatentCache, preset_config
-from policy.moe import MoE, RoutedExperts, padded_bmm_linear
+from policy.moe import MoE, MoEOutput, RoutedExperts, padded_bmm_linear
 
 VOCAB = 512
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_ms(contestants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each contestant, timed in interleaved rounds so load drift hits all alike."""
+    for fn in contestants.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in contestants}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, fn in contestants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(samples) for name, samples in times.items()}
 
 
 def cache_bytes_per_token(batch: int = 4, seq: int = 64) -> None:
@@ -87,55 +91,60 @@ class PaddedBmmExperts(RoutedExperts):
         return padded_bmm_linear(x, weight, layout)
 
 
+MOE_CONFIGS = {
+    "tiny preset (8 experts, top-2 of 2 groups)": {},
+    "fine-grained (64 experts, top-6 of 8 groups / 4 kept)": dict(
+        n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4, moe_intermediate_size=32
+    ),
+}
+
+
 def moe_speed(tokens: int, repeats: int) -> None:
-    config = preset_config("tiny", vocab_size=VOCAB)
+    print(f"2. MoE layer forward+backward, {tokens} tokens, training mode, median of {repeats}")
+    for label, overrides in MOE_CONFIGS.items():
+        config = preset_config("tiny", vocab_size=VOCAB, **overrides)
+        layers = moe_contestants(config)
+        x = torch.randn(8, tokens // 8, config.hidden_size)
+        with torch.no_grad():
+            reference = layers["ours"](x).hidden
+            for name, layer in layers.items():
+                out = layer(x)
+                error = ((out.hidden if isinstance(layer, MoE) else out) - reference).abs().max().item()
+                assert error < 1e-4, f"{name} disagrees with ours by {error}"
+        times = median_ms({name: fwd_bwd(layer, x) for name, layer in layers.items()}, repeats)
+        ours = times.pop("ours")
+        print(f"   {label}: ours {ours:.1f} ms")
+        for name, ms in times.items():
+            print(f"      {name}: {ms:.1f} ms  -> ours is {ms / ours:.2f}x faster")
+
+
+def moe_contestants(config) -> dict[str, torch.nn.Module]:
+    """Ours, ours on the padded-bmm fallback, transformers' layer on its back ends; shared weights."""
     ours = MoE(config).train()
     with torch.no_grad():
         for parameter in ours.parameters():
             parameter.normal_(0, 0.05)
-    peers = {}
+    padded = MoE(config).train()
+    padded.experts = PaddedBmmExperts(config)
+    layers = {"ours": ours, "ours with the padded-bmm fallback": padded}
     for implementation in ("default", "eager"):
         hf_config = copy.deepcopy(config)
         if implementation == "eager":
             hf_config._experts_implementation = "eager"
-        model = HFDeepseekV3ForCausalLM(hf_config)  # resolves the experts back end the way users get it
-        layer = next(m for m in model.modules() if isinstance(m, HFMoE)).train()
+        model = HFDeepseekV3ForCausalLM(hf_config)  # resolves the experts back end as users get it
+        name = f"transformers DeepseekV3MoE ({model.config._experts_implementation})"
+        layers[name] = next(m for m in model.modules() if isinstance(m, HFMoE)).train()
+    for layer in layers.values():
         layer.load_state_dict(ours.state_dict())
-        name = (
-            f"transformers ({model.config._experts_implementation})"
-            if implementation == "default"
-            else ("transformers (eager)")
-        )
-        peers[name] = layer
-    padded = MoE(config).train()
-    padded.experts = PaddedBmmExperts(config)
-    padded.load_state_dict(ours.state_dict())
+    return layers
 
-    x = torch.randn(8, tokens // 8, config.hidden_size)
-    with torch.no_grad():
-        reference = ours(x).hidden
-        for name, layer in peers.items():
-            error = (layer(x) - reference).abs().max().item()
-            assert error < 1e-4, f"{name} disagrees with ours by {error}"
 
-    def fwd_bwd(layer: torch.nn.Module, ours_layer: bool) -> Callable[[], None]:
-        def step() -> None:
-            inputs = x.clone().requires_grad_()
-            out = layer(inputs)
-            (out.hidden if ours_layer else out).square().mean().backward()
+def fwd_bwd(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        out = layer(x.clone().requires_grad_())
+        (out.hidden if isinstance(out, MoEOutput) else out).square().mean().backward()
 
-        return step
-
-    ours_ms = median_ms(fwd_bwd(ours, True), repeats)
-    print(
-        f"2. MoE layer forward+backward, tiny preset ({config.n_routed_experts} experts top-"
-        f"{config.num_experts_per_tok}, {tokens} tokens, median of {repeats})"
-    )
-    print(f"   ours (sorted dispatch, torch grouped_mm): {ours_ms:.1f} ms")
-    print(f"   ours with the padded-bmm fallback: {median_ms(fwd_bwd(padded, True), repeats):.1f} ms")
-    for name, layer in peers.items():
-        peer_ms = median_ms(fwd_bwd(layer, False), repeats)
-        print(f"   {name}: {peer_ms:.1f} ms  -> ours is {peer_ms / ours_ms:.2f}x faster")
+    return step
 
 
 def decode_speed(repeats: int, batch: int = 64, prompt: int = 256) -> None:
@@ -158,10 +167,14 @@ def decode_speed(repeats: int, batch: int = 64, prompt: int = 256) -> None:
 
         return one_token
 
-    ours_ms = median_ms(
-        step(ours, lambda: LatentCache(config.num_hidden_layers, capacity=prompt + 1)), repeats
+    times = median_ms(
+        {
+            "ours": step(ours, lambda: LatentCache(config.num_hidden_layers, capacity=prompt + 1)),
+            "transformers": step(hf, lambda: None),
+        },
+        repeats,
     )
-    hf_ms = median_ms(step(hf, lambda: None), repeats)
+    ours_ms, hf_ms = times["ours"], times["transformers"]
     print(f"3. One decode step, batch {batch}, {prompt}-token prompt (cache copy included in both)")
     print(
         f"   ours (absorbed): {ours_ms:.1f} ms  transformers: {hf_ms:.1f} ms"

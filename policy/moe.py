@@ -41,6 +41,7 @@ and `down_proj` (E, H, I), exactly transformers' fused layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -148,17 +149,17 @@ class ExpertLayout:
     """Where each (token, expert) pair goes once the N*K pairs are sorted by expert.
 
     token_index (N*K,): source token of each sorted row; pair_index (N*K,): its
-    position in the flattened (N, K) routing; expert (N*K,) and row (N*K,): its
-    expert and its row inside that expert's group; counts (E,) rows per expert;
-    capacity: the largest count.
+    position in the flattened (N, K) routing, and inverse (N*K,) the sorted row
+    of each pair; expert (N*K,) and row (N*K,): its expert and its row inside
+    that expert's group; counts (E,) rows per expert.
     """
 
     token_index: torch.Tensor
     pair_index: torch.Tensor
+    inverse: torch.Tensor
     expert: torch.Tensor
     row: torch.Tensor
     counts: torch.Tensor
-    capacity: int
 
     @classmethod
     def from_topk(cls, topk_idx: torch.Tensor, num_experts: int) -> ExpertLayout:
@@ -166,10 +167,15 @@ class ExpertLayout:
         pair_index = flat.argsort(stable=True)
         expert = flat[pair_index]
         counts = torch.bincount(flat, minlength=num_experts)  # (E,)
-        starts = counts.cumsum(0) - counts
-        row = torch.arange(flat.numel(), device=flat.device) - starts[expert]
-        capacity = int(counts.max()) if flat.numel() else 0
-        return cls(pair_index // topk_idx.shape[1], pair_index, expert, row, counts, capacity)
+        positions = torch.arange(flat.numel(), device=flat.device)  # (N*K,)
+        row = positions - (counts.cumsum(0) - counts)[expert]
+        inverse = torch.empty_like(pair_index).scatter_(0, pair_index, positions)
+        return cls(pair_index // topk_idx.shape[1], pair_index, inverse, expert, row, counts)
+
+    @cached_property
+    def capacity(self) -> int:
+        """Rows of the busiest expert (a host sync; only the padded fallback needs it)."""
+        return int(self.counts.max()) if self.counts.numel() else 0
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
@@ -224,9 +230,10 @@ class RoutedExperts(nn.Module):
         layout = ExpertLayout.from_topk(topk_idx, self.num_experts)
         rows = x[layout.token_index]  # (N*K, hidden)
         gate, up = self.expert_linear(rows, self.gate_up_proj, layout).chunk(2, dim=-1)
-        out = self.expert_linear(self.act_fn(gate) * up, self.down_proj, layout)  # (N*K, hidden)
-        out = out[layout.pair_index.argsort()].view(*topk_idx.shape, -1)  # back to (N, K, hidden)
-        return (out * gates.to(out.dtype).unsqueeze(-1)).sum(dim=1)
+        # the gate value scales the (narrower) down-projection input: g * W_down(h) = W_down(g * h)
+        scale = gates.flatten()[layout.pair_index].to(x.dtype).unsqueeze(-1)  # (N*K, 1)
+        out = self.expert_linear(self.act_fn(gate) * up * scale, self.down_proj, layout)  # (N*K, hidden)
+        return out[layout.inverse].view(*topk_idx.shape, -1).sum(dim=1)  # (N, K, hidden) -> (N, hidden)
 
 
 @dataclass
