@@ -12,6 +12,8 @@ Prints, in one run:
      Contestants are timed in interleaved rounds.
   3. One decode step (batch of 64, one new token after a 256-token prompt):
      our absorbed latent attention against transformers' DeepseekV3.
+  4. The largest logit difference against transformers' DeepseekV3ForCausalLM
+     (fp32, same random weights, dense + MoE layers, default RoPE and YaRN).
 
     python3 benchmarks/bench_policy.py [--threads N] [--tokens 2048] [--repeats 10]
 """
@@ -182,6 +184,37 @@ def decode_speed(repeats: int, batch: int = 64, prompt: int = 256) -> None:
     )
 
 
+def logit_parity() -> None:
+    yarn = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 32}
+    variants = {
+        "default rope, 4 groups keep 2": {},
+        "YaRN, 4 groups keep 1": dict(rope_parameters=yarn, topk_group=1),
+    }
+    print("4. max |logit difference| against transformers (fp32, tiny-debug with 3 layers: 1 dense + 2 MoE)")
+    for label, overrides in variants.items():
+        config = preset_config(
+            "tiny-debug",
+            num_hidden_layers=3,
+            num_nextn_predict_layers=0,
+            max_position_embeddings=128,
+            **overrides,
+        )
+        ours = DeepseekV3ForCausalLM(config).eval()
+        with torch.no_grad():
+            for name, parameter in ours.named_parameters():
+                parameter.copy_(
+                    1 + 0.1 * torch.randn_like(parameter)
+                    if "norm" in name
+                    else 0.3 * torch.randn_like(parameter)
+                )
+            for router in ours.routers():
+                router.e_score_correction_bias.normal_(0, 0.1)
+            theirs = HFDeepseekV3ForCausalLM(copy.deepcopy(config)).eval()
+            theirs.load_state_dict(ours.state_dict())
+            ids = torch.randint(0, config.vocab_size, (3, 48))
+            print(f"   {label}: {(ours(ids).logits - theirs(ids).logits).abs().max().item():.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,6 +232,7 @@ def main() -> None:
     cache_bytes_per_token()
     moe_speed(args.tokens, args.repeats)
     decode_speed(args.repeats)
+    logit_parity()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ never drops a tensor: unknown names end up as unexpected keys that
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections import defaultdict
@@ -43,6 +44,8 @@ from policy.config import DeepseekV3Config
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+
+logger = logging.getLogger(__name__)
 
 _FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -219,6 +222,31 @@ def _preview(keys: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def load_checkpoint(
+    model: torch.nn.Module,
+    directory: str | os.PathLike,
+    *,
+    skip_extra_mtp: bool = False,
+    init_missing_mtp: bool = False,
+) -> None:
+    """Fills our causal LM from a checkpoint directory: every tensor placed, or a ValueError naming it.
+
+    Dropped MTP layers (`skip_extra_mtp`) and freshly initialised MTP modules
+    (`init_missing_mtp`) are logged by name.
+    """
+    config = model.config
+    tensors, skipped = from_released(read_safetensors(directory), config, skip_extra_mtp=skip_extra_mtp)
+    if skipped:
+        logger.warning(
+            "MTP switched off: left %d checkpoint tensors unused (%s, ...)", len(skipped), skipped[0]
+        )
+    expected = [k for k in model.state_dict() if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    initialised = check_keys(tensors, expected, allow_missing_mtp=init_missing_mtp)
+    if initialised:
+        logger.warning("initialised %d MTP tensors fresh: %s", len(initialised), ", ".join(initialised))
+    model.load_state_dict(tensors, strict=False)
+
+
 def read_safetensors(directory: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of a (possibly sharded) safetensors checkpoint in `directory`."""
     directory = Path(directory)
@@ -273,6 +301,16 @@ def write_safetensors(
     for path in stale:
         if path.exists() and path.name not in names and not (len(shards) > 1 and path.name == SAFE_INDEX):
             path.unlink()  # a previous save's files would shadow or contradict this one
+
+
+def size_in_bytes(size: int | str) -> int:
+    """5GB / 500MB / 10KB / an int -> bytes (decimal units, as transformers counts them)."""
+    if isinstance(size, int):
+        return size
+    for unit, factor in {"GB": 10**9, "MB": 10**6, "KB": 10**3}.items():
+        if size.upper().endswith(unit):
+            return int(float(size[: -len(unit)]) * factor)
+    raise ValueError(f"max_shard_size {size!r}: expected an int or a string like '5GB'")
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -22,8 +22,9 @@ and refuses to drop or invent a tensor.
 
 from __future__ import annotations
 
-import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -43,8 +44,6 @@ from policy.layers import MLP, RMSNorm
 from policy.moe import MoE, RoutedExperts, Router
 from policy.mtp import MTPModule, mtp_loss
 from policy.rope import RotaryEmbedding
-
-logger = logging.getLogger(__name__)
 
 
 class DecoderLayer(GradientCheckpointingLayer):
@@ -341,7 +340,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             self.generation_config.save_pretrained(directory)
         state_dict = self.state_dict() if state_dict is None else state_dict
         checkpoint.write_safetensors(
-            directory, checkpoint.to_released(state_dict, self.config), _bytes(max_shard_size)
+            directory,
+            checkpoint.to_released(state_dict, self.config),
+            checkpoint.size_in_bytes(max_shard_size),
         )
 
     @classmethod
@@ -370,63 +371,37 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         if unknown:
             raise ValueError(f"from_pretrained: {unknown} are not DeepseekV3Config fields")
         config = DeepseekV3Config(**{**config.to_dict(), **config_overrides})
-        dtype = _resolve_dtype(dtype if dtype is not None else config.dtype)
-        with _default_dtype(dtype):
+        with _default_dtype(_resolve_dtype(config.dtype if dtype in (None, "auto") else dtype)):
             model = cls(config)
-        tensors, skipped = checkpoint.from_released(
-            checkpoint.read_safetensors(directory),
-            config,
+        checkpoint.load_checkpoint(
+            model,
+            directory,
             skip_extra_mtp="num_nextn_predict_layers" in config_overrides,
+            init_missing_mtp=init_missing_mtp,
         )
-        if skipped:
-            logger.warning(
-                "MTP switched off: left %d checkpoint tensors unused (%s, ...)", len(skipped), skipped[0]
-            )
-        expected = [
-            key for key in model.state_dict() if not (key == "lm_head.weight" and config.tie_word_embeddings)
-        ]
-        initialised = checkpoint.check_keys(tensors, expected, allow_missing_mtp=init_missing_mtp)
-        if initialised:
-            logger.warning("initialised %d MTP tensors fresh: %s", len(initialised), ", ".join(initialised))
-        nn.Module.load_state_dict(model, tensors, strict=False)
         model.config.name_or_path = str(directory)
         return model.to(device) if device is not None else model
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    """torch.bfloat16 / "bfloat16" / None (float32) -> a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
     resolved = getattr(torch, str(dtype), None)
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}")
     return resolved
 
 
-class _default_dtype:
-    """Builds modules in `dtype` (the routing buffers stay fp32 by construction)."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-
-    def __enter__(self) -> None:
-        self.previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-
-    def __exit__(self, *exc) -> None:
-        torch.set_default_dtype(self.previous)
-
-
-def _bytes(size: int | str) -> int:
-    """5GB / 500MB / 10KB / int -> bytes (decimal units, as transformers)."""
-    if isinstance(size, int):
-        return size
-    units = {"GB": 10**9, "MB": 10**6, "KB": 10**3}
-    for unit, factor in units.items():
-        if size.upper().endswith(unit):
-            return int(float(size[: -len(unit)]) * factor)
-    raise ValueError(f"max_shard_size {size!r}: expected an int or a string like '5GB'")
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Builds modules in `dtype` (the routing buffers are fp32 by construction)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)

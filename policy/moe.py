@@ -25,17 +25,18 @@ Departures: TopK_t in f_i is the selection actually made (with bias and group
 limit), as in Megatron and torchtitan; padding tokens count neither in T, f, P
 nor in the bias-update loads.
 
-Dispatch: the N*K (token, expert) pairs are sorted by expert; every routed
-GEMM goes through `RoutedExperts.expert_linear` (one call for gate+up, one for
-down) over the sorted rows, then un-permuted to (token, k) order and summed
-with the gate values (a gather: deterministic, no atomic scatter). No Python
-loop over experts. `grouped_linear` runs `torch.nn.functional.grouped_mm`
-wherever torch 2.13 has a kernel for it (CUDA bf16 on sm80+; CPU fp32, bf16
-and fp16 with 16-byte-aligned rows), which on CPU beats the fallback, one
-`bmm` over rows padded to the busiest expert's count, by 1.2x on balanced and
-3.7x on skewed loads (docs/policy.md). Expert weights
-are 3-D parameters (E, out, in): `gate_up_proj` (E, 2I, H), gate rows first,
-and `down_proj` (E, H, I), exactly transformers' fused layout.
+Dispatch: the N*K (token, expert) pairs are sorted by expert and every
+routed GEMM goes through `RoutedExperts.expert_linear` over the sorted rows
+(one call for gate+up, one for down). The gate value scales the
+down-projection input (g W_down h = W_down (g h), the narrower tensor); the
+outputs are un-permuted to (token, k) order with a gather and summed over k
+(deterministic, no atomic scatter). No Python loop over experts.
+`grouped_linear` runs `torch.nn.functional.grouped_mm` wherever torch 2.13 has
+a kernel (CUDA bf16 on sm80+; CPU fp32/bf16/fp16 with 16-byte-aligned rows)
+and otherwise one `bmm` over rows padded to the busiest expert's count; on CPU
+grouped_mm is the faster of the two, by far on skewed loads (docs/policy.md).
+Expert weights are 3-D parameters (E, out, in): `gate_up_proj` (E, 2I, H),
+gate rows first, and `down_proj` (E, H, I), exactly transformers' fused layout.
 """
 
 from __future__ import annotations
