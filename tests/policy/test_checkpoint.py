@@ -88,7 +88,7 @@ def test_transformers_checkpoint_without_mtp_needs_an_explicit_choice(model, twi
     twin(model).save_pretrained(tmp_path)  # per-expert keys, no MTP layer
     with pytest.raises(ValueError, match=r"lacks 20 tensors: mtp\.0\..*init_missing_mtp=True"):
         DeepseekV3ForCausalLM.from_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="policy.modeling"):
+    with caplog.at_level(logging.WARNING, logger="policy.checkpoint"):
         fresh = DeepseekV3ForCausalLM.from_pretrained(tmp_path, init_missing_mtp=True)
     assert "initialised 20 MTP tensors fresh" in caplog.text
     assert torch.equal(
@@ -100,7 +100,7 @@ def test_transformers_checkpoint_without_mtp_needs_an_explicit_choice(model, twi
 
 def test_dropping_mtp_is_explicit_and_logged(model, tmp_path, caplog):
     model.save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="policy.modeling"):
+    with caplog.at_level(logging.WARNING, logger="policy.checkpoint"):
         DeepseekV3ForCausalLM.from_pretrained(tmp_path, num_nextn_predict_layers=0)
     assert "left 44 checkpoint tensors unused" in caplog.text
 
@@ -149,3 +149,14 @@ def test_load_state_dict_accepts_the_released_layout(model, tiny_config):
     result = fresh.load_state_dict(released, strict=False)
     assert not result.missing_keys and not result.unexpected_keys
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_fused_expert_checkpoint_loads(model, twin, tmp_path):
+    # a checkpoint holding transformers' in-memory names (3-D experts) and no MTP weights
+    twin(model).config.save_pretrained(tmp_path)
+    save_file(
+        {k: v.contiguous() for k, v in twin(model).state_dict().items()}, tmp_path / "model.safetensors"
+    )
+    loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path, init_missing_mtp=True)
+    for name, tensor in model.state_dict().items():
+        assert name.startswith("mtp.") or torch.equal(loaded.state_dict()[name], tensor), name
