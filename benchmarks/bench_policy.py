@@ -8,7 +8,8 @@ Prints, in one run:
   2. Forward + backward time of our MoE layer against transformers'
      DeepseekV3MoE on the same config and weights (its default experts back end
      and "eager"), plus our layer on the padded-bmm fallback GEMM (the dispatch
-     choice), for the "tiny" preset and a fine-grained 64-expert variant.
+     choice), for the "tiny" preset and a fine-grained 64-expert variant;
+     then the expert GEMM alone on both back ends, balanced and skewed loads.
      Contestants are timed in interleaved rounds.
   3. One decode step (batch of 64, one new token after a 256-token prompt):
      our absorbed latent attention against transformers' DeepseekV3.
@@ -32,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as HFMoE
 
 from policy import DeepseekV3ForCausalLM, LatentCache, preset_config
-from policy.moe import MoE, MoEOutput, RoutedExperts, padded_bmm_linear
+from policy.moe import ExpertLayout, MoE, MoEOutput, RoutedExperts, grouped_mm_linear, padded_bmm_linear
 
 VOCAB = 512
 
@@ -149,6 +150,29 @@ def fwd_bwd(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+def dispatch_speed(repeats: int, rows: int = 2048, top_k: int = 2) -> None:
+    """One expert GEMM (tiny preset's gate_up shape), forward + backward, on balanced and skewed routing."""
+    config = preset_config("tiny", vocab_size=VOCAB)
+    experts, hidden = config.n_routed_experts, config.hidden_size
+    x = torch.randn(rows * top_k, hidden, requires_grad=True)
+    weight = torch.randn(experts, 2 * config.moe_intermediate_size, hidden, requires_grad=True)
+    print(f"   expert GEMM alone ({rows} tokens x top-{top_k}, {experts} experts), forward+backward:")
+    for label, skew in (("balanced", 0.0), ("skewed", 1.0)):
+        logits = torch.randn(rows, experts) + skew * torch.arange(experts).float()
+        layout = ExpertLayout.from_topk(logits.topk(top_k, dim=-1).indices, experts)
+
+        def run(gemm, layout: ExpertLayout = layout) -> Callable[[], None]:
+            return lambda: gemm(x, weight, layout).square().mean().backward()
+
+        times = median_ms(
+            {"grouped_mm": run(grouped_mm_linear), "padded bmm": run(padded_bmm_linear)}, repeats
+        )
+        print(
+            f"      {label} (rows per expert {layout.counts.tolist()}): "
+            f"grouped_mm {times['grouped_mm']:.1f} ms, padded bmm {times['padded bmm']:.1f} ms"
+        )
+
+
 def decode_speed(repeats: int, batch: int = 64, prompt: int = 256) -> None:
     config = preset_config("tiny", vocab_size=VOCAB, num_nextn_predict_layers=0)
     ours = DeepseekV3ForCausalLM(config).eval()
@@ -231,6 +255,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     cache_bytes_per_token()
     moe_speed(args.tokens, args.repeats)
+    dispatch_speed(args.repeats)
     decode_speed(args.repeats)
     logit_parity()
 
