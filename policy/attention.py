@@ -1,0 +1,175 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2/V3) with an expanded and an absorbed path.
+
+Per token h (hidden), with n heads, d_n = qk_nope_head_dim, d_r = qk_rope_head_dim,
+d_v = v_head_dim, c = kv_lora_rank:
+
+    c_Q = RMSNorm(W_DQ h)                        (q_lora_rank)   [W_Q h when q_lora_rank is None]
+    [q_N; q_R] = W_UQ c_Q                        (n, d_n + d_r);  q_R <- RoPE(q_R)
+    [c_KV; k_R] = W_DKV h                        (c + d_r);       c_KV <- RMSNorm(c_KV), k_R <- RoPE(k_R)
+    [k_N; v] = W_UKV c_KV                        (n, d_n + d_v)   (kv_b_proj)
+    o_i = softmax_j(scale * (q_N,i . k_N,j + q_R,i . k_R,j)) v_j;   out = W_O [o_1 .. o_n]
+
+Expanded path (training, prefill): materialise k_N and v for every cached token
+and run scaled-dot-product attention over (d_n + d_r)-dim keys.
+
+Absorbed path (decoding): fold W_UK into the query and W_UV into the output,
+
+    q_C = q_N W_UK            "bthd,hdc->bhtc"    scores = [q_C; q_R] . [c_KV; k_R]
+    o_C = softmax(scores) c_KV                     o = o_C W_UV^T  "bhtc,hvc->bthv"
+
+so attention reads only the cached (c + d_r) values per token (one shared
+"head" of width 576 for V3) and never expands the cache. The model uses the
+absorbed path whenever the cache already holds earlier tokens.
+
+The softmax scale includes YaRN's mscale^2 correction (see policy/rope.py). All
+five projections are plain `nn.Linear` (they run in FP8 in DeepSeek-V3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from policy.cache import LatentCache
+from policy.config import DeepseekV3Config
+from policy.layers import RMSNorm
+from policy.rope import apply_rope, softmax_scale
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, past_length: int, query_length: int
+) -> torch.Tensor | None:
+    """Boolean mask (B, 1, T, past + T), True where query t may attend key s; None if causal order suffices.
+
+    attention_mask: (B, past + T) with 1 for real tokens and 0 for padding (left
+    or right). A query always sees its own key, so padded rows stay finite.
+    None is returned when nothing is padded and either there is no past (plain
+    causal) or there is one query (it sees everything cached).
+    """
+    key_length = past_length + query_length
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if attention_mask is not None and attention_mask.shape[-1] != key_length:
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[-1]} columns; expected past ({past_length}) "
+            f"+ new ({query_length}) = {key_length} tokens"
+        )
+    if not padded and (past_length == 0 or query_length == 1):
+        return None
+    device = attention_mask.device if attention_mask is not None else None
+    query_pos = torch.arange(query_length, device=device) + past_length  # (T,)
+    key_pos = torch.arange(key_length, device=device)  # (S,)
+    allowed = key_pos[None, :] <= query_pos[:, None]  # (T, S)
+    if not padded:
+        return allowed[None, None]
+    allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
+    return allowed | (key_pos[None, :] == query_pos[:, None])
+
+
+class MultiheadLatentAttention(nn.Module):
+    """MLA for one layer; `layer_idx` selects its slot in the latent cache."""
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.kv_rank = config.v_head_dim, config.kv_lora_rank
+        self.rope_interleave = bool(config.rope_interleave)
+        self.scale = softmax_scale(config)
+        self.attention_dropout = float(config.attention_dropout or 0.0)
+        hidden, qk_dim, bias = config.hidden_size, self.nope_dim + self.rope_dim, config.attention_bias
+
+        self.q_lora_rank = config.q_lora_rank
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, self.num_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: LatentCache | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, hidden), rope cos/sin (B, T, d_r/2), mask of `build_attention_mask` -> (B, T, hidden)."""
+        cos, sin = rope
+        q_nope, q_rope = self._queries(x, cos, sin)  # (B, T, n, d_n), (B, T, n, d_r)
+        entries = self._latent_entries(x, cos, sin)  # (B, T, c + d_r)
+        if cache is None:
+            kv, absorbed = entries, False
+        else:
+            absorbed = cache.get_seq_length(self.layer_idx) > 0
+            kv = cache.update(self.layer_idx, entries)  # (B, S, c + d_r)
+        attend = self._absorbed if absorbed else self._expanded
+        return self.o_proj(attend(q_nope, q_rope, kv, mask))
+
+    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(*x.shape[:2], self.num_heads, self.nope_dim + self.rope_dim)  # (B, T, n, d_n + d_r)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, cos, sin, self.rope_interleave)
+
+    def _latent_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """What the cache stores per token: [RMSNorm(c_KV); RoPE(k_R)] (B, T, c + d_r)."""
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)  # (B, T, d_r)
+        return torch.cat((self.kv_a_layernorm(latent), k_rope), dim=-1)
+
+    def _expanded(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention over keys/values expanded from the latents -> (B, T, n * d_v)."""
+        batch, seq_q, seq_k = q_nope.shape[0], q_nope.shape[1], kv.shape[1]
+        latent, k_rope = kv.split([self.kv_rank, self.rope_dim], dim=-1)
+        k_nope, v = (
+            self.kv_b_proj(latent)
+            .view(batch, seq_k, self.num_heads, self.nope_dim + self.v_dim)
+            .split([self.nope_dim, self.v_dim], dim=-1)
+        )  # (B, S, n, d_n), (B, S, n, d_v)
+        k = torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, self.num_heads, -1)), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, n, d_n + d_r)
+        # zero-padding v to the q/k width lets SDPA take its fused (flash) kernel; the pad columns are dropped
+        v = F.pad(v, (0, max(0, q.shape[-1] - self.v_dim)))
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            is_causal=mask is None and seq_q > 1,
+            scale=self.scale,
+        )  # (B, n, T, max(d_v, d_n + d_r))
+        return out[..., : self.v_dim].transpose(1, 2).reshape(batch, seq_q, self.num_heads * self.v_dim)
+
+    def _absorbed(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention in latent space, reading only the cache (B, S, c + d_r) -> (B, T, n * d_v)."""
+        batch, seq_q = q_nope.shape[:2]
+        if mask is None and seq_q > 1:
+            mask = build_attention_mask(None, kv.shape[1] - seq_q, seq_q)
+        w_ukv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w_ukv.split([self.nope_dim, self.v_dim], dim=1)  # (n, d_n, c), (n, d_v, c)
+        q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
+        q = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # (B, n, T, c + d_r)
+        # heads folded into the query rows: one bmm against the single latent "head", no broadcast copies
+        scores = torch.bmm(q.flatten(1, 2), kv.transpose(1, 2)) * self.scale  # (B, n * T, S)
+        scores = scores.view(batch, self.num_heads, seq_q, -1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        out_latent = torch.bmm(probs.flatten(1, 2), kv[..., : self.kv_rank])  # (B, n * T, c)
+        out_latent = out_latent.view(batch, self.num_heads, seq_q, self.kv_rank)
+        out = torch.einsum("bhtc,hvc->bthv", out_latent, w_uv)  # (B, T, n, d_v)
+        return out.reshape(batch, seq_q, self.num_heads * self.v_dim)

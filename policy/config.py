@@ -1,0 +1,127 @@
+"""The DeepSeek-V3 configuration: transformers' field names plus our training options.
+
+`DeepseekV3Config` subclasses transformers' own `DeepseekV3Config`, so every
+field name (hidden_size, q_lora_rank, kv_lora_rank, qk_nope_head_dim,
+qk_rope_head_dim, v_head_dim, n_routed_experts, n_group, topk_group,
+rope_parameters / legacy rope_scaling, num_nextn_predict_layers, ...) means
+exactly what it means there, a config.json written by either class loads into
+the other, and `model_type` stays "deepseek_v3" so transformers and vLLM can
+read our checkpoints.
+
+Our additions, all training-only:
+
+    router_bias_update_speed   gamma of the auxiliary-loss-free balancing:
+                               b_i += gamma * sign(mean(load) - load_i), once
+                               per optimizer step (DeepSeek-V3 used 0.001).
+    seq_balance_alpha          alpha of the complementary sequence-wise balance
+                               loss (DeepSeek-V3 used 1e-4); 0 switches it off.
+    mtp_loss_weight            lambda of the multi-token-prediction loss
+                               (lambda / D) * sum_k CE_k (0.3, later 0.1).
+
+`num_nextn_predict_layers` (D) is the number of MTP modules; 0 builds none,
+which gives a pure next-token model.
+"""
+
+from __future__ import annotations
+
+from transformers import DeepseekV3Config as _TransformersDeepseekV3Config
+
+SUPPORTED_ROPE_TYPES = ("default", "yarn")
+
+
+class DeepseekV3Config(_TransformersDeepseekV3Config):
+    """transformers' `DeepseekV3Config` plus routing-bias, balance-loss and MTP-loss options.
+
+    Defaults of the inherited fields are transformers' (the 671B model without
+    YaRN); use `policy.presets.preset_config` for named sizes.
+    """
+
+    router_bias_update_speed: float = 0.001
+    seq_balance_alpha: float = 1e-4
+    mtp_loss_weight: float = 0.3
+
+    def __post_init__(self, **kwargs) -> None:
+        super().__post_init__(**kwargs)
+        self._validate_sizes()
+        self._validate_routing()
+        self._validate_rope()
+        self._validate_training_options()
+
+    def _validate_sizes(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        ):
+            _require(getattr(self, name) > 0, name, "must be > 0")
+        _require(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank", "must be None or > 0")
+        _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
+        _require(
+            self.num_key_value_heads == self.num_attention_heads,
+            "num_key_value_heads",
+            f"must equal num_attention_heads ({self.num_attention_heads}): MLA has no grouped heads",
+        )
+        _require(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        _require(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            "first_k_dense_replace",
+            f"must be in [0, num_hidden_layers={self.num_hidden_layers}]",
+        )
+
+    def _validate_routing(self) -> None:
+        n_experts, n_group = self.n_routed_experts, self.n_group
+        _require(n_experts > 0, "n_routed_experts", "must be > 0")
+        _require(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+        _require(
+            n_group > 0 and n_experts % n_group == 0, "n_group", f"must divide n_routed_experts={n_experts}"
+        )
+        _require(
+            n_group == 1 or n_experts // n_group >= 2,
+            "n_group",
+            "leaves fewer than 2 experts per group (group scores sum each group's top-2 affinities)",
+        )
+        _require(1 <= self.topk_group <= n_group, "topk_group", f"must be in [1, n_group={n_group}]")
+        reachable = self.topk_group * (n_experts // n_group)
+        _require(
+            1 <= self.num_experts_per_tok <= reachable,
+            "num_experts_per_tok",
+            f"must be in [1, topk_group * experts_per_group = {reachable}]",
+        )
+        _require(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
+
+    def _validate_rope(self) -> None:
+        rope = self.rope_parameters or {}
+        rope_type = rope.get("rope_type", "default")
+        _require(
+            rope_type in SUPPORTED_ROPE_TYPES,
+            "rope_parameters.rope_type",
+            f"is {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}",
+        )
+        if rope_type == "yarn":
+            _require(
+                rope.get("factor") is not None and rope["factor"] >= 1,
+                "rope_parameters.factor",
+                "must be >= 1 for YaRN",
+            )
+            _require(
+                rope.get("original_max_position_embeddings", 0) > 0,
+                "rope_parameters.original_max_position_embeddings",
+                "must be > 0 for YaRN",
+            )
+
+    def _validate_training_options(self) -> None:
+        _require(self.router_bias_update_speed >= 0, "router_bias_update_speed", "must be >= 0")
+        _require(self.seq_balance_alpha >= 0, "seq_balance_alpha", "must be >= 0")
+        _require(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"DeepseekV3Config.{field} {message}")

@@ -1,0 +1,408 @@
+"""DeepSeek-V3 as a transformers model: decoder layer, base model, causal LM with MTP.
+
+    h_0 = Emb(input_ids)
+    h_l = h_{l-1} + MLA(RMSNorm(h_{l-1}));  h_l = h_l + FFN(RMSNorm(h_l))
+          FFN = dense SwiGLU for the first `first_k_dense_replace` layers, DeepSeekMoE after
+    last_hidden_state = RMSNorm(h_L);   logits = lm_head(last_hidden_state)
+    loss = CE(next token, -100 ignored) + sum_layers alpha * L_bal + (lambda / D) sum_k CE_k
+
+The model is single-device and pure apart from two pieces of routing state per
+MoE layer: the selection bias (a checkpointed fp32 buffer) and the token
+counts accumulated while training (`routing_load`, `update_routing_bias`).
+Counts are recorded here, outside the layers, only when the model is in
+training mode with gradients enabled (the tokens an optimizer step trains on),
+so activation checkpointing's recomputation never counts a token twice.
+
+`past_key_values` is a `LatentCache`; once it holds tokens, attention runs in
+the absorbed form. `save_pretrained` writes the released DeepSeek-V3 layout
+(policy/checkpoint.py) with model_type "deepseek_v3", which transformers and
+vLLM load directly; `from_pretrained` reads that layout, transformers' and ours,
+and refuses to drop or invent a tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from policy import checkpoint
+from policy.attention import MultiheadLatentAttention, build_attention_mask
+from policy.cache import LatentCache
+from policy.config import DeepseekV3Config
+from policy.layers import MLP, RMSNorm
+from policy.moe import MoE, RoutedExperts, Router
+from policy.mtp import MTPModule, mtp_loss
+from policy.rope import RotaryEmbedding
+
+
+class DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: MLA then a dense SwiGLU or a DeepSeekMoE feed-forward."""
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int, moe: bool) -> None:
+        super().__init__()
+        self.self_attn = MultiheadLatentAttention(config, layer_idx)
+        self.mlp = (
+            MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        past_key_values: LatentCache | None = None,
+        token_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """hidden (B, T, H) -> (hidden, balance loss or None, expert load (E,) or None)."""
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, mask, past_key_values)
+        ffn_in = self.post_attention_layernorm(hidden)
+        if isinstance(self.mlp, MoE):
+            out = self.mlp(ffn_in, token_mask)
+            return hidden + out.hidden, out.aux_loss, out.load
+        return hidden + self.mlp(ffn_in), None, None
+
+
+@dataclass
+class DeepseekV3ModelOutput(ModelOutput):
+    """last_hidden_state (B, T, H) after the final norm; aux_loss: alpha-weighted balance loss summed
+    over MoE layers (0 outside training); past_key_values: the latent cache when one is used."""
+
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: LatentCache | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class DeepseekV3CausalLMOutput(ModelOutput):
+    """loss = CE + aux_loss + mtp_loss when labels are given; logits (B, T or logits_to_keep, V)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: LatentCache | None = None
+    aux_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+
+
+class DeepseekV3PreTrainedModel(PreTrainedModel):
+    """Weight init and the routing-bias interface shared by the base model and the causal LM."""
+
+    config_class = DeepseekV3Config
+    config: DeepseekV3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules: ClassVar[list[str]] = ["DecoderLayer"]
+    _supports_sdpa = True  # MLA always runs through torch's scaled_dot_product_attention
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # Linear / Embedding: normal(0, initializer_range); RMSNorm: ones
+        std = self.config.initializer_range
+        if isinstance(module, Router):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, RoutedExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+
+    def routers(self) -> list[Router]:
+        """Every MoE router: main layers in order, then the MTP modules' layers."""
+        return [module for module in self.modules() if isinstance(module, Router)]
+
+    def routing_load(self) -> torch.Tensor:
+        """Tokens per expert since the last bias update: (num_moe_layers, n_routed_experts) fp32."""
+        routers = self.routers()
+        if not routers:
+            return torch.zeros(0, self.config.n_routed_experts)
+        return torch.stack([router.expert_load for router in routers])
+
+    @torch.no_grad()
+    def update_routing_bias(self, load: torch.Tensor | None = None) -> torch.Tensor:
+        """bias += router_bias_update_speed * sign(mean(load) - load) per MoE layer; resets the counts.
+
+        load: (num_moe_layers, n_routed_experts), e.g. counts all-reduced over
+        data-parallel ranks; defaults to this process's `routing_load()`.
+        Returns the load used. Call once per optimizer step.
+        """
+        routers = self.routers()
+        load = self.routing_load() if load is None else load
+        if load.shape != (len(routers), self.config.n_routed_experts):
+            raise ValueError(
+                f"update_routing_bias: load has shape {tuple(load.shape)}, expected "
+                f"({len(routers)}, {self.config.n_routed_experts}) (num_moe_layers, n_routed_experts)"
+            )
+        for router, layer_load in zip(routers, load, strict=True):
+            router.update_bias(layer_load, self.config.router_bias_update_speed)
+        return load
+
+
+class DeepseekV3Model(DeepseekV3PreTrainedModel):
+    """Embedding, decoder layers and final norm; returns the normed hidden states and the balance loss."""
+
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, moe=i >= config.first_k_dense_replace)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: LatentCache | None = None,
+        use_cache: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> DeepseekV3ModelOutput:
+        """input_ids (B, T); attention_mask (B, past + T), 0 on padding; position_ids (B, T)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq = hidden.shape[:2]
+        cache = self._cache(past_key_values, use_cache)
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + seq, device=hidden.device).expand(batch, -1)
+        rope = self.rotary_emb(position_ids, hidden.dtype)
+        mask = build_attention_mask(attention_mask, past, seq)
+        token_mask = None if attention_mask is None else attention_mask[:, -seq:].bool()
+        record_load = self.training and torch.is_grad_enabled()
+        aux_loss = hidden.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            hidden, layer_aux, load = layer(hidden, rope, mask, past_key_values=cache, token_mask=token_mask)
+            if layer_aux is not None:
+                aux_loss = aux_loss + layer_aux
+            if load is not None and record_load:
+                layer.mlp.gate.record_load(load)
+        return DeepseekV3ModelOutput(self.norm(hidden), cache, aux_loss)
+
+    def _cache(self, past_key_values: object, use_cache: bool) -> LatentCache | None:
+        if past_key_values is None:
+            return LatentCache(self.config.num_hidden_layers) if use_cache else None
+        if not isinstance(past_key_values, LatentCache):
+            raise TypeError(
+                "past_key_values must be a policy.LatentCache (MLA caches latents), "
+                f"got {type(past_key_values).__name__}"
+            )
+        return past_key_values
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        raise TypeError("load DeepseekV3ForCausalLM.from_pretrained(...) and use its .model")
+
+
+class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
+    """The policy: base model, output head and `num_nextn_predict_layers` MTP modules."""
+
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeepseekV3Config) -> None:
+        super().__init__(config)
+        self.model = DeepseekV3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(
+            MTPModule(config, DecoderLayer(config, config.num_hidden_layers + k, moe=True))
+            for k in range(config.num_nextn_predict_layers)
+        )
+        self.post_init()
+
+    def get_decoder(self) -> DeepseekV3Model:
+        return self.model
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: LatentCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int | torch.Tensor = 0,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> DeepseekV3CausalLMOutput:
+        """HF causal-LM forward. labels (B, T) are unshifted token ids, -100 where ignored; extra
+        kwargs other than `num_items_in_batch` (used by the CE normalisation) are ignored."""
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, inputs_embeds)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        else:
+            kept = hidden[:, logits_to_keep]
+        logits = self.lm_head(kept)
+        loss = mtp = None
+        if labels is not None:
+            ce = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.vocab_size,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+            loss = ce + out.aux_loss
+            if input_ids is not None and len(self.mtp) > 0 and self.config.mtp_loss_weight > 0:
+                mtp = self.mtp_loss(hidden, input_ids, labels != -100, attention_mask, position_ids)
+                loss = loss + mtp
+        return DeepseekV3CausalLMOutput(loss, logits, out.past_key_values, out.aux_loss, mtp)
+
+    def mtp_loss(
+        self,
+        hidden_states: torch.Tensor,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(lambda / D) * sum_k CE_k from the main model's last_hidden_state (B, T, H); see policy/mtp.py.
+
+        loss_mask (B, T) bool: True where token j is a training target (prompt and
+        padding False). Pass the forward's attention_mask and position_ids for
+        padded batches. Zero when the model has no MTP modules or lambda is 0.
+        """
+        if len(self.mtp) == 0 or self.config.mtp_loss_weight == 0:
+            return hidden_states.new_zeros((), dtype=torch.float32)
+        batch, seq = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device).expand(batch, -1)
+        rope = self.model.rotary_emb(position_ids, hidden_states.dtype)
+        mask = build_attention_mask(attention_mask, 0, seq)
+        loss, loads = mtp_loss(
+            self.mtp,
+            hidden_states,
+            input_ids,
+            loss_mask,
+            self.model.embed_tokens,
+            self.lm_head,
+            rope,
+            mask,
+            attention_mask,
+            self.config.mtp_loss_weight,
+        )
+        if self.training and torch.is_grad_enabled():
+            for module, load in zip(self.mtp, loads, strict=True):
+                module.block.mlp.gate.record_load(load)
+        return loss
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+    ) -> None:
+        """`generate()` hook: a latent cache preallocated for the whole generation."""
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = LatentCache(
+                self.config.num_hidden_layers, capacity=max_cache_length
+            )
+            return
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accepts our layout and the released one (what `save_pretrained` writes, e.g. on Trainer resume)."""
+        state_dict, _ = checkpoint.from_released(state_dict.items(), self.config)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_size: int | str = "5GB",
+        **kwargs,
+    ) -> None:
+        """Writes config.json, generation_config.json and safetensors in the released layout."""
+        if not is_main_process:
+            return
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(directory)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(directory)
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        checkpoint.write_safetensors(
+            directory,
+            checkpoint.to_released(state_dict, self.config),
+            checkpoint.size_in_bytes(max_shard_size),
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        config: DeepseekV3Config | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        init_missing_mtp: bool = False,
+        **config_overrides,
+    ) -> DeepseekV3ForCausalLM:
+        """Loads a local checkpoint directory in the released, transformers or our layout.
+
+        config_overrides replace config.json fields (unknown names raise);
+        `num_nextn_predict_layers=0` drops a checkpoint's MTP layers on purpose.
+        Missing MTP weights raise unless `init_missing_mtp`, which initialises
+        them fresh and logs which ones. dtype defaults to config.json's.
+        """
+        directory = Path(pretrained_model_name_or_path)
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"{directory} is not a checkpoint directory with a config.json")
+        config = config if config is not None else DeepseekV3Config.from_pretrained(directory)
+        unknown = sorted(key for key in config_overrides if not hasattr(config, key))
+        if unknown:
+            raise ValueError(f"from_pretrained: {unknown} are not DeepseekV3Config fields")
+        config = DeepseekV3Config(**{**config.to_dict(), **config_overrides})
+        with _default_dtype(_resolve_dtype(config.dtype if dtype in (None, "auto") else dtype)):
+            model = cls(config)
+        checkpoint.load_checkpoint(
+            model,
+            directory,
+            skip_extra_mtp="num_nextn_predict_layers" in config_overrides,
+            init_missing_mtp=init_missing_mtp,
+        )
+        model.config.name_or_path = str(directory)
+        return model.to(device) if device is not None else model
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """torch.bfloat16 / "bfloat16" / None (float32) -> a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return resolved
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Builds modules in `dtype` (the routing buffers are fp32 by construction)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+AutoModel.register(DeepseekV3Config, DeepseekV3Model, exist_ok=True)
+AutoModelForCausalLM.register(DeepseekV3Config, DeepseekV3ForCausalLM, exist_ok=True)
