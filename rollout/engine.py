@@ -6,6 +6,8 @@ gets back a `RolloutBatch`: `params.n` completions per prompt, grouped by prompt
 text and the log-probability the sampler gave every token it drew. After each
 optimizer step the trainer pushes the new weights with `update_weights`, stamped
 with a policy version, so every batch says which policy produced it.
+`generate_async` lets the trainer sample the next batch while it trains on this
+one; an engine never applies new weights in the middle of a batch.
 
 The built-in torch engine, the worker-process client and the vLLM engine all
 implement this protocol; the trainer never knows which one it talks to.
@@ -14,6 +16,7 @@ implement this protocol; the trainer never knows which one it talks to.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -94,6 +97,10 @@ class RolloutEngine(Protocol):
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         """Sample `params.n` completions for each tokenised prompt."""
+        ...
+
+    def generate_async(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Future[RolloutBatch]:
+        """Start `generate` and return at once; weight updates wait until the batch is done."""
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:

@@ -14,7 +14,9 @@ memory (then `update_weights` sees the same tensors and copies nothing).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -40,9 +42,21 @@ class TorchRolloutEngine:
         self.max_batch_rows = max_batch_rows
         self.policy_version = 0
         self.device = next(model.parameters()).device
+        self._lock = threading.Lock()  # one batch or one weight update at a time
+        self._executor: ThreadPoolExecutor | None = None
+
+    def generate_async(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Future[RolloutBatch]:
+        """`generate` on a background thread (torch kernels release the GIL while they run)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="rollout")
+        return self._executor.submit(self.generate, prompts, params)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         """Sample `params.n` completions per prompt; rows are grouped by prompt."""
+        with self._lock:
+            return self._generate(prompts, params)
+
+    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt and no empty prompt")
         rows = [list(p) for p in prompts for _ in range(params.n)]
@@ -56,9 +70,7 @@ class TorchRolloutEngine:
         try:
             with torch.inference_mode():
                 for start in range(0, len(rows), self.max_batch_rows):
-                    ids, lps = self._generate_rows(
-                        rows[start : start + self.max_batch_rows], params, generator
-                    )
+                    ids, lps = self._generate_rows(rows[start : start + self.max_batch_rows], params, generator)
                     completions += ids
                     logprobs += lps
         finally:
@@ -139,7 +151,7 @@ class TorchRolloutEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
         """Copy new weights (state_dict names of the engine's model) in place and stamp `version`."""
         targets = dict(self.model.state_dict(keep_vars=True))
-        with torch.no_grad():
+        with self._lock, torch.no_grad():
             for name, tensor in named_tensors:
                 if name not in targets:
                     raise KeyError(f"update_weights: the rollout model has no tensor named {name!r}")
@@ -154,4 +166,7 @@ class TorchRolloutEngine:
         self.policy_version = version
 
     def close(self) -> None:
-        """Nothing to release: the model lives as long as its owner keeps it."""
+        """Stop the background thread; the model lives as long as its owner keeps it."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None

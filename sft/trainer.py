@@ -1,9 +1,13 @@
 """Supervised fine-tuning on TRL's SFTTrainer, loss on completion tokens only.
 
 The dataset has `prompt` and `completion` text columns; TRL appends the EOS
-token to each completion and masks the prompt out of the loss. For our
-DeepSeek-V3 policy the MoE routing bias is updated once per optimizer step
-through a callback, as in pre-training.
+token to each completion and masks the prompt out of the loss (labels -100).
+
+Our DeepSeek-V3 policy trains on its own loss, the next-token cross-entropy
+plus the MoE sequence-wise balance loss and the multi-token-prediction loss,
+instead of TRL's fused cross-entropy (which would drop both auxiliary terms);
+its MoE routing bias is updated once per optimizer step, as in pre-training.
+Any other model trains exactly as TRL trains it.
 """
 
 from __future__ import annotations
@@ -17,28 +21,40 @@ from trl import SFTConfig, SFTTrainer
 
 from sft.data import check_sft_dataset
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
+
+
+class PolicySFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is the policy's own `model(**inputs).loss` (CE + balance + MTP)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean: let Trainer scale it
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**{k: v for k, v in inputs.items() if k in MODEL_INPUTS}, use_cache=False)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
 
 def run_sft(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    train_dataset: Dataset,
-    args: SFTConfig,
-    output_dir: str | Path,
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_dataset: Dataset, args: SFTConfig, output_dir: str | Path
 ) -> Path:
     """Fine-tune `model` in place on prompt/completion rows and save it with its tokenizer to `output_dir`.
 
     Returns the checkpoint directory, which `policy.load_policy` and the GRPO recipes accept.
     """
     check_sft_dataset(train_dataset)
-    callbacks = []
+    trainer_class, callbacks = SFTTrainer, []
     if hasattr(model, "update_routing_bias"):
         from policy import RoutingBiasCallback
 
-        callbacks.append(RoutingBiasCallback())
-    trainer = SFTTrainer(
+        trainer_class, callbacks = PolicySFTTrainer, [RoutingBiasCallback()]
+    trainer = trainer_class(
         model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks
     )
     trainer.train()
+    if args.gradient_checkpointing:  # the model goes on to generate with a KV cache
+        model.gradient_checkpointing_disable()
     output_dir = Path(output_dir)
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))

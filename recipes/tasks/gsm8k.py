@@ -15,6 +15,7 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
+from grpo.options import ConfigError
 from recipes.tasks.arithmetic import format_prompt
 
 HUB_ID = "openai/gsm8k"
@@ -25,7 +26,7 @@ def split_solution(solution: str) -> tuple[str, str]:
     """(reasoning, final answer) of a GSM8K solution ending in '#### N'."""
     reasoning, sep, final = solution.rpartition("####")
     if not sep:
-        raise ValueError(f"GSM8K solution has no '#### <answer>' line: {solution[-80:]!r}")
+        raise ConfigError(f"GSM8K solution has no '#### <answer>' line: {solution[-80:]!r}")
     return CALCULATOR_ANNOTATION.sub("", reasoning).strip(), final.strip().replace(",", "")
 
 
@@ -33,7 +34,7 @@ def to_rows(dataset: Dataset) -> Dataset:
     """Map GSM8K's question/answer columns to prompt, completion (R1 format) and answer."""
     missing = {"question", "answer"} - set(dataset.column_names)
     if missing:
-        raise ValueError(f"a GSM8K dataset needs columns 'question' and 'answer'; missing {sorted(missing)}")
+        raise ConfigError(f"a GSM8K dataset needs columns 'question' and 'answer'; missing {sorted(missing)}")
 
     def convert(row: dict) -> dict:
         reasoning, final = split_solution(row["answer"])
@@ -60,5 +61,5 @@ def load_gsm8k(source: str, split: str) -> Dataset:
             raise FileNotFoundError(f"dataset file {path} does not exist")
         return to_rows(load_dataset("json", data_files=str(path), split="train"))
     if source not in ("gsm8k", HUB_ID):
-        raise ValueError(f"{source!r} is neither a GSM8K directory, a .jsonl file, nor 'gsm8k'")
+        raise ConfigError(f"{source!r} is neither a GSM8K directory, a .jsonl file, nor 'gsm8k'")
     return to_rows(load_dataset(HUB_ID, "main", split=split))

@@ -1,0 +1,77 @@
+"""The recipes' command line: RecipeArguments + GRPOConfig from YAML defaults, a --config file and flags.
+
+Precedence, lowest first: the dataclass defaults, the recipe's own YAML
+(recipes/configs/<recipe>.yaml), a `--config FILE` given by the user, then
+command-line flags. `--help` lists every option with its documentation.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from trl import TrlParser
+
+from grpo.config import GRPOConfig
+from grpo.options import ConfigError, option
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class RecipeArguments:
+    """What to train and on what; the GRPO hyper-parameters are in GRPOConfig."""
+
+    model: str | None = option(None, "Policy: hub id or local path. Default: the embedded tiny DeepSeek-V3.")
+    dataset: str = option(
+        "arithmetic", "arithmetic (generated) | gsm8k (hub) | a GSM8K-style directory with train/test.jsonl or a .jsonl"
+    )
+    num_train_problems: int = option(20000, "Training problems to generate (arithmetic only).")
+    num_eval_problems: int = option(200, "Held-out problems evaluated before and after GRPO.")
+    task_max_start: int = option(20, "Arithmetic: largest starting quantity.")
+    task_max_operand: int = option(10, "Arithmetic: largest added or subtracted quantity.")
+    task_max_factor: int = option(3, "Arithmetic: largest multiplier.")
+    task_max_steps: int = option(2, "Arithmetic: most operations per problem.")
+    task_slip_rate: float = option(0.0, "Arithmetic: share of training solutions with an arithmetic slip.")
+    reward: list[str] = option(["math_accuracy", "format"], "Reward functions: registered names or 'module:function'.")
+    reward_weights: list[float] | None = option(None, "One weight per reward (default 1 each).")
+    reward_timeout_s: float = option(10.0, "Time limit per completion and reward, in seconds.")
+    reward_workers: int = option(2, "Reward worker processes (0 scores in the training process).")
+    accuracy_reward: str = option("math_accuracy", "Reward reported as accuracy and used for evaluation.")
+    sft: str = option("auto", "SFT warm start: auto (embedded default only, cached) | always | never.")
+    sft_max_steps: int = option(600, "SFT optimizer steps.")
+    sft_learning_rate: float | None = option(None, "SFT learning rate (default 2e-3 from scratch, 1e-5 otherwise).")
+    sft_batch_size: int = option(32, "SFT sequences per optimizer step.")
+    cache_dir: str = option("outputs/cache", "Where the embedded default's SFT warm start is cached.")
+    eval_samples_per_prompt: int = option(4, "Completions sampled per held-out problem (accuracy = their mean).")
+    dtype: str = option("float32", "Training dtype: float32 | bfloat16.")
+    resume: bool = option(False, "Resume from the newest checkpoint in output_dir.")
+
+    def __post_init__(self) -> None:
+        if self.sft not in ("auto", "always", "never"):
+            raise ConfigError(f"--sft must be auto, always or never, got {self.sft!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
+            raise ConfigError(f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards")
+        if self.num_eval_problems < 1 or self.eval_samples_per_prompt < 1:
+            raise ConfigError("num_eval_problems and eval_samples_per_prompt must be >= 1")
+
+
+def parse_arguments(recipe: str, argv: list[str] | None = None) -> tuple[RecipeArguments, GRPOConfig]:
+    """Parse the recipe's YAML defaults, an optional --config file and the flags in `argv`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser([RecipeArguments, GRPOConfig])
+    recipe_defaults = CONFIG_DIR / f"{recipe}.yaml"
+    if recipe_defaults.exists():
+        unknown = parser.set_defaults_with_config(**yaml.safe_load(recipe_defaults.read_text()))
+        if unknown:
+            raise ConfigError(f"{recipe_defaults} has unknown keys: {unknown[::2]}")
+    if "--config" in argv:
+        path = Path(argv[argv.index("--config") + 1])
+        if not path.exists():
+            raise FileNotFoundError(f"--config {path}: no such file")
+    recipe_args, grpo_config = parser.parse_args_and_config(argv)
+    return recipe_args, grpo_config
