@@ -35,6 +35,25 @@ class GRPOConfig:
     )
     advantage_estimator: str = option("grpo", "In grpo.advantages.ADVANTAGE_ESTIMATORS: grpo | dr_grpo.")
     advantage_eps: float = option(1e-4, "Added to the group std before dividing.")
+    mask_truncated_completions: bool = option(
+        False, "Leave completions cut by max_completion_length out of the loss (DAPO's overlong filtering)."
+    )
+    dynamic_sampling: str = option(
+        "off", "Groups whose G rewards are all equal: off (train on them) | drop | refill (sample more prompts)."
+    )
+    dynamic_sampling_max_rounds: int = option(4, "refill: most generation rounds per step.")
+    mtp_on_completions: bool = option(
+        False, "Add the policy's multi-token-prediction loss on the sampled completions (DeepSeek-V3 policies)."
+    )
+
+    # sampler / trainer mismatch
+    overlap: bool = option(False, "Generate step t+1's batch while training on step t (one step off-policy).")
+    tis_cap: float | None = option(
+        2.0, "Truncated importance sampling: weight tokens by min(pi_old / pi_sampler, cap); None disables."
+    )
+    mismatch_mask: float | None = option(
+        None, "Mask completions whose geometric-mean pi_old / pi_sampler leaves [1/t, t]; None disables."
+    )
 
     # optimisation
     learning_rate: float = option(1e-6, "AdamW learning rate.")
@@ -75,6 +94,14 @@ class GRPOConfig:
             raise ConfigError(f"epsilon_high must be > 0, got {self.epsilon_high}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
+        if self.dynamic_sampling not in ("off", "drop", "refill"):
+            raise ConfigError(f"dynamic_sampling must be off, drop or refill, got {self.dynamic_sampling!r}")
+        if self.dynamic_sampling_max_rounds < 1:
+            raise ConfigError(f"dynamic_sampling_max_rounds must be >= 1, got {self.dynamic_sampling_max_rounds}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ConfigError(f"tis_cap must be > 0, got {self.tis_cap}")
+        if self.mismatch_mask is not None and self.mismatch_mask <= 1:
+            raise ConfigError(f"mismatch_mask must be > 1, got {self.mismatch_mask}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         for value, registry in (

@@ -137,5 +137,5 @@ class TokenLogprobModel(nn.Module):
                 raise ValueError("the MTP loss needs completion_mask")
             loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
             loss_mask[:, prompt_length:] = completion_mask.bool()
-            mtp_loss = self.model.mtp_loss(hidden, input_ids, loss_mask)
+            mtp_loss = self.model.mtp_loss(hidden, input_ids, loss_mask, attention_mask, position_ids)
         return TokenLogprobs(logp, entropy, getattr(decoder_output, "aux_loss", None), mtp_loss)

@@ -25,6 +25,7 @@ class RecipeArguments:
     """What to train and on what; the GRPO hyper-parameters are in GRPOConfig."""
 
     model: str | None = option(None, "Policy: hub id or local path. Default: the embedded tiny DeepSeek-V3.")
+    embedded_preset: str = option("tiny", "Size of the embedded default policy (a name in policy.PRESETS).")
     dataset: str = option(
         "arithmetic", "arithmetic (generated) | gsm8k (hub) | a GSM8K-style directory with train/test.jsonl or a .jsonl"
     )

@@ -37,7 +37,11 @@ class PolicySFTTrainer(SFTTrainer):
 
 
 def run_sft(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_dataset: Dataset, args: SFTConfig, output_dir: str | Path
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: Dataset,
+    args: SFTConfig,
+    output_dir: str | Path,
 ) -> Path:
     """Fine-tune `model` in place on prompt/completion rows and save it with its tokenizer to `output_dir`.
 
@@ -53,8 +57,8 @@ def run_sft(
         model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks
     )
     trainer.train()
-    if args.gradient_checkpointing:  # the model goes on to generate with a KV cache
-        model.gradient_checkpointing_disable()
+    if args.activation_checkpointing:  # the model goes on to generate with a KV cache
+        model.activation_checkpointing_disable()
     output_dir = Path(output_dir)
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))

@@ -18,9 +18,7 @@ def test_chunked_logprobs_match_full_log_softmax_and_its_gradient(chunk_size, te
     hidden.grad = None
     head.weight.grad = None
 
-    logp, entropy = token_logprobs_from_hidden(
-        hidden, targets, head, temperature=temperature, chunk_size=chunk_size
-    )
+    logp, entropy = token_logprobs_from_hidden(hidden, targets, head, temperature=temperature, chunk_size=chunk_size)
     torch.testing.assert_close(logp, full)
     logp.sum().backward()
     torch.testing.assert_close(hidden.grad, expected_hidden_grad)

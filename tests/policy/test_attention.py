@@ -57,9 +57,7 @@ def test_absorbed_decoding_reproduces_expanded_attention(tiny_config, yarn, rand
         stepped = []
         for t in range(seq):  # token 0 runs expanded on an empty cache, every later one absorbed
             rope = rotary(positions[:, t : t + 1], x.dtype)
-            stepped.append(
-                attention(x[:, t : t + 1], rope, build_attention_mask(mask2d[:, : t + 1], t, 1), cache)
-            )
+            stepped.append(attention(x[:, t : t + 1], rope, build_attention_mask(mask2d[:, : t + 1], t, 1), cache))
     torch.testing.assert_close(torch.cat(stepped, dim=1)[real], expanded[real], rtol=0, atol=1e-5)
 
 
@@ -74,9 +72,7 @@ def test_absorbed_chunk_after_a_prefill_matches_expanded(tiny_config, randomized
         expanded = attention(x, rotary(positions, x.dtype), None)
         cache = LatentCache(num_layers=1)
         first = attention(x[:, :5], rotary(positions[:, :5], x.dtype), None, cache)
-        chunk = attention(
-            x[:, 5:], rotary(positions[:, 5:], x.dtype), build_attention_mask(None, 5, 4), cache
-        )
+        chunk = attention(x[:, 5:], rotary(positions[:, 5:], x.dtype), build_attention_mask(None, 5, 4), cache)
     torch.testing.assert_close(torch.cat((first, chunk), dim=1), expanded, rtol=0, atol=1e-5)
 
 
@@ -90,9 +86,7 @@ def test_cache_holds_normed_latent_and_rotated_rope_key(tiny_config, randomized)
     cache = LatentCache(num_layers=1)
     with torch.no_grad():
         attention(x, rope, None, cache)
-        latent, k_rope = attention.kv_a_proj_with_mqa(x).split(
-            [config.kv_lora_rank, config.qk_rope_head_dim], -1
-        )
+        latent, k_rope = attention.kv_a_proj_with_mqa(x).split([config.kv_lora_rank, config.qk_rope_head_dim], -1)
     entries = cache.layer_entries(0)
     assert entries.shape == (2, 4, config.kv_lora_rank + config.qk_rope_head_dim)
     torch.testing.assert_close(entries[..., : config.kv_lora_rank], attention.kv_a_layernorm(latent))

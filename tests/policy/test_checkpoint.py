@@ -65,9 +65,7 @@ def test_save_pretrained_is_readable_by_transformers(model, tmp_path):
 
 def test_from_pretrained_restores_every_tensor(model, tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="40KB")
-    assert (tmp_path / "model.safetensors.index.json").exists() and not (
-        tmp_path / "model.safetensors"
-    ).exists()
+    assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
     loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     model.save_pretrained(tmp_path)  # unsharded over sharded: the old shards and index go
@@ -79,9 +77,7 @@ def test_from_pretrained_in_bf16_keeps_routing_bias_fp32(model, tmp_path):
     loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype="bfloat16")
     assert loaded.lm_head.weight.dtype == torch.bfloat16
     bias = loaded.model.layers[1].mlp.gate.e_score_correction_bias
-    assert bias.dtype == torch.float32 and torch.equal(
-        bias, model.model.layers[1].mlp.gate.e_score_correction_bias
-    )
+    assert bias.dtype == torch.float32 and torch.equal(bias, model.model.layers[1].mlp.gate.e_score_correction_bias)
 
 
 def test_transformers_checkpoint_without_mtp_needs_an_explicit_choice(model, twin, tmp_path, caplog):
@@ -91,9 +87,7 @@ def test_transformers_checkpoint_without_mtp_needs_an_explicit_choice(model, twi
     with caplog.at_level(logging.WARNING, logger="policy.checkpoint"):
         fresh = DeepseekV3ForCausalLM.from_pretrained(tmp_path, init_missing_mtp=True)
     assert "initialised 20 MTP tensors fresh" in caplog.text
-    assert torch.equal(
-        fresh.model.layers[1].mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj
-    )
+    assert torch.equal(fresh.model.layers[1].mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj)
     no_mtp = DeepseekV3ForCausalLM.from_pretrained(tmp_path, num_nextn_predict_layers=0)
     assert len(no_mtp.mtp) == 0
 
@@ -154,9 +148,7 @@ def test_load_state_dict_accepts_the_released_layout(model, tiny_config):
 def test_fused_expert_checkpoint_loads(model, twin, tmp_path):
     # a checkpoint holding transformers' in-memory names (3-D experts) and no MTP weights
     twin(model).config.save_pretrained(tmp_path)
-    save_file(
-        {k: v.contiguous() for k, v in twin(model).state_dict().items()}, tmp_path / "model.safetensors"
-    )
+    save_file({k: v.contiguous() for k, v in twin(model).state_dict().items()}, tmp_path / "model.safetensors")
     loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path, init_missing_mtp=True)
     for name, tensor in model.state_dict().items():
         assert name.startswith("mtp.") or torch.equal(loaded.state_dict()[name], tensor), name

@@ -41,10 +41,7 @@ def test_dequantisation_matches_the_block_formula_bit_for_bit():
     out = dequantize_fp8_state_dict(state, dtype=torch.float32)
     q_values, s_values = data.float().tolist(), scale.tolist()
     expected = [
-        [
-            struct.unpack("f", struct.pack("f", q_values[i][j] * s_values[i // 128][j // 128]))[0]
-            for j in range(300)
-        ]
+        [struct.unpack("f", struct.pack("f", q_values[i][j] * s_values[i // 128][j // 128]))[0] for j in range(300)]
         for i in range(200)
     ]
     assert torch.equal(out["model.layers.0.self_attn.q_a_proj.weight"], torch.tensor(expected))

@@ -97,9 +97,7 @@ class Block(nn.Module):
         self.embed_tokens = nn.Embedding(50, 32)
         self.attn = nn.MultiheadAttention(32, 4)
         self.q_proj = nn.Linear(32, 32)
-        self.mlp = nn.ModuleDict(
-            {"gate": nn.Linear(32, 4), "gate_proj": nn.Linear(32, 64), "up": nn.Linear(32, 64)}
-        )
+        self.mlp = nn.ModuleDict({"gate": nn.Linear(32, 4), "gate_proj": nn.Linear(32, 64), "up": nn.Linear(32, 64)})
         self.norm = nn.LayerNorm(32)
         self.lm_head = nn.Linear(32, 50)
 
@@ -142,6 +140,4 @@ def test_frozen_conversion_refuses_mismatches():
     with pytest.raises(ValueError, match="module expects"):
         convert_to_frozen_fp8(nn.Sequential(nn.Linear(300, 100)), {"0.weight": weight}, CONFIG)
     with pytest.raises(ValueError, match="blocks, config expects"):
-        convert_to_frozen_fp8(
-            nn.Sequential(nn.Linear(300, 200)), {"0.weight": weight}, FP8Config(block_size=64)
-        )
+        convert_to_frozen_fp8(nn.Sequential(nn.Linear(300, 200)), {"0.weight": weight}, FP8Config(block_size=64))

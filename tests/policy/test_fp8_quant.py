@@ -39,11 +39,7 @@ def reference_fake_quant(x: list[list[float]], block: tuple[int, int], floor: fl
     for r0 in range(0, rows, block[0]):
         scale_row = []
         for c0 in range(0, cols, block[1]):
-            cells = [
-                (r, c)
-                for r in range(r0, min(r0 + block[0], rows))
-                for c in range(c0, min(c0 + block[1], cols))
-            ]
+            cells = [(r, c) for r in range(r0, min(r0 + block[0], rows)) for c in range(c0, min(c0 + block[1], cols))]
             amax = max(abs(x[r][c]) for r, c in cells)
             scale = f32(max(amax, f32(floor)) / 448.0)
             if pow2:
@@ -157,9 +153,7 @@ def test_empty_input_and_dequantize_dtype():
     q = quantize_blockwise(torch.zeros(0, 300), (1, 128), amax_floor=FLOOR)
     assert q.data.shape == (0, 300) and q.scale.shape == (0, 3)
     x = torch.randn(4, 130)
-    assert (
-        quantize_blockwise(x, (1, 128), amax_floor=FLOOR).dequantize(torch.bfloat16).dtype == torch.bfloat16
-    )
+    assert quantize_blockwise(x, (1, 128), amax_floor=FLOOR).dequantize(torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -34,9 +34,7 @@ def test_logits_match_transformers(tiny_config, yarn, randomized, twin, variant)
         "no q compression": dict(q_lora_rank=None, n_group=2, topk_group=1, norm_topk_prob=False),
     }[variant]
     # 3 layers: one dense, two MoE; MTP off for the comparison (transformers has none)
-    config = tiny_config(
-        num_hidden_layers=3, num_nextn_predict_layers=0, max_position_embeddings=128, **overrides
-    )
+    config = tiny_config(num_hidden_layers=3, num_nextn_predict_layers=0, max_position_embeddings=128, **overrides)
     ours = DeepseekV3ForCausalLM(config).eval()
     randomized(ours)
     theirs = twin(ours)
@@ -137,9 +135,7 @@ def test_foreign_cache_is_refused(tiny_config):
     from transformers import DynamicCache
 
     with pytest.raises(TypeError, match="LatentCache"):
-        DeepseekV3ForCausalLM(tiny_config())(
-            torch.zeros(1, 2, dtype=torch.long), past_key_values=DynamicCache()
-        )
+        DeepseekV3ForCausalLM(tiny_config())(torch.zeros(1, 2, dtype=torch.long), past_key_values=DynamicCache())
 
 
 def test_auto_classes_pick_ours_for_our_config_only(tiny_config):

@@ -69,9 +69,7 @@ def test_bias_steers_selection_but_not_gate_values(tiny_config):
     torch.testing.assert_close(gates, scores.gather(1, idx))  # gates are the unbiased affinities
 
 
-def looped_experts(
-    experts: RoutedExperts, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor
-) -> torch.Tensor:
+def looped_experts(experts: RoutedExperts, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """Reference: every expert applied to its tokens one at a time."""
     out = torch.zeros_like(x)
     for token in range(x.shape[0]):

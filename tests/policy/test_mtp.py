@@ -35,8 +35,7 @@ def reference_mtp_loss(model, hidden, ids, loss_mask, attention_mask):
         for collected, term in zip(depth_terms, terms, strict=True):
             collected.append(term)
     losses = [
-        F.cross_entropy(torch.cat([t[0] for t in terms]), torch.cat([t[1] for t in terms]))
-        for terms in depth_terms
+        F.cross_entropy(torch.cat([t[0] for t in terms]), torch.cat([t[1] for t in terms])) for terms in depth_terms
     ]
     return model.config.mtp_loss_weight / len(losses) * sum(losses)
 

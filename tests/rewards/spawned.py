@@ -15,9 +15,7 @@ def score_in_child(rank: int, output: str) -> None:
 
     def run() -> None:
         with RewardSuite(["math_accuracy", "format"], config=RewardSuiteConfig(num_workers=1)) as suite:
-            result = suite.score(
-                ["q", "q"], ["<think>x</think> <answer>38</answer>", "39"], {"answer": ["38", "38"]}
-            )
+            result = suite.score(["q", "q"], ["<think>x</think> <answer>38</answer>", "39"], {"answer": ["38", "38"]})
             results.append(result.total.tolist())
 
     thread = threading.Thread(target=run)

@@ -59,9 +59,7 @@ class _Handler(BaseHTTPRequestHandler):
         reference = prompt.split("Reference answer:\n")[1].split("\n")[0]
         response = prompt.split("Response:\n")[1].split("\n\nReply with")[0]
         verdict = "CORRECT" if reference in response else "INCORRECT"
-        payload = json.dumps(
-            {"choices": [{"message": {"role": "assistant", "content": f"Verdict: {verdict}"}}]}
-        )
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": f"Verdict: {verdict}"}}]})
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()

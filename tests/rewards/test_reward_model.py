@@ -35,9 +35,7 @@ def test_batched_scores_equal_one_by_one_forward():
         ]
     assert scores == pytest.approx(expected, abs=1e-5)
     assert len(set(scores)) == len(scores)  # the model does tell the texts apart
-    squashed = RewardModelReward(model, tokenizer, use_chat_template=False, sigmoid=True)(
-        COMPLETIONS, prompts=PROMPTS
-    )
+    squashed = RewardModelReward(model, tokenizer, use_chat_template=False, sigmoid=True)(COMPLETIONS, prompts=PROMPTS)
     assert all(0 < s < 1 for s in squashed)
 
 
@@ -82,9 +80,7 @@ def test_bad_arguments_raise():
 def test_reward_model_on_its_own_cuda_device_matches_cpu():
     tokenizer = word_tokenizer()
     model = tiny_reward_model(tokenizer)
-    cpu = RewardModelReward(model, tokenizer, use_chat_template=False, device="cpu")(
-        COMPLETIONS, prompts=PROMPTS
-    )
+    cpu = RewardModelReward(model, tokenizer, use_chat_template=False, device="cpu")(COMPLETIONS, prompts=PROMPTS)
     gpu_reward = RewardModelReward(model, tokenizer, batch_size=3, use_chat_template=False, device="cuda")
     assert gpu_reward.device.type == "cuda"
     assert gpu_reward(COMPLETIONS, prompts=PROMPTS) == pytest.approx(cpu, abs=1e-4)

@@ -53,9 +53,7 @@ def word_tokenizer(words: Sequence[str] = WORDS, *, first: Sequence[str] = ()) -
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
 
 
 def _config(vocab_size: int, **extra: object) -> LlamaConfig:
@@ -111,9 +109,7 @@ class GenerateEngine:
         for prompt in prompts:
             for _ in range(params.n):
                 self._sample(list(prompt), params, rows)
-        return RolloutBatch(
-            rows["prompt"], rows["ids"], rows["text"], rows["logprobs"], rows["finish"], self.version
-        )
+        return RolloutBatch(rows["prompt"], rows["ids"], rows["text"], rows["logprobs"], rows["finish"], self.version)
 
     def _sample(self, prompt: list[int], params: SamplingParams, rows: dict[str, list]) -> None:
         greedy = params.temperature == 0

@@ -1,0 +1,208 @@
+"""Rollouts for one GRPO step: prompts -> engine -> rewards -> group advantages.
+
+`RolloutCollector.collect(step)` draws B prompts, has the rollout engine sample
+G completions for each, scores them with the reward suite, and turns the rewards
+into group-relative advantages. Two options change what reaches the update:
+
+- overlap: the next step's generation is started before returning, so the
+  engine samples batch t+1 while the trainer updates on batch t (one step off
+  policy; the update corrects with importance weights);
+- dynamic sampling (DAPO): groups whose G rewards are all equal carry no
+  signal; "drop" removes them, "refill" samples further rounds of prompts until
+  B informative groups are found or `dynamic_sampling_max_rounds` is reached.
+
+Reward metrics always describe the first round, an unbiased sample of the policy.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from grpo.advantages import compute_advantages, zero_std_groups
+from grpo.config import GRPOConfig
+from grpo.data import PromptSampler, encode_prompt
+from grpo.metrics import nan_mean_std
+from rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
+
+
+class RewardScores(Protocol):
+    """What the trainer reads from a reward suite's result for N completions (see rewards.RewardResult).
+
+    total: (N,) weighted sum of the reward functions.
+    scores: name -> (N,) scores, NaN where a function gave None or failed.
+    metrics(prefix): flat per-function statistics to log.
+    """
+
+    total: Tensor
+    scores: dict[str, Tensor]
+
+    def metrics(self, prefix: str = ...) -> dict[str, float]: ...
+
+
+class RewardScorer(Protocol):
+    """A reward suite: scores completions given their prompts and dataset columns (see rewards.RewardSuite)."""
+
+    def score(self, prompts: list, completions: list[str], columns: dict[str, list]) -> RewardScores: ...
+
+
+@dataclass
+class ScoredRollout:
+    """The groups one step trains on.
+
+    rows: the dataset rows, one per group (B').
+    rollout: their completions, G per row, grouped by row.
+    rewards: (B', G) total rewards; advantages: (B' * G,) one per completion.
+    metrics: reward and dynamic-sampling statistics of the step.
+    generation_time: seconds this step waited for the engine.
+    """
+
+    rows: list[dict[str, Any]]
+    rollout: RolloutBatch
+    rewards: Tensor
+    advantages: Tensor
+    metrics: dict[str, float]
+    generation_time: float
+
+
+@dataclass
+class _Round:
+    rows: list[dict[str, Any]]
+    rollout: RolloutBatch | Future[RolloutBatch]
+
+
+def select_groups(rollout: RolloutBatch, groups: list[int], group_size: int) -> RolloutBatch:
+    """The rows of `rollout` belonging to the given groups, in that order."""
+    index = [g * group_size + j for g in groups for j in range(group_size)]
+    return RolloutBatch(
+        prompt_ids=[rollout.prompt_ids[i] for i in index],
+        completion_ids=[rollout.completion_ids[i] for i in index],
+        completion_text=[rollout.completion_text[i] for i in index],
+        sampler_logprobs=[rollout.sampler_logprobs[i] for i in index],
+        finish_reason=[rollout.finish_reason[i] for i in index],
+        policy_version=rollout.policy_version,
+    )
+
+
+def concat_rollouts(batches: list[RolloutBatch]) -> RolloutBatch:
+    """One batch of all rows, in order; the policy version is the oldest one."""
+    return RolloutBatch(
+        prompt_ids=[x for b in batches for x in b.prompt_ids],
+        completion_ids=[x for b in batches for x in b.completion_ids],
+        completion_text=[x for b in batches for x in b.completion_text],
+        sampler_logprobs=[x for b in batches for x in b.sampler_logprobs],
+        finish_reason=[x for b in batches for x in b.finish_reason],
+        policy_version=min(b.policy_version for b in batches),
+    )
+
+
+class RolloutCollector:
+    """Draws prompts, samples groups through the engine and scores them (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: GRPOConfig,
+        engine: RolloutEngine,
+        rewards: RewardScorer,
+        tokenizer: PreTrainedTokenizerBase,
+        sampler: PromptSampler,
+        prompt_column: str,
+        accuracy_reward: str | None,
+    ) -> None:
+        self.config, self.engine, self.rewards, self.tokenizer = config, engine, rewards, tokenizer
+        self.sampler, self.prompt_column, self.accuracy_reward = sampler, prompt_column, accuracy_reward
+        self._pending: _Round | None = None
+        self._sampler_state = sampler.state_dict()  # position before any prefetched prompts
+
+    def _start(self, step: int, round_index: int, background: bool) -> _Round:
+        config = self.config
+        self._sampler_state = self.sampler.state_dict()
+        rows = self.sampler.next_batch()
+        prompts = [encode_prompt(self.tokenizer, row[self.prompt_column]) for row in rows]
+        params = SamplingParams(
+            n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
+            max_new_tokens=config.max_completion_length, stop_token_ids=(self.tokenizer.eos_token_id,),
+            seed=config.seed * 1_000_003 + step * 101 + round_index,
+        )  # fmt: skip
+        generate = self.engine.generate_async if background else self.engine.generate
+        return _Round(rows, generate(prompts, params))
+
+    def _score(self, round_: _Round) -> tuple[RolloutBatch, RewardScores, Tensor]:
+        rollout = round_.rollout if isinstance(round_.rollout, RolloutBatch) else round_.rollout.result()
+        g = self.config.num_generations
+        repeat = lambda values: [v for v in values for _ in range(g)]
+        columns = {c: repeat([row[c] for row in round_.rows]) for c in round_.rows[0] if c != self.prompt_column}
+        columns["completion_ids"] = rollout.completion_ids
+        prompts = repeat([row[self.prompt_column] for row in round_.rows])
+        scores = self.rewards.score(prompts, rollout.completion_text, columns)
+        return rollout, scores, scores.total.view(len(round_.rows), g)
+
+    def collect(self, step: int) -> ScoredRollout:
+        """The scored groups for optimizer step `step` (0-based)."""
+        config, start = self.config, time.perf_counter()
+        first = self._pending if self._pending is not None else self._start(step, 0, background=False)
+        self._pending = None
+        rollout, scores, rewards = self._score(first)
+        metrics = self._reward_metrics(scores, rewards)
+        rows, rollouts, totals = first.rows, [rollout], [rewards]
+        if config.dynamic_sampling != "off":
+            rows, rollouts, totals, rounds = self._keep_informative(step, rows, rollout, rewards)
+            metrics["dynamic_sampling/rounds"] = rounds
+            metrics["dynamic_sampling/groups"] = len(rows)
+        if config.overlap:  # the engine samples step + 1 while the trainer updates on this batch
+            self._pending = self._start(step + 1, 0, background=True)
+        rewards = torch.cat(totals)
+        advantages = compute_advantages(rewards, config.advantage_estimator, eps=config.advantage_eps)
+        return ScoredRollout(
+            rows, concat_rollouts(rollouts), rewards, advantages.view(-1), metrics, time.perf_counter() - start
+        )
+
+    def _keep_informative(self, step: int, rows: list, rollout: RolloutBatch, rewards: Tensor):
+        """Groups with reward variance, refilled from further rounds when configured."""
+        config, g = self.config, self.config.num_generations
+        kept_rows, kept_rollouts, kept_rewards, rounds = [], [], [], 1
+        while True:
+            informative = (~zero_std_groups(rewards)).nonzero().flatten().tolist()
+            room = config.prompts_per_step - len(kept_rows)
+            informative = informative[:room]
+            kept_rows += [rows[i] for i in informative]
+            kept_rollouts.append(select_groups(rollout, informative, g))
+            kept_rewards.append(rewards[informative])
+            done = len(kept_rows) == config.prompts_per_step or config.dynamic_sampling == "drop"
+            if done or rounds == config.dynamic_sampling_max_rounds:
+                return kept_rows, kept_rollouts, kept_rewards, rounds
+            round_ = self._start(step, rounds, background=False)
+            rollout, _, rewards = self._score(round_)
+            rows, rounds = round_.rows, rounds + 1
+
+    def _reward_metrics(self, scores: RewardScores, rewards: Tensor) -> dict[str, float]:
+        reward_mean, reward_std = nan_mean_std(scores.total)
+        metrics = {
+            "reward": reward_mean,
+            "reward/std": reward_std,
+            "zero_std_groups": zero_std_groups(rewards).float().mean().item(),
+            **scores.metrics(prefix="rewards/"),
+        }
+        if self.accuracy_reward in scores.scores:
+            metrics["accuracy"] = nan_mean_std(scores.scores[self.accuracy_reward])[0]
+        return metrics
+
+    def state_dict(self) -> dict[str, int]:
+        """The prompt position, not counting a prefetched batch (a resumed run samples it again)."""
+        return self._sampler_state if self._pending is not None else self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._pending = None
+        self.sampler.load_state_dict(state)
+
+    def close(self) -> None:
+        """Wait for a prefetched batch so that no generation outlives the run."""
+        if self._pending is not None and isinstance(self._pending.rollout, Future):
+            self._pending.rollout.result()
+        self._pending = None

@@ -1,0 +1,179 @@
+"""The policy update of one GRPO step: log-probs, loss, gradients, optimizer.
+
+Given a padded batch of completions and their advantages, `PolicyUpdate`:
+
+1. computes reference log-probs (beta > 0) and, when the batch is reused
+   (num_iterations > 1) or was sampled one step ago (overlap), the log-probs of
+   the current weights before any update (pi_old, the proximal policy);
+2. accumulates gradients of the GRPO loss over micro-batches, with normalisers
+   of the whole batch so that the result equals one full-batch backward; adds
+   the MoE balance loss and, optionally, the MTP loss on the completions;
+3. weights the policy-gradient term by truncated importance weights
+   min(pi_old / pi_sampler, cap) per token, which corrects for the sampler
+   (another process, engine or precision, or the previous step's weights)
+   drawing tokens from a slightly different distribution than pi_old;
+4. clips gradients, steps optimizer and scheduler, and updates the MoE routing
+   biases once per optimizer step.
+
+It always reports how far the sampler and the trainer disagree on the sampled
+tokens (mean |logp_trainer - logp_sampler| and a k3 estimate of their KL).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from grpo.batch import PolicyBatch
+from grpo.config import GRPOConfig
+from grpo.loss import grpo_loss, k3_kl, masked_mean
+
+
+def importance_weights(
+    old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, *, cap: float | None, sequence_threshold: float | None
+) -> tuple[Tensor | None, Tensor]:
+    """Truncated per-token weights min(pi_old / pi_sampler, cap) and the sequence mask.
+
+    old_logp, sampler_logp, mask: (N, T). Returns (weights (N, T) or None when
+    `cap` is None, keep (N,) float: 0 for completions whose geometric-mean ratio
+    exp(mean_t(old - sampler)) lies outside [1 / threshold, threshold]).
+    """
+    log_ratio = (old_logp - sampler_logp) * mask
+    weights = None if cap is None else torch.exp(log_ratio).clamp(max=cap)
+    keep = torch.ones(mask.shape[0], device=mask.device)
+    if sequence_threshold is not None:
+        mean_log_ratio = log_ratio.sum(1) / mask.sum(1).clamp(min=1)
+        bound = torch.log(torch.tensor(sequence_threshold))
+        keep = (mean_log_ratio.abs() <= bound).float()
+    return weights, keep
+
+
+class PolicyUpdate:
+    """Optimizer steps on GRPO batches for a `TokenLogprobModel` prepared by accelerate."""
+
+    def __init__(
+        self,
+        config: GRPOConfig,
+        model: nn.Module,
+        policy: nn.Module,
+        optimizer,
+        scheduler,
+        accelerator: Accelerator,
+        reference: nn.Module | None,
+    ) -> None:
+        self.config, self.model, self.policy = config, model, policy
+        self.optimizer, self.scheduler, self.accelerator = optimizer, scheduler, accelerator
+        self.reference = reference
+        self.use_mtp = config.mtp_on_completions and hasattr(policy, "mtp_loss")
+
+    def __call__(self, batch: PolicyBatch, advantages: Tensor) -> dict[str, float]:
+        """`num_iterations` optimizer steps on `batch`; returns statistics averaged over them."""
+        config = self.config
+        reference_logp = self.logprobs(self.reference, batch) if self.reference is not None else None
+        reuse = config.num_iterations > 1 or config.overlap
+        old_logp = self.logprobs(self.model, batch) if reuse else None
+        totals: dict[str, float] = defaultdict(float)
+        for _ in range(config.num_iterations):
+            stats = self.accumulate_gradients(batch, advantages, old_logp, reference_logp)
+            stats.update(self.apply_gradients())
+            for key, value in stats.items():
+                totals[key] += value / config.num_iterations
+        return dict(totals)
+
+    def micro_batches(self, n: int) -> list[slice]:
+        size = self.config.micro_batch_size
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    @torch.no_grad()
+    def logprobs(self, model: nn.Module, batch: PolicyBatch) -> Tensor:
+        """(N, T) completion log-probs of `model` without gradient, micro-batch by micro-batch."""
+        width = batch.completion_mask.shape[1]
+        chunks = []
+        for rows in self.micro_batches(len(batch)):
+            part = batch.rows(rows)
+            logp = model(part.input_ids, part.attention_mask, part.position_ids, part.prompt_length).logp
+            chunks.append(nn.functional.pad(logp, (0, width - logp.shape[1])))
+        return torch.cat(chunks)
+
+    def accumulate_gradients(
+        self, batch: PolicyBatch, advantages: Tensor, old_logp: Tensor | None, reference_logp: Tensor | None
+    ) -> dict[str, float]:
+        """Backward of the full-batch loss, one micro-batch at a time; returns batch-level statistics."""
+        config = self.config
+        normalizers = {
+            "num_sequences": float(len(batch)),
+            "num_tokens": batch.completion_mask.sum().item(),
+            "max_length": config.max_completion_length,
+        }
+        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.accelerator.device))
+        for rows in self.micro_batches(len(batch)):
+            part = batch.rows(rows)
+            width, share = part.completion_mask.shape[1], len(part) / len(batch)
+            out = self.model(
+                part.input_ids,
+                part.attention_mask,
+                part.position_ids,
+                part.prompt_length,
+                completion_mask=part.completion_mask,
+                with_mtp=self.use_mtp,
+            )
+            old = out.logp.detach() if old_logp is None else old_logp[rows, :width]
+            weights, keep = importance_weights(
+                old,
+                part.sampler_logprobs,
+                part.completion_mask,
+                cap=config.tis_cap,
+                sequence_threshold=config.mismatch_mask,
+            )
+            mask = part.completion_mask * keep.unsqueeze(1)
+            loss_out = grpo_loss(
+                out.logp, old, advantages[rows], mask,
+                ref_logp=None if reference_logp is None else reference_logp[rows, :width],
+                beta=config.beta, epsilon_low=config.epsilon, epsilon_high=config.upper_epsilon,
+                objective=config.objective, aggregation=config.aggregation, importance_weights=weights,
+                **normalizers,
+            )  # fmt: skip
+            loss = loss_out.loss
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss * share
+                sums["aux_loss"] += out.aux_loss.detach() * share
+            if out.mtp_loss is not None:
+                loss = loss + out.mtp_loss * share
+                sums["mtp_loss"] += out.mtp_loss.detach() * share
+            self.accelerator.backward(loss)
+            completion = part.completion_mask
+            sampler_gap = old - part.sampler_logprobs
+            for key, value in (
+                ("loss", loss.detach() / share), ("kl", loss_out.kl), ("clip/low", loss_out.clip_low),
+                ("clip/high", loss_out.clip_high), ("ratio", loss_out.ratio),
+                ("entropy", masked_mean(out.entropy, completion)),
+                ("mismatch/abs_logp_diff", masked_mean(sampler_gap.abs(), completion)),
+                ("mismatch/kl", masked_mean(k3_kl(part.sampler_logprobs, old), completion)),
+                ("mismatch/masked_fraction", 1 - keep.mean()),
+            ):  # fmt: skip
+                sums[key] += value * share
+        return {key: value.item() for key, value in sums.items()}
+
+    def apply_gradients(self) -> dict[str, float]:
+        """Clip, optimizer and scheduler step, routing-bias update; returns grad norm and expert load."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm), **self.update_routing_bias()}
+
+    def update_routing_bias(self) -> dict[str, float]:
+        """Once per optimizer step: the MoE routing-bias update from this step's expert load (all ranks)."""
+        if not hasattr(self.policy, "update_routing_bias"):
+            return {}
+        load = self.accelerator.reduce(self.policy.routing_load(), reduction="sum")
+        load = self.policy.update_routing_bias(load)  # (num_moe_layers, n_routed_experts)
+        routed = load.sum(dim=1) > 0  # layers that saw tokens this step (MTP blocks may not)
+        imbalance = load.max(dim=1).values / load.mean(dim=1).clamp(min=1e-9)  # max / mean expert load
+        metrics = {f"moe/load_imbalance/layer{i}": imbalance[i].item() for i in routed.nonzero().flatten().tolist()}
+        if routed.any():
+            metrics["moe/load_imbalance"] = imbalance[routed].mean().item()
+        return metrics

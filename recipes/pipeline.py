@@ -1,0 +1,200 @@
+"""SFT then GRPO, end to end: the steps both recipes share.
+
+data  -> tokenizer + policy -> SFT warm start (cached for the embedded default)
+      -> held-out accuracy of the SFT checkpoint -> GRPO -> held-out accuracy of the GRPO
+         checkpoint, with the same problems and sampling settings -> results.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from trl import SFTConfig
+
+from grpo.config import GRPOConfig
+from grpo.evaluation import EvalResult, evaluate
+from grpo.options import ConfigError
+from grpo.trainer import GRPOTrainer
+from policy import PRESETS, DeepseekV3ForCausalLM, load_policy, preset_config
+from recipes.arguments import RecipeArguments
+from recipes.embedded import train_bpe_tokenizer
+from recipes.tasks.arithmetic import ArithmeticTaskConfig, arithmetic_splits
+from recipes.tasks.gsm8k import load_gsm8k
+from rewards import RewardSuite, RewardSuiteConfig, resolve
+from rollout.engine import SamplingParams
+from rollout.torch_engine import TorchRolloutEngine
+from sft.trainer import run_sft
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    sft: EvalResult
+    grpo: EvalResult
+    final_model: str
+
+
+def check_inputs(args: RecipeArguments) -> None:
+    """Fail fast, naming the culprit, before any data is loaded or model built."""
+    looks_local = args.model is not None and (args.model.startswith((".", "/", "~")) or Path(args.model).exists())
+    if looks_local and not (Path(args.model).expanduser() / "config.json").exists():
+        raise ConfigError(f"--model {args.model}: no such model directory (or it has no config.json)")
+    if args.model is None and args.embedded_preset not in PRESETS:
+        raise ConfigError(f"--embedded_preset {args.embedded_preset}: not one of {sorted(PRESETS)}")
+    if args.dataset not in ("arithmetic", "gsm8k") and not Path(args.dataset).exists():
+        raise ConfigError(f"--dataset {args.dataset}: no such file or directory (or use 'arithmetic' / 'gsm8k')")
+    for spec in args.reward:
+        try:
+            resolve(spec)
+        except (ImportError, AttributeError, TypeError, ValueError) as error:
+            raise ConfigError(f"--reward {spec}: {error}") from error
+    if args.accuracy_reward not in args.reward:
+        raise ConfigError(f"--accuracy_reward {args.accuracy_reward} is not one of --reward {args.reward}")
+
+
+def load_task(args: RecipeArguments) -> tuple[Dataset, Dataset]:
+    """(train, held-out) rows with prompt, completion and answer columns."""
+    if args.dataset == "arithmetic":
+        task = ArithmeticTaskConfig(
+            args.task_max_start, args.task_max_operand, args.task_max_factor, args.task_max_steps, args.task_slip_rate
+        )
+        return arithmetic_splits(args.num_train_problems, args.num_eval_problems, seed=0, cfg=task)
+    train, test = load_gsm8k(args.dataset, "train"), load_gsm8k(args.dataset, "test")
+    return train, test.select(range(min(args.num_eval_problems, len(test))))
+
+
+def _embedded_cache_key(args: RecipeArguments, seed: int) -> str:
+    fields = {k: v for k, v in asdict(args).items() if k.startswith(("task_", "sft_", "num_train"))}
+    payload = json.dumps({**fields, "seed": seed, "preset": args.embedded_preset}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def warm_start(args: RecipeArguments, config: GRPOConfig, train: Dataset, accelerator: Accelerator) -> str:
+    """The checkpoint GRPO starts from: an SFT run's output, a cached one, or the given model."""
+    embedded = args.model is None
+    run_sft_now = args.sft == "always" or (args.sft == "auto" and embedded)
+    if not run_sft_now:
+        if embedded:
+            raise ConfigError("the embedded default is untrained: it needs --sft auto or always")
+        return args.model
+    if embedded:
+        target = Path(args.cache_dir) / f"embedded-sft-{_embedded_cache_key(args, config.seed)}"
+    else:
+        target = Path(config.output_dir) / "sft"
+    if embedded and (target / "config.json").exists():
+        accelerator.print(f"SFT warm start: cached at {target}")
+        return str(target)
+    if embedded:
+        tokenizer = train_bpe_tokenizer(p + c for p, c in zip(train["prompt"], train["completion"], strict=True))
+        policy = DeepseekV3ForCausalLM(
+            preset_config(
+                args.embedded_preset,
+                vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+        learning_rate = args.sft_learning_rate or 2e-3
+    else:
+        tokenizer, policy = _load_tokenizer(args.model), load_policy(args.model, dtype=_dtype(args))
+        learning_rate = args.sft_learning_rate or 1e-5
+    accelerator.print(f"SFT warm start: {args.sft_max_steps} steps -> {target}")
+    sft_args = SFTConfig(
+        output_dir=str(target) + ".run",
+        max_steps=args.sft_max_steps,
+        per_device_train_batch_size=args.sft_batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(20, args.sft_max_steps // 10),
+        weight_decay=0.0,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        max_length=512,
+        bf16=args.dtype == "bfloat16",
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=not embedded,  # the tiny model needs no memory savings
+    )
+    run_sft(policy, tokenizer, train, sft_args, target)
+    return str(target)
+
+
+def _dtype(args: RecipeArguments) -> torch.dtype:
+    return torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+
+
+def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult:
+    """SFT warm start (as configured), GRPO, and held-out accuracy before and after."""
+    check_inputs(args)
+    accelerator = Accelerator()
+    train, held_out = load_task(args)
+    start = warm_start(args, config, train, accelerator)
+    tokenizer = _load_tokenizer(start)
+    policy = load_policy(start, dtype=_dtype(args), device=accelerator.device)
+    engine = TorchRolloutEngine(load_policy(start, dtype=_dtype(args), device=accelerator.device), tokenizer)
+    suite_config = RewardSuiteConfig(timeout_s=args.reward_timeout_s, num_workers=args.reward_workers)
+    eval_params = SamplingParams(
+        n=args.eval_samples_per_prompt,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=config.max_completion_length,
+        stop_token_ids=(tokenizer.eos_token_id,),
+        seed=1234,
+    )
+    with RewardSuite(args.reward, args.reward_weights, suite_config) as suite:
+        accuracy = lambda prompts, completions, columns: (
+            suite.score(prompts, completions, columns).scores[args.accuracy_reward].tolist()
+        )
+        held_out_prompts = held_out.remove_columns("completion")
+        sft_result = evaluate(engine, tokenizer, held_out_prompts, accuracy, eval_params)
+        accelerator.print(f"held-out accuracy before GRPO: {sft_result.accuracy:.3f}")
+        trainer = GRPOTrainer(
+            config,
+            policy,
+            tokenizer,
+            engine,
+            suite,
+            train.remove_columns("completion"),
+            reference=load_policy(start, dtype=_dtype(args)) if config.beta > 0 else None,
+            accelerator=accelerator,
+            accuracy_reward=args.accuracy_reward,
+            evaluate=lambda step: evaluate(engine, tokenizer, held_out_prompts, accuracy, eval_params).as_metrics(),
+        )
+        if args.resume:
+            accelerator.print(f"resumed at step {trainer.resume()}")
+        final = trainer.train()
+        grpo_result = evaluate(engine, tokenizer, held_out_prompts, accuracy, eval_params)
+    result = PipelineResult(sft=sft_result, grpo=grpo_result, final_model=str(final))
+    _report(result, config, accelerator)
+    return result
+
+
+def _report(result: PipelineResult, config: GRPOConfig, accelerator: Accelerator) -> None:
+    if not accelerator.is_main_process:
+        return
+    summary = {"sft": asdict(result.sft), "grpo": asdict(result.grpo), "final_model": result.final_model}
+    (Path(config.output_dir) / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    n, k = result.sft.num_prompts, result.sft.samples_per_prompt
+    gain = 100 * (result.grpo.accuracy - result.sft.accuracy)
+    print(f"\nHeld-out accuracy ({n} problems x {k} samples, temperature {config.temperature}):")
+    print(f"  SFT  checkpoint: {result.sft.accuracy:6.1%}")
+    print(f"  GRPO checkpoint: {result.grpo.accuracy:6.1%}  ({gain:+.1f} points)")
+    print(f"Model: {result.final_model}")
+    print(f"Metrics: {config.output_dir}/metrics.jsonl   Plot: {config.output_dir}/report.png")

@@ -1,0 +1,130 @@
+"""Batch layout, prompt order, importance weights, checkpoints, group selection, the PNG report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+from grpo.batch import build_policy_batch
+from grpo.checkpoint import list_checkpoints, save_model_atomic
+from grpo.collector import concat_rollouts, select_groups
+from grpo.config import GRPOConfig
+from grpo.data import PromptSampler, check_prompt_dataset
+from grpo.options import ConfigError
+from grpo.plotting import plot_run
+from grpo.update import importance_weights
+from rollout.engine import RolloutBatch
+
+
+def rollout(prompts, completions, reasons=None, version=0) -> RolloutBatch:
+    return RolloutBatch(
+        prompt_ids=prompts,
+        completion_ids=completions,
+        completion_text=["x"] * len(completions),
+        sampler_logprobs=[-torch.arange(1.0, len(c) + 1) for c in completions],
+        finish_reason=reasons or ["stop"] * len(completions),
+        policy_version=version,
+    )
+
+
+def test_policy_batch_layout():
+    batch = build_policy_batch(rollout([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], ["stop", "length"]), pad_token_id=0)
+    assert batch.prompt_length == 3
+    assert batch.input_ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
+    assert batch.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch.sampler_logprobs.tolist() == [[-1, -2, 0], [-1, -2, -3]]
+    assert batch.truncated.tolist() == [False, True]
+    first = batch.rows(slice(0, 1))  # trimmed to its own longest completion
+    assert first.input_ids.tolist() == [[5, 6, 7, 1, 2]] and first.completion_mask.shape == (1, 2)
+
+
+def test_prompt_sampler_covers_each_pass_and_resumes_exactly():
+    data = Dataset.from_dict({"prompt": [str(i) for i in range(10)]})
+    sampler = PromptSampler(data, batch_size=4, seed=3)
+    seen = [row["prompt"] for _ in range(5) for row in sampler.next_batch()]
+    assert sorted(seen[:10]) == sorted(map(str, range(10))) and sorted(seen[10:20]) == sorted(map(str, range(10)))
+    sampler = PromptSampler(data, batch_size=4, seed=3)
+    sampler.next_batch(), sampler.next_batch(), sampler.next_batch()
+    state = sampler.state_dict()
+    expected = [sampler.next_batch() for _ in range(3)]
+    resumed = PromptSampler(data, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch() for _ in range(3)] == expected
+
+
+def test_prompt_data_errors_name_the_problem():
+    with pytest.raises(ConfigError, match=r"missing column\(s\) \['prompt'\]"):
+        check_prompt_dataset(Dataset.from_dict({"question": ["q"]}), "prompt")
+    with pytest.raises(ConfigError, match="exceeds the dataset's 1 rows"):
+        PromptSampler(Dataset.from_dict({"prompt": ["q"]}), batch_size=2, seed=0)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match=r"num_generations \(G\) must be >= 2"):
+        GRPOConfig(num_generations=1)
+    with pytest.raises(ConfigError, match="unknown aggregation 'median'"):
+        GRPOConfig(aggregation="median")
+    with pytest.raises(ConfigError, match="dynamic_sampling"):
+        GRPOConfig(dynamic_sampling="sometimes")
+
+
+def test_importance_weights_are_truncated_and_the_sequence_mask_uses_the_geometric_mean():
+    old = torch.log(torch.tensor([[1.0, 4.0], [1.0, 1.0]]))
+    sampler = torch.zeros(2, 2)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    weights, keep = importance_weights(old, sampler, mask, cap=2.0, sequence_threshold=1.5)
+    assert weights.tolist() == [[1.0, 2.0], [1.0, 1.0]]
+    assert keep.tolist() == [0.0, 1.0]  # row 0: exp(mean(0, log 4)) = 2 > 1.5
+    weights, keep = importance_weights(old, sampler, mask, cap=None, sequence_threshold=None)
+    assert weights is None and keep.tolist() == [1.0, 1.0]
+
+
+def test_select_and_concat_groups():
+    batch = rollout([[1]] * 2 + [[2]] * 2 + [[3]] * 2, [[10], [11], [20], [21], [30], [31]], version=4)
+    picked = select_groups(batch, [2, 0], group_size=2)
+    assert picked.completion_ids == [[30], [31], [10], [11]] and picked.policy_version == 4
+    joined = concat_rollouts([picked, rollout([[9]], [[90]], version=3)])
+    assert len(joined) == 5 and joined.policy_version == 3
+
+
+def test_atomic_save_replaces_and_never_leaves_partial_directories(tmp_path, debug_policy, arithmetic_tokenizer):
+    target = tmp_path / "checkpoint-7"
+    save_model_atomic(debug_policy, arithmetic_tokenizer, target, {"step": 7})
+    save_model_atomic(debug_policy, arithmetic_tokenizer, target, {"step": 7})  # overwrite in place
+    assert (target / "config.json").exists() and (target / "training_state.pt").exists()
+
+    class Exploding(torch.nn.Module):
+        def save_pretrained(self, path):
+            (path / "half-written").write_text("x")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_model_atomic(Exploding(), arithmetic_tokenizer, tmp_path / "checkpoint-8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-7"]
+    assert list_checkpoints(tmp_path) == [target]
+
+
+def test_report_png_has_a_panel_per_metric(tmp_path):
+    lines = [
+        {
+            "step": s,
+            "reward": s / 10,
+            "accuracy": s / 20,
+            "kl": 0.01 * s,
+            "completion_length/mean": 20.0,
+            "rewards/format/mean": 1.0,
+            "rewards/format/errors": 0.0,
+            "eval/accuracy": math.nan if s % 5 else 0.5,
+        }
+        for s in range(1, 31)
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({k: (None if v != v else v) for k, v in r.items()}) + "\n" for r in lines))
+    png = plot_run(path, tmp_path / "report.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000

@@ -1,0 +1,131 @@
+"""The GRPO loop on a tiny real set-up: it learns, syncs, accumulates, resumes and honours its options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo.batch import build_policy_batch
+from policy import load_policy
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_raises_the_reward_on_fixed_prompts(make_trainer, prompts):
+    trainer = make_trainer(max_steps=24, learning_rate=1e-2, beta=0.0, num_generations=8)
+    trainer.collector.sampler.dataset = prompts.select(range(4))  # the same 4 prompts every step
+    trainer.collector.sampler.load_state_dict({"epoch": 0, "position": 0})
+    trainer.train()
+    rewards = [m["reward"] for m in read_metrics(trainer.config.output_dir)]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.05, rewards
+
+
+def test_engine_holds_the_trained_weights_and_outputs_are_written(make_trainer):
+    trainer = make_trainer(max_steps=2)
+    final = trainer.train()
+    assert trainer.engine.policy_version == trainer.policy_version == 2
+    engine_state = trainer.engine.model.state_dict()
+    for name, tensor in trainer.policy.state_dict().items():
+        assert torch.equal(engine_state[name], tensor), name
+    output = Path(trainer.config.output_dir)
+    assert len(read_metrics(output)) == 2 and (output / "report.png").stat().st_size > 10_000
+    reloaded = load_policy(final)
+    for name, tensor in trainer.policy.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+def test_gradient_accumulation_equals_one_full_batch(make_trainer):
+    trainer = make_trainer(micro_batch_size=16, beta=0.1)
+    scored = trainer.collector.collect(0)
+    batch = build_policy_batch(scored.rollout, trainer.tokenizer.pad_token_id)
+    reference = trainer.update.logprobs(trainer.update.reference, batch)
+    grads = []
+    for micro_batch_size in (16, 4, 1):
+        trainer.update.config.micro_batch_size = micro_batch_size
+        stats = trainer.update.accumulate_gradients(batch, scored.advantages, None, reference)
+        grads.append(({n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.grad is not None}, stats))
+        trainer.optimizer.zero_grad(set_to_none=True)
+    (full, full_stats), *accumulated = grads
+    for parts, stats in accumulated:
+        assert parts.keys() == full.keys()
+        for name in full:
+            torch.testing.assert_close(parts[name], full[name], rtol=1e-4, atol=1e-7, msg=name)
+        assert stats["loss"] == pytest.approx(full_stats["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_resumed_run_matches_the_uninterrupted_run(make_trainer, debug_policy, tmp_path):
+    uninterrupted = make_trainer(max_steps=3, save_steps=1, save_total_limit=None, output_dir=str(tmp_path / "a"))
+    uninterrupted.train()
+    expected = read_metrics(tmp_path / "a")[2]
+
+    checkpoint = tmp_path / "a" / "checkpoint-1"  # as if the run had been killed after step 1
+    resumed = make_trainer(policy=load_policy(checkpoint), max_steps=3, output_dir=str(tmp_path / "b"))
+    resumed.update.reference.model.load_state_dict(debug_policy.state_dict())  # the reference stays the initial policy
+    assert resumed.resume(checkpoint) == 1
+    resumed.train()
+    actual = read_metrics(tmp_path / "b")
+    assert [m["step"] for m in actual] == [2, 3]
+    for key in ("reward", "loss", "kl", "grad_norm", "entropy", "completion_length/mean"):
+        assert actual[1][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-8), key
+
+
+def test_beta_zero_builds_no_reference_and_mu_reuses_old_logprobs(make_trainer):
+    trainer = make_trainer(beta=0.0, num_iterations=2, max_steps=1, learning_rate=3e-2)
+    assert trainer.update.reference is None
+    trainer.train()
+    (metrics,) = read_metrics(trainer.config.output_dir)
+    assert metrics["kl"] == 0.0
+    assert metrics["ratio"] != pytest.approx(1.0, abs=1e-6)  # the second pass sees updated weights
+
+
+def constant_for_mia(completions, prompts, **_):
+    """1 for every completion of prompts about Mia (no signal), the digit share otherwise."""
+    return [
+        1.0 if "Mia" in p else sum(c.isdigit() for c in t) / max(len(t), 1)
+        for p, t in zip(prompts, completions, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["drop", "refill"])
+def test_dynamic_sampling(make_trainer, mode, prompts):
+    mia = [i for i, p in enumerate(prompts["prompt"]) if "Mia" in p]
+    others = [i for i, p in enumerate(prompts["prompt"]) if "Mia" not in p]
+    trainer = make_trainer(dynamic_sampling=mode, prompts_per_step=4, max_steps=1)
+    trainer.collector.rewards.functions[0] = constant_for_mia
+    trainer.collector.sampler.dataset = prompts.select(mia[:2] + others)
+    trainer.collector.sampler._order = list(range(len(trainer.collector.sampler.dataset)))
+    trainer.train()
+    (metrics,) = read_metrics(trainer.config.output_dir)
+    assert metrics["dynamic_sampling/groups"] == (2 if mode == "drop" else 4)
+    assert metrics["dynamic_sampling/rounds"] == (1 if mode == "drop" else 2)
+
+
+def test_truncated_completions_can_be_masked_out(make_trainer):
+    trainer = make_trainer(max_completion_length=2, mask_truncated_completions=True, beta=0.0, max_steps=1)
+    trainer.train()
+    (metrics,) = read_metrics(trainer.config.output_dir)
+    assert metrics["truncated_fraction"] == 1.0 and metrics["completion_length/mean"] == 0.0
+    assert metrics["loss"] == pytest.approx(metrics["aux_loss"])  # only the MoE balance loss is left
+
+
+def test_overlap_samples_one_step_behind_and_corrects(make_trainer):
+    trainer = make_trainer(overlap=True, max_steps=3, learning_rate=1e-2)
+    trainer.train()
+    metrics = read_metrics(trainer.config.output_dir)
+    assert [m["policy_lag"] for m in metrics] == [0, 1, 1]
+    assert metrics[0]["mismatch/abs_logp_diff"] < 1e-5 < metrics[2]["mismatch/abs_logp_diff"]
+
+
+@pytest.mark.parametrize("mtp_on_completions", [True, False])
+def test_mtp_modules_train_only_with_the_mtp_loss(make_trainer, debug_policy, mtp_on_completions):
+    trainer = make_trainer(mtp_on_completions=mtp_on_completions, max_steps=1)
+    trainer.train()
+    (metrics,) = read_metrics(trainer.config.output_dir)
+    assert ("mtp_loss" in metrics) == mtp_on_completions
+    moved = not torch.equal(trainer.policy.mtp[0].eh_proj.weight, debug_policy.mtp[0].eh_proj.weight)
+    assert moved == mtp_on_completions
