@@ -9,7 +9,8 @@ import pytest
 from rewards import RewardSuite, RewardSuiteConfig
 from rewards.models import EngineGenerator, GenerativeJudge, OpenAIGenerator, parse_verdict
 from rollout.engine import RolloutEngine, SamplingParams
-from tests.rewards.tiny_models import GenerateEngine, constant_token_lm, word_tokenizer
+from rollout.torch_engine import TorchRolloutEngine
+from tests.rewards.tiny_models import constant_token_lm, word_tokenizer
 
 MAX_REQUESTS = 50
 
@@ -112,7 +113,7 @@ def test_http_retries_transient_errors_then_fails_clearly(judge_server):
 @pytest.mark.parametrize(("first_word", "expected"), [("CORRECT", 1.0), ("INCORRECT", 0.0)])
 def test_judge_over_the_rollout_engine(first_word, expected):
     tokenizer = word_tokenizer(first=[first_word])  # id 0 is the word the zero-norm model always emits
-    engine = GenerateEngine(constant_token_lm(tokenizer), tokenizer)
+    engine = TorchRolloutEngine(constant_token_lm(tokenizer), tokenizer)
     assert isinstance(engine, RolloutEngine)
     generator = EngineGenerator(engine, tokenizer, SamplingParams(temperature=0.0, max_new_tokens=3))
     assert generator.generate(["the question"]) == [" ".join([first_word] * 3)]

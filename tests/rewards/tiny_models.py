@@ -2,14 +2,13 @@
 
 - `word_tokenizer(words)`: a word-level fast tokenizer built with the `tokenizers` library.
 - `tiny_reward_model(...)`: a 2-layer LlamaForSequenceClassification with one label.
-- `GenerateEngine`: the RolloutEngine protocol over `model.generate`, for a tiny causal LM.
 - `constant_token_lm(...)`: a tiny causal LM whose greedy output is always token id 0
   (its final norm is zeroed, so every logit is 0 and argmax picks the first id).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -22,7 +21,6 @@ from transformers import (
 )
 
 from rewards.models import RewardModelReward
-from rollout.engine import RolloutBatch, SamplingParams
 
 SPECIALS = ["[PAD]", "[UNK]", "[EOS]"]
 WORDS = [
@@ -95,46 +93,3 @@ def constant_token_lm(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     with torch.no_grad():
         model.model.norm.weight.zero_()
     return model
-
-
-class GenerateEngine:
-    """RolloutEngine over `model.generate` for tiny CPU models (greedy when temperature is 0)."""
-
-    def __init__(self, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
-        self.model, self.tokenizer, self.version = model, tokenizer, 0
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
-        rows: dict[str, list] = {k: [] for k in ("prompt", "ids", "text", "logprobs", "finish")}
-        for prompt in prompts:
-            for _ in range(params.n):
-                self._sample(list(prompt), params, rows)
-        return RolloutBatch(rows["prompt"], rows["ids"], rows["text"], rows["logprobs"], rows["finish"], self.version)
-
-    def _sample(self, prompt: list[int], params: SamplingParams, rows: dict[str, list]) -> None:
-        greedy = params.temperature == 0
-        out = self.model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=params.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p,
-            eos_token_id=list(params.stop_token_ids) or None,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-        ids = out.sequences[0, len(prompt) :].tolist()
-        logprobs = torch.stack([s[0].log_softmax(-1)[t] for s, t in zip(out.scores, ids, strict=True)])
-        rows["prompt"].append(prompt)
-        rows["ids"].append(ids)
-        rows["text"].append(self.tokenizer.decode(ids, skip_special_tokens=True))
-        rows["logprobs"].append(logprobs.float())
-        rows["finish"].append("stop" if ids and ids[-1] in params.stop_token_ids else "length")
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        self.model.load_state_dict(dict(named_tensors), strict=False)
-        self.version = version
-
-    def close(self) -> None:
-        self.model = None
