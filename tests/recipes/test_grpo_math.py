@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,27 @@ def test_dataset_without_the_needed_columns(tmp_path):
     data.write_text('{"problem": "1 + 1", "solution": "2"}\n')
     with pytest.raises(SystemExit, match="needs columns 'question' and 'answer'"):
         main("grpo_math", ["--dataset", str(data), "--output_dir", str(tmp_path)])
+
+
+GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
+
+
+@pytest.mark.skipif(not GSM8K.exists(), reason="GSM8K data not beside the repository")
+def test_sft_then_grpo_on_a_local_transformers_model_and_gsm8k(tmp_path, arithmetic_tokenizer, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = arithmetic_tokenizer
+    model_dir = tmp_path / "llama"
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    flags = ["--model", str(model_dir), "--dataset", str(GSM8K), "--num_eval_problems", "2", "--sft_max_steps", "2",
+             "--sft_batch_size", "2", "--max_steps", "1", "--prompts_per_step", "2", "--num_generations", "2",
+             "--max_completion_length", "8", "--micro_batch_size", "4", "--eval_samples_per_prompt", "1",
+             "--reward_workers", "0", "--output_dir", str(tmp_path / "run")]  # fmt: skip
+    main("sft_then_grpo", flags)
+    assert (tmp_path / "run" / "sft" / "config.json").exists()
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+    assert "GRPO checkpoint:" in capsys.readouterr().out
