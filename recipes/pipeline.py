@@ -56,7 +56,7 @@ def check_inputs(args: RecipeArguments) -> None:
         try:
             resolve(spec)
         except (ImportError, AttributeError, TypeError, ValueError) as error:
-            raise ConfigError(f"--reward {spec}: {error}") from error
+            raise ConfigError(f"--reward: {error}") from error
     if args.accuracy_reward not in args.reward:
         raise ConfigError(f"--accuracy_reward {args.accuracy_reward} is not one of --reward {args.reward}")
 

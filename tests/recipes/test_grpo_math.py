@@ -37,7 +37,7 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     [
         (["--dataset", "missing.jsonl"], "--dataset missing.jsonl: no such file"),
         (["--model", "/no/such/model"], "--model /no/such/model: no such model directory"),
-        (["--reward", "no_such_module:fn"], "--reward no_such_module:fn"),
+        (["--reward", "no_such_module:fn"], "--reward: .*no_such_module:fn"),
         (["--num_generations", "1"], r"num_generations \(G\) must be >= 2"),
         (["--embedded_preset", "huge"], "--embedded_preset huge: not one of"),
         (["--config", "nope.yaml"], "--config nope.yaml: no such file"),
