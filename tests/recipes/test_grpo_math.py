@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def test_bad_input_is_one_clear_line(flags, message, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main("grpo_math", [*flags, "--output_dir", str(tmp_path)])
     assert str(exit_info.value.code).startswith("error: ")
-    assert pytest.importorskip("re").search(message, str(exit_info.value.code))
+    assert re.search(message, str(exit_info.value.code))
 
 
 def test_dataset_without_the_needed_columns(tmp_path):
