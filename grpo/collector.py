@@ -70,6 +70,25 @@ class ScoredRollout:
     metrics: dict[str, float]
     generation_time: float
 
+    def select(self, groups: list[int]) -> ScoredRollout:
+        """The given groups (indices into `rows`), in that order."""
+        g = self.rewards.shape[1]
+        return ScoredRollout(
+            rows=[self.rows[i] for i in groups],
+            rollout=select_groups(self.rollout, groups, g),
+            rewards=self.rewards[groups],
+            advantages=self.advantages.view(-1, g)[groups].reshape(-1),
+            metrics=self.metrics,
+            generation_time=self.generation_time,
+        )
+
+    def shard(self, rank: int, world_size: int) -> ScoredRollout:
+        """This rank's contiguous share of whole groups; `world_size` must divide the group count."""
+        per_rank, rest = divmod(len(self.rows), world_size)
+        if rest:
+            raise ValueError(f"{len(self.rows)} groups cannot be split evenly over {world_size} processes")
+        return self.select(list(range(rank * per_rank, (rank + 1) * per_rank)))
+
 
 @dataclass
 class _Round:

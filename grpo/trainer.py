@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
@@ -25,7 +26,7 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from grpo.batch import build_policy_batch
 from grpo.checkpoint import list_checkpoints, load_training_state, save_checkpoint, save_model_atomic
-from grpo.collector import RewardScorer, RolloutCollector
+from grpo.collector import RewardScorer, RolloutCollector, ScoredRollout
 from grpo.config import GRPOConfig
 from grpo.data import PromptSampler, check_prompt_dataset
 from grpo.logprobs import TokenLogprobModel
@@ -45,6 +46,9 @@ class GRPOTrainer:
     policy: a causal LM (ours or any transformers model); trained in place.
     engine: generates rollouts; receives the new weights after every step.
     rewards: the reward suite (see `RewardScorer`).
+        With several processes (accelerate), only the main process needs an
+        engine and a reward suite (pass None elsewhere): it collects the whole
+        batch, and every process trains on its share of whole groups.
     reference: the frozen KL reference; defaults to a copy of `policy` at the
         start when beta > 0, and is never built when beta == 0.
     accuracy_reward: name of the reward function reported as "accuracy".
@@ -56,8 +60,8 @@ class GRPOTrainer:
         config: GRPOConfig,
         policy: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
-        engine: RolloutEngine,
-        rewards: RewardScorer,
+        engine: RolloutEngine | None,
+        rewards: RewardScorer | None,
         train_dataset: Dataset,
         *,
         reference: nn.Module | None = None,
@@ -71,8 +75,16 @@ class GRPOTrainer:
             raise ConfigError("the tokenizer needs pad and eos tokens")
         self.config, self.tokenizer, self.engine, self.evaluate = config, tokenizer, engine, evaluate
         self.accelerator = accelerator or Accelerator()
+        world = self.accelerator.num_processes
+        if config.prompts_per_step % world:
+            raise ConfigError(f"prompts_per_step ({config.prompts_per_step}) must be a multiple of the "
+                              f"number of processes ({world}): groups are never split")  # fmt: skip
+        if self.accelerator.is_main_process and (engine is None or rewards is None):
+            raise ConfigError("the main process needs a rollout engine and a reward suite")
         torch.manual_seed(config.seed)
         self.policy = policy.train()
+        if hasattr(policy, "mtp") and not config.mtp_on_completions:
+            policy.mtp.requires_grad_(False)  # untrained here; frozen so data-parallel sees no unused parameter
         model = TokenLogprobModel(policy, temperature=config.temperature, chunk_size=config.logprob_chunk_size)
         optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad],
@@ -117,7 +129,9 @@ class GRPOTrainer:
                 metrics = self.training_step()
                 self.step += 1
                 if self.evaluate is not None and config.eval_steps and self.step % config.eval_steps == 0:
-                    metrics.update(self.evaluate(self.step))
+                    if self.accelerator.is_main_process:  # the engine lives there
+                        metrics.update(self.evaluate(self.step))
+                    self.accelerator.wait_for_everyone()
                 if self.step % config.logging_steps == 0 or self.step == config.max_steps:
                     self.logger.log(self.step, metrics)
                 if config.save_steps and self.step % config.save_steps == 0:
@@ -132,7 +146,7 @@ class GRPOTrainer:
     def training_step(self) -> dict[str, float]:
         """One GRPO step: rollouts, update, weight sync. Returns the step's metrics."""
         start = time.perf_counter()
-        scored = self.collector.collect(self.step)
+        scored = self._collect()
         metrics = dict(scored.metrics)
         if scored.rows:  # dynamic sampling can leave no informative group
             batch = build_policy_batch(scored.rollout, self.tokenizer.pad_token_id)
@@ -154,10 +168,22 @@ class GRPOTrainer:
         })  # fmt: skip
         return metrics
 
+    def _collect(self) -> ScoredRollout:
+        """The main process collects the whole batch; each process keeps its share of whole groups."""
+        accelerator = self.accelerator
+        scored = self.collector.collect(self.step) if accelerator.is_main_process else None
+        if accelerator.num_processes == 1:
+            return scored
+        (scored,) = broadcast_object_list([scored], from_process=0)
+        world = accelerator.num_processes
+        usable = len(scored.rows) // world * world  # dynamic sampling may leave any number of groups
+        return scored.select(list(range(usable))).shard(accelerator.process_index, world)
+
     def _sync_engine(self) -> None:
         self.policy_version += 1
-        state = self.accelerator.unwrap_model(self.model).model.state_dict()
-        self.engine.update_weights(state.items(), self.policy_version)
+        if self.accelerator.is_main_process:
+            state = self.accelerator.unwrap_model(self.model).model.state_dict()
+            self.engine.update_weights(state.items(), self.policy_version)
 
     # -------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict:

@@ -21,6 +21,7 @@ tokens (mean |logp_trainer - logp_sampler| and a k3 estimate of their KL).
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 import torch
@@ -101,61 +102,54 @@ class PolicyUpdate:
     def accumulate_gradients(
         self, batch: PolicyBatch, advantages: Tensor, old_logp: Tensor | None, reference_logp: Tensor | None
     ) -> dict[str, float]:
-        """Backward of the full-batch loss, one micro-batch at a time; returns batch-level statistics."""
-        config = self.config
-        normalizers = {
-            "num_sequences": float(len(batch)),
-            "num_tokens": batch.completion_mask.sum().item(),
-            "max_length": config.max_completion_length,
-        }
-        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.accelerator.device))
-        for rows in self.micro_batches(len(batch)):
+        """Backward of the full-batch loss, one micro-batch at a time; returns batch-level statistics.
+
+        With several processes the normalisers are those of the global batch
+        divided by the number of processes, so that DDP's gradient average is
+        exactly the gradient of the global loss; statistics are averaged over processes.
+        """
+        config, accelerator = self.config, self.accelerator
+        counts = torch.tensor([float(len(batch)), batch.completion_mask.sum().item()], device=accelerator.device)
+        num_sequences, num_tokens = (accelerator.reduce(counts, reduction="sum") / accelerator.num_processes).tolist()
+        normalizers = {"num_sequences": num_sequences, "num_tokens": num_tokens,
+                       "max_length": config.max_completion_length}  # fmt: skip
+        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
+        micro_batches = self.micro_batches(len(batch))
+        for index, rows in enumerate(micro_batches):
             part = batch.rows(rows)
             width, share = part.completion_mask.shape[1], len(part) / len(batch)
-            out = self.model(
-                part.input_ids,
-                part.attention_mask,
-                part.position_ids,
-                part.prompt_length,
-                completion_mask=part.completion_mask,
-                with_mtp=self.use_mtp,
-            )
+            out = self.model(part.input_ids, part.attention_mask, part.position_ids, part.prompt_length,
+                             completion_mask=part.completion_mask, with_mtp=self.use_mtp)  # fmt: skip
             old = out.logp.detach() if old_logp is None else old_logp[rows, :width]
-            weights, keep = importance_weights(
-                old,
-                part.sampler_logprobs,
-                part.completion_mask,
-                cap=config.tis_cap,
-                sequence_threshold=config.mismatch_mask,
-            )
-            mask = part.completion_mask * keep.unsqueeze(1)
+            weights, keep = importance_weights(old, part.sampler_logprobs, part.completion_mask,
+                                               cap=config.tis_cap, sequence_threshold=config.mismatch_mask)  # fmt: skip
             loss_out = grpo_loss(
-                out.logp, old, advantages[rows], mask,
+                out.logp, old, advantages[rows], part.completion_mask * keep.unsqueeze(1),
                 ref_logp=None if reference_logp is None else reference_logp[rows, :width],
                 beta=config.beta, epsilon_low=config.epsilon, epsilon_high=config.upper_epsilon,
                 objective=config.objective, aggregation=config.aggregation, importance_weights=weights,
                 **normalizers,
             )  # fmt: skip
-            loss = loss_out.loss
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss * share
-                sums["aux_loss"] += out.aux_loss.detach() * share
-            if out.mtp_loss is not None:
-                loss = loss + out.mtp_loss * share
-                sums["mtp_loss"] += out.mtp_loss.detach() * share
-            self.accelerator.backward(loss)
-            completion = part.completion_mask
-            sampler_gap = old - part.sampler_logprobs
+            loss = loss_out.loss  # this micro-batch's part of the batch loss
+            for name, auxiliary in (("aux_loss", out.aux_loss), ("mtp_loss", out.mtp_loss)):
+                if auxiliary is not None:  # per-micro-batch means, weighted by the micro-batch's share
+                    loss = loss + auxiliary * share
+                    sums[name] += auxiliary.detach() * share
+            with contextlib.nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(self.model):
+                accelerator.backward(loss)  # gradients are all-reduced once, after the last micro-batch
+            sums["loss"] += loss.detach()
+            completion, sampler_gap = part.completion_mask, old - part.sampler_logprobs
             for key, value in (
-                ("loss", loss.detach() / share), ("kl", loss_out.kl), ("clip/low", loss_out.clip_low),
-                ("clip/high", loss_out.clip_high), ("ratio", loss_out.ratio),
-                ("entropy", masked_mean(out.entropy, completion)),
+                ("kl", loss_out.kl), ("clip/low", loss_out.clip_low), ("clip/high", loss_out.clip_high),
+                ("ratio", loss_out.ratio), ("entropy", masked_mean(out.entropy, completion)),
                 ("mismatch/abs_logp_diff", masked_mean(sampler_gap.abs(), completion)),
                 ("mismatch/kl", masked_mean(k3_kl(part.sampler_logprobs, old), completion)),
                 ("mismatch/masked_fraction", 1 - keep.mean()),
             ):  # fmt: skip
                 sums[key] += value * share
-        return {key: value.item() for key, value in sums.items()}
+        names = sorted(sums)
+        means = accelerator.reduce(torch.stack([sums[name] for name in names]), reduction="mean")
+        return dict(zip(names, means.tolist(), strict=True))
 
     def apply_gradients(self) -> dict[str, float]:
         """Clip, optimizer and scheduler step, routing-bias update; returns grad norm and expert load."""

@@ -7,6 +7,7 @@ data  -> tokenizer + policy -> SFT warm start (cached for the embedded default)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import SFTConfig
 
+from grpo.checkpoint import list_checkpoints
 from grpo.config import GRPOConfig
 from grpo.evaluation import EvalResult, evaluate
 from grpo.options import ConfigError
@@ -140,55 +142,65 @@ def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult:
-    """SFT warm start (as configured), GRPO, and held-out accuracy before and after."""
+def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | None:
+    """SFT warm start (as configured), GRPO, and held-out accuracy before and after.
+
+    Under `accelerate launch` with several processes every process trains; the
+    main process also holds the rollout engine and the reward suite, evaluates,
+    and returns the result (the others return None).
+    """
     check_inputs(args)
     accelerator = Accelerator()
     train, held_out = load_task(args)
     start = warm_start(args, config, train, accelerator)
-    tokenizer = _load_tokenizer(start)
-    policy = load_policy(start, dtype=_dtype(args), device=accelerator.device)
-    engine = TorchRolloutEngine(load_policy(start, dtype=_dtype(args), device=accelerator.device), tokenizer)
-    suite_config = RewardSuiteConfig(timeout_s=args.reward_timeout_s, num_workers=args.reward_workers)
-    eval_params = SamplingParams(
-        n=args.eval_samples_per_prompt,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        max_new_tokens=config.max_completion_length,
-        stop_token_ids=(tokenizer.eos_token_id,),
-        seed=1234,
-    )
-    with RewardSuite(args.reward, args.reward_weights, suite_config) as suite:
-        accuracy = lambda prompts, completions, columns: (
-            suite.score(prompts, completions, columns).scores[args.accuracy_reward].tolist()
-        )
-        held_out_prompts = held_out.remove_columns("completion")
-        sft_result = evaluate(engine, tokenizer, held_out_prompts, accuracy, eval_params)
-        accelerator.print(f"held-out accuracy before GRPO: {sft_result.accuracy:.3f}")
+    accelerator.wait_for_everyone()
+    checkpoints = list_checkpoints(config.output_dir) if args.resume else []
+    tokenizer, dtype = _load_tokenizer(start), _dtype(args)
+    policy = load_policy(checkpoints[-1] if checkpoints else start, dtype=dtype, device=accelerator.device)
+    reference = load_policy(start, dtype=dtype) if config.beta > 0 else None
+    held_out_prompts = held_out.remove_columns("completion")
+    with contextlib.ExitStack() as stack:
+        engine = suite = accuracy = None
+        if accelerator.is_main_process:
+            engine = TorchRolloutEngine(load_policy(start, dtype=dtype, device=accelerator.device), tokenizer)
+            suite_config = RewardSuiteConfig(timeout_s=args.reward_timeout_s, num_workers=args.reward_workers)
+            suite = stack.enter_context(RewardSuite(args.reward, args.reward_weights, suite_config))
+            accuracy = _held_out_accuracy(args, config, engine, tokenizer, held_out_prompts, suite)
+            sft_result = accuracy()
+            print(f"held-out accuracy before GRPO: {sft_result.accuracy:.3f}")
         trainer = GRPOTrainer(
-            config,
-            policy,
-            tokenizer,
-            engine,
-            suite,
-            train.remove_columns("completion"),
-            reference=load_policy(start, dtype=_dtype(args)) if config.beta > 0 else None,
-            accelerator=accelerator,
-            accuracy_reward=args.accuracy_reward,
-            evaluate=lambda step: evaluate(engine, tokenizer, held_out_prompts, accuracy, eval_params).as_metrics(),
-        )
-        if args.resume:
-            accelerator.print(f"resumed at step {trainer.resume()}")
+            config, policy, tokenizer, engine, suite, train.remove_columns("completion"), reference=reference,
+            accelerator=accelerator, accuracy_reward=args.accuracy_reward,
+            evaluate=lambda step: accuracy().as_metrics(),
+        )  # fmt: skip
+        if checkpoints:
+            accelerator.print(f"resumed from {checkpoints[-1]} at step {trainer.resume(checkpoints[-1])}")
         final = trainer.train()
-        grpo_result = evaluate(engine, tokenizer, held_out_prompts, accuracy, eval_params)
-    result = PipelineResult(sft=sft_result, grpo=grpo_result, final_model=str(final))
-    _report(result, config, accelerator)
+        if not accelerator.is_main_process:
+            return None
+        result = PipelineResult(sft=sft_result, grpo=accuracy(), final_model=str(final))
+    _report(result, config)
     return result
 
 
-def _report(result: PipelineResult, config: GRPOConfig, accelerator: Accelerator) -> None:
-    if not accelerator.is_main_process:
-        return
+def _held_out_accuracy(
+    args: RecipeArguments,
+    config: GRPOConfig,
+    engine: TorchRolloutEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Dataset,
+    suite: RewardSuite,
+):
+    """A function that evaluates the engine's current weights on the held-out prompts, same settings each time."""
+    params = SamplingParams(
+        n=args.eval_samples_per_prompt, temperature=config.temperature, top_p=config.top_p,
+        max_new_tokens=config.max_completion_length, stop_token_ids=(tokenizer.eos_token_id,), seed=1234,
+    )  # fmt: skip
+    accuracy = lambda p, c, columns: suite.score(p, c, columns).scores[args.accuracy_reward].tolist()
+    return lambda: evaluate(engine, tokenizer, prompts, accuracy, params)
+
+
+def _report(result: PipelineResult, config: GRPOConfig) -> None:
     summary = {"sft": asdict(result.sft), "grpo": asdict(result.grpo), "final_model": result.final_model}
     (Path(config.output_dir) / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     n, k = result.sft.num_prompts, result.sft.samples_per_prompt

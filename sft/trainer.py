@@ -60,6 +60,8 @@ def run_sft(
     if args.activation_checkpointing:  # the model goes on to generate with a KV cache
         model.activation_checkpointing_disable()
     output_dir = Path(output_dir)
-    trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
+    trainer.save_model(str(output_dir))  # the main process writes; every process waits for it
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(output_dir))
+    trainer.accelerator.wait_for_everyone()
     return output_dir

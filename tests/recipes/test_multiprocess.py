@@ -1,0 +1,41 @@
+"""Two CPU processes (accelerate + gloo) train exactly like one process on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "grpo_math.py"
+FLAGS = [
+    "--embedded_preset", "tiny-debug", "--num_train_problems", "200", "--num_eval_problems", "4",
+    "--sft_max_steps", "20", "--sft_batch_size", "8", "--max_steps", "2", "--prompts_per_step", "4",
+    "--num_generations", "4", "--max_completion_length", "16", "--eval_samples_per_prompt", "1",
+    "--reward_workers", "0", "--micro_batch_size", "4",
+]  # fmt: skip
+
+
+def run(launcher: list[str], output_dir: Path, cache_dir: Path) -> list[dict]:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [*launcher, str(RECIPE), *FLAGS, "--output_dir", str(output_dir), "--cache_dir", str(cache_dir)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher is not on PATH")
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
+    one = run([sys.executable], tmp_path / "one", tmp_path / "cache")
+    two = run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517"],
+              tmp_path / "two", tmp_path / "cache")  # fmt: skip
+    assert len(one) == len(two) == 2
+    first_one, first_two = one[0], two[0]
+    assert first_two["reward"] == first_one["reward"]
+    assert first_two["loss"] == pytest.approx(first_one["loss"], rel=1e-4, abs=1e-7)
+    assert first_two["grad_norm"] == pytest.approx(first_one["grad_norm"], rel=1e-5)
+    assert first_two["entropy"] == pytest.approx(first_one["entropy"], rel=1e-5)
