@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
+from grpo.adapters import AdapterDisabledReference, engine_weights, is_peft_model
 from grpo.batch import build_policy_batch
 from grpo.checkpoint import list_checkpoints, load_training_state, save_checkpoint, save_model_atomic
 from grpo.collector import RewardScorer, RolloutCollector, ScoredRollout
@@ -108,8 +109,11 @@ class GRPOTrainer:
         self.policy_version = 0
 
     def _reference_model(self, policy: nn.Module, reference: nn.Module | None) -> nn.Module | None:
+        """The frozen KL reference: none when beta == 0, the adapter-free base for LoRA, else a copy."""
         if self.config.beta == 0:
             return None
+        if reference is None and is_peft_model(policy):
+            return AdapterDisabledReference(self.model, policy)
         reference = reference if reference is not None else copy.deepcopy(policy)
         reference.requires_grad_(False).eval()
         wrapped = TokenLogprobModel(reference, temperature=self.config.temperature,
@@ -182,8 +186,8 @@ class GRPOTrainer:
     def _sync_engine(self) -> None:
         self.policy_version += 1
         if self.accelerator.is_main_process:
-            state = self.accelerator.unwrap_model(self.model).model.state_dict()
-            self.engine.update_weights(state.items(), self.policy_version)
+            with engine_weights(self.accelerator.unwrap_model(self.model).model) as named_tensors:
+                self.engine.update_weights(named_tensors, self.policy_version)
 
     # -------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict:
@@ -219,11 +223,21 @@ class GRPOTrainer:
         return self.step
 
     def save_final(self) -> Path:
-        """The final model + tokenizer in `output_dir/final` and the PNG report; returns the model dir."""
+        """The final model + tokenizer in `output_dir/final` and the PNG report; returns the model dir.
+
+        A LoRA policy is saved twice: its adapter in `final/adapter`, then merged
+        into the base weights (in place: training is over) as a full model in `final/`.
+        """
         self.accelerator.wait_for_everyone()
         final = Path(self.config.output_dir) / "final"
         if self.accelerator.is_main_process:
-            save_model_atomic(self.policy, self.tokenizer, final)
+            model = self.policy
+            if is_peft_model(model):
+                save_model_atomic(model, self.tokenizer, final.with_name("final-adapter"))
+                model = model.merge_and_unload()
+            save_model_atomic(model, self.tokenizer, final)
+            if is_peft_model(self.policy):
+                final.with_name("final-adapter").rename(final / "adapter")
             if self.logger.path.exists():
                 plot_run(self.logger.path, Path(self.config.output_dir) / "report.png")
         return final

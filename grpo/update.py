@@ -28,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from grpo.adapters import is_peft_model
 from grpo.batch import PolicyBatch
 from grpo.config import GRPOConfig
 from grpo.loss import grpo_loss, k3_kl, masked_mean
@@ -160,8 +161,12 @@ class PolicyUpdate:
         return {"grad_norm": float(grad_norm), **self.update_routing_bias()}
 
     def update_routing_bias(self) -> dict[str, float]:
-        """Once per optimizer step: the MoE routing-bias update from this step's expert load (all ranks)."""
-        if not hasattr(self.policy, "update_routing_bias"):
+        """Once per optimizer step: the MoE routing-bias update from this step's expert load (all ranks).
+
+        Skipped for LoRA policies: everything but the adapter is frozen, and the base
+        (the KL reference) must stay the policy it was.
+        """
+        if not hasattr(self.policy, "update_routing_bias") or is_peft_model(self.policy):
             return {}
         load = self.accelerator.reduce(self.policy.routing_load(), reduction="sum")
         load = self.policy.update_routing_bias(load)  # (num_moe_layers, n_routed_experts)

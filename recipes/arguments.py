@@ -48,6 +48,12 @@ class RecipeArguments:
     cache_dir: str = option("outputs/cache", "Where the embedded default's SFT warm start is cached.")
     eval_samples_per_prompt: int = option(4, "Completions sampled per held-out problem (accuracy = their mean).")
     dtype: str = option("float32", "Training dtype: float32 | bfloat16.")
+    lora_r: int = option(0, "LoRA rank for GRPO (0: train all weights). The KL reference is the adapter-free base.")
+    lora_alpha: float = option(16.0, "LoRA scaling numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] | None = option(
+        None, "Modules that get adapters (default: MLA projections for DeepSeek-V3, all linear layers otherwise)."
+    )
     resume: bool = option(False, "Resume from the newest checkpoint in output_dir.")
 
     def __post_init__(self) -> None:
@@ -57,6 +63,8 @@ class RecipeArguments:
             raise ConfigError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
             raise ConfigError(f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards")
+        if self.lora_r < 0:
+            raise ConfigError(f"--lora_r must be >= 0, got {self.lora_r}")
         if self.num_eval_problems < 1 or self.eval_samples_per_prompt < 1:
             raise ConfigError("num_eval_problems and eval_samples_per_prompt must be >= 1")
 

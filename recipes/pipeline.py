@@ -10,16 +10,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import SFTConfig
 
+from grpo.adapters import DEEPSEEK_V3_LORA_TARGETS
 from grpo.checkpoint import list_checkpoints
 from grpo.config import GRPOConfig
 from grpo.evaluation import EvalResult, evaluate
@@ -34,8 +35,6 @@ from rewards import RewardSuite, RewardSuiteConfig, resolve
 from rollout.engine import SamplingParams
 from rollout.torch_engine import TorchRolloutEngine
 from sft.trainer import run_sft
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | 
     accelerator.wait_for_everyone()
     checkpoints = list_checkpoints(config.output_dir) if args.resume else []
     tokenizer, dtype = _load_tokenizer(start), _dtype(args)
-    policy = load_policy(checkpoints[-1] if checkpoints else start, dtype=dtype, device=accelerator.device)
+    policy = _trainable_policy(args, start, checkpoints[-1] if checkpoints else None, accelerator)
     reference = load_policy(start, dtype=dtype) if config.beta > 0 else None
     held_out_prompts = held_out.remove_columns("completion")
     with contextlib.ExitStack() as stack:
@@ -181,6 +180,21 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | 
         result = PipelineResult(sft=sft_result, grpo=accuracy(), final_model=str(final))
     _report(result, config)
     return result
+
+
+def _trainable_policy(args: RecipeArguments, start: str, checkpoint: Path | None, accelerator: Accelerator):
+    """The policy GRPO trains: full weights, or the start model under a LoRA adapter (new or resumed)."""
+    if args.lora_r == 0:
+        return load_policy(checkpoint or start, dtype=_dtype(args), device=accelerator.device)
+    base = load_policy(start, dtype=_dtype(args), device=accelerator.device)
+    if checkpoint is not None:  # LoRA checkpoints hold the adapter only
+        return PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
+    targets = args.lora_target_modules or (
+        DEEPSEEK_V3_LORA_TARGETS if isinstance(base, DeepseekV3ForCausalLM) else "all-linear"
+    )
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(base, lora)
 
 
 def _held_out_accuracy(

@@ -43,7 +43,9 @@ def make_trainer(arithmetic_tokenizer, debug_policy, prompts, tmp_path):
         config = GRPOConfig(**{**settings, **overrides})
         suite = RewardSuite([digit_share], config=RewardSuiteConfig(num_workers=0))
         suites.append(suite)
-        engine = TorchRolloutEngine(copy.deepcopy(policy), arithmetic_tokenizer)
+        plain = copy.deepcopy(policy)
+        plain = plain.merge_and_unload() if hasattr(plain, "merge_and_unload") else plain  # engines hold no adapter
+        engine = TorchRolloutEngine(plain, arithmetic_tokenizer)
         return GRPOTrainer(config, policy, arithmetic_tokenizer, engine, suite, prompts, accuracy_reward=None)
 
     yield make

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -129,3 +130,37 @@ def test_mtp_modules_train_only_with_the_mtp_loss(make_trainer, debug_policy, mt
     assert ("mtp_loss" in metrics) == mtp_on_completions
     moved = not torch.equal(trainer.policy.mtp[0].eh_proj.weight, debug_policy.mtp[0].eh_proj.weight)
     assert moved == mtp_on_completions
+
+
+def test_lora_uses_the_adapter_free_base_as_reference_and_syncs_merged_weights(make_trainer, debug_policy):
+    from peft import LoraConfig, get_peft_model
+
+    from grpo.adapters import DEEPSEEK_V3_LORA_TARGETS, AdapterDisabledReference
+    from grpo.logprobs import TokenLogprobModel
+
+    base = copy.deepcopy(debug_policy)
+    lora = get_peft_model(
+        copy.deepcopy(debug_policy), LoraConfig(r=4, lora_alpha=8, target_modules=DEEPSEEK_V3_LORA_TARGETS)
+    )
+    trainer = make_trainer(policy=lora, beta=0.1, max_steps=2, learning_rate=1e-2)
+    assert isinstance(trainer.update.reference, AdapterDisabledReference)
+    scored = trainer.collector.collect(0)
+    batch = build_policy_batch(scored.rollout, trainer.tokenizer.pad_token_id)
+    trainer.collector.load_state_dict({"epoch": 0, "position": 0})
+
+    for step in range(2):
+        trainer.step = step
+        trainer.training_step()
+    reference = trainer.update.logprobs(trainer.update.reference, batch)
+    with torch.no_grad():
+        base_logp = TokenLogprobModel(base)(batch.input_ids, batch.attention_mask, batch.position_ids,
+                                            batch.prompt_length).logp  # fmt: skip
+    mask = batch.completion_mask.bool()
+    torch.testing.assert_close(reference[mask], base_logp[mask])  # the base never moved
+    engine_state = {k: v.clone() for k, v in trainer.engine.model.state_dict().items()}
+    merged = load_policy(trainer.save_final())  # final/ is the merged full model; the adapter is kept beside it
+    assert (Path(trainer.config.output_dir) / "final" / "adapter" / "adapter_config.json").exists()
+    changed = [n for n, t in merged.state_dict().items() if not torch.equal(t, base.state_dict()[n])]
+    assert changed and all("proj" in n for n in changed)
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(engine_state[name], tensor, msg=name)

@@ -80,3 +80,10 @@ def test_sft_then_grpo_on_a_local_transformers_model_and_gsm8k(tmp_path, arithme
     assert (tmp_path / "run" / "sft" / "config.json").exists()
     assert (tmp_path / "run" / "final" / "config.json").exists()
     assert "GRPO checkpoint:" in capsys.readouterr().out
+
+
+def test_lora_run_writes_a_merged_model_and_its_adapter(tmp_path):
+    main("grpo_math", [*SMALL, "--lora_r", "4", "--output_dir", str(tmp_path / "run"),
+                       "--cache_dir", str(tmp_path / "cache")])  # fmt: skip
+    final = tmp_path / "run" / "final"
+    assert (final / "config.json").exists() and (final / "adapter" / "adapter_config.json").exists()
