@@ -52,10 +52,15 @@ def _plain_name(name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def engine_weights(model: nn.Module) -> Iterator[Iterator[tuple[str, Tensor]]]:
-    """(name, tensor) pairs for a rollout engine's plain copy of `model`; adapters merged while open."""
+def engine_weights(
+    model: nn.Module, state_dict: dict[str, Tensor] | None = None
+) -> Iterator[Iterator[tuple[str, Tensor]]]:
+    """(name, tensor) pairs for a rollout engine's plain copy of `model`; adapters merged while open.
+
+    state_dict: the full weights when the module's own are sharded (see GRPOTrainer); ignored for LoRA models.
+    """
     if not is_peft_model(model):
-        yield iter(model.state_dict().items())
+        yield iter((model.state_dict() if state_dict is None else state_dict).items())
         return
     model.base_model.merge_adapter()
     try:

@@ -41,13 +41,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_model_atomic(model: nn.Module, tokenizer, directory: str | Path, extra_state: dict | None = None) -> Path:
-    """Write model + tokenizer (+ `training_state.pt` if given) to `directory` via a temporary rename."""
+def save_model_atomic(
+    model: nn.Module,
+    tokenizer,
+    directory: str | Path,
+    extra_state: dict | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write model + tokenizer (+ `training_state.pt` if given) to `directory` via a temporary rename.
+
+    state_dict: the weights to write when the module's own are sharded (FSDP, ZeRO-3); default its own.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
         if extra_state is not None:
             torch.save(extra_state, tmp / STATE_FILE)
@@ -84,6 +93,7 @@ def save_checkpoint(
     scheduler,
     trainer_state: dict,
     keep_last: int | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save `checkpoint-{step}` and delete all but the newest `keep_last` checkpoints."""
     state = {
@@ -92,7 +102,7 @@ def save_checkpoint(
         "rng": rng_state(),
         "trainer": trainer_state,
     }
-    path = save_model_atomic(model, tokenizer, Path(output_dir) / f"checkpoint-{step}", state)
+    path = save_model_atomic(model, tokenizer, Path(output_dir) / f"checkpoint-{step}", state, state_dict)
     if keep_last is not None:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -69,6 +69,7 @@ class ScoredRollout:
     advantages: Tensor
     metrics: dict[str, float]
     generation_time: float
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
     def select(self, groups: list[int]) -> ScoredRollout:
         """The given groups (indices into `rows`), in that order."""
@@ -80,6 +81,7 @@ class ScoredRollout:
             advantages=self.advantages.view(-1, g)[groups].reshape(-1),
             metrics=self.metrics,
             generation_time=self.generation_time,
+            samples=self.samples,
         )
 
     def shard(self, rank: int, world_size: int) -> ScoredRollout:
@@ -169,6 +171,8 @@ class RolloutCollector:
         self._pending = None
         rollout, scores, rewards = self._score(first)
         metrics = self._reward_metrics(scores, rewards)
+        every = config.log_completions_steps
+        samples = self._samples(first.rows, rollout, scores, rewards) if every and (step + 1) % every == 0 else []
         rows, rollouts, totals = first.rows, [rollout], [rewards]
         if config.dynamic_sampling != "off":
             rows, rollouts, totals, rounds = self._keep_informative(step, rows, rollout, rewards)
@@ -178,9 +182,8 @@ class RolloutCollector:
             self._pending = self._start(step + 1, 0, background=True)
         rewards = torch.cat(totals)
         advantages = compute_advantages(rewards, config.advantage_estimator, eps=config.advantage_eps)
-        return ScoredRollout(
-            rows, concat_rollouts(rollouts), rewards, advantages.view(-1), metrics, time.perf_counter() - start
-        )
+        elapsed = time.perf_counter() - start
+        return ScoredRollout(rows, concat_rollouts(rollouts), rewards, advantages.view(-1), metrics, elapsed, samples)
 
     def _keep_informative(self, step: int, rows: list, rollout: RolloutBatch, rewards: Tensor):
         """Groups with reward variance, refilled from further rounds when configured."""
@@ -199,6 +202,19 @@ class RolloutCollector:
             round_ = self._start(step, rounds, background=False)
             rollout, _, rewards = self._score(round_)
             rows, rounds = round_.rows, rounds + 1
+
+    def _samples(
+        self, rows: list[dict[str, Any]], rollout: RolloutBatch, scores: RewardScores, rewards: Tensor
+    ) -> list[dict[str, Any]]:
+        """One record per completion of the first round: prompt, completion, reward per function, advantage."""
+        config, g = self.config, self.config.num_generations
+        advantages = compute_advantages(rewards, config.advantage_estimator, eps=config.advantage_eps).view(-1)
+        return [
+            {"prompt": rows[k // g][self.prompt_column], "completion": rollout.completion_text[k],
+             "reward": scores.total[k].item(), "advantage": advantages[k].item(),
+             **{f"rewards/{name}": values[k].item() for name, values in scores.scores.items()}}
+            for k in range(len(rollout))
+        ]  # fmt: skip
 
     def _reward_metrics(self, scores: RewardScores, rewards: Tensor) -> dict[str, float]:
         reward_mean, reward_std = nan_mean_std(scores.total)

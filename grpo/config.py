@@ -75,6 +75,9 @@ class GRPOConfig:
     save_steps: int = option(0, "Checkpoint every N steps (0: only the final model).")
     save_total_limit: int | None = option(2, "Keep the newest N checkpoints (None: all).")
     eval_steps: int = option(0, "Evaluate held-out accuracy every N steps (0: only before and after).")
+    log_completions_steps: int = option(
+        25, "Every N steps, write the step's completions with their rewards to samples.jsonl (0: never)."
+    )
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:

@@ -36,12 +36,23 @@ class MetricsLogger:
         if self.accelerator.trackers:
             self.accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step` (a resumed run re-logs them)."""
-        if not self.accelerator.is_main_process or not self.path.exists():
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """Append completions with their rewards to `samples.jsonl` beside the metrics."""
+        if not self.accelerator.is_main_process or not samples:
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        with self.path.with_name("samples.jsonl").open("a") as f:
+            for sample in samples:
+                record = {k: _jsonable(v) if isinstance(v, float) else v for k, v in sample.items()}
+                f.write(json.dumps({"step": step, **record}) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop metrics and samples logged after `step` (a resumed run logs them again)."""
+        if not self.accelerator.is_main_process:
+            return
+        for path in (self.path, self.path.with_name("samples.jsonl")):
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in kept))
 
 
 def _jsonable(value: float) -> float | None:

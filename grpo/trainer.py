@@ -12,6 +12,7 @@ grpo/loss.py; this file only orchestrates.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
@@ -77,6 +78,14 @@ class GRPOTrainer:
         self.config, self.tokenizer, self.engine, self.evaluate = config, tokenizer, engine, evaluate
         self.accelerator = accelerator or Accelerator()
         world = self.accelerator.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != world:
+            raise ConfigError(
+                f"{launched} processes were launched but they did not join one process group (each sees {world}): "
+                "they would train separately and overwrite each other's outputs. On CPU, launch with "
+                "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` (accelerate's --cpu / "
+                "use_cpu starts independent processes)."
+            )
         if config.prompts_per_step % world:
             raise ConfigError(f"prompts_per_step ({config.prompts_per_step}) must be a multiple of the "
                               f"number of processes ({world}): groups are never split")  # fmt: skip
@@ -152,6 +161,7 @@ class GRPOTrainer:
         start = time.perf_counter()
         scored = self._collect()
         metrics = dict(scored.metrics)
+        self.logger.log_samples(self.step + 1, scored.samples)
         if scored.rows:  # dynamic sampling can leave no informative group
             batch = build_policy_batch(scored.rollout, self.tokenizer.pad_token_id)
             if self.config.mask_truncated_completions:
@@ -183,10 +193,21 @@ class GRPOTrainer:
         usable = len(scored.rows) // world * world  # dynamic sampling may leave any number of groups
         return scored.select(list(range(usable))).shard(accelerator.process_index, world)
 
+    def _full_state_dict(self) -> dict[str, Tensor] | None:
+        """The policy's complete weights on the main process, gathered when sharded (FSDP, ZeRO-3).
+
+        A collective: every process must call it. None for LoRA policies (adapters are merged instead).
+        """
+        if is_peft_model(self.policy):
+            return None
+        state = self.accelerator.get_state_dict(self.model)  # keys of the TokenLogprobModel: "model.<name>"
+        return {name.removeprefix("model."): tensor for name, tensor in state.items()}
+
     def _sync_engine(self) -> None:
         self.policy_version += 1
+        state = self._full_state_dict()
         if self.accelerator.is_main_process:
-            with engine_weights(self.accelerator.unwrap_model(self.model).model) as named_tensors:
+            with engine_weights(self.policy, state) as named_tensors:
                 self.engine.update_weights(named_tensors, self.policy_version)
 
     # -------------------------------------------------------------- checkpoints
@@ -196,11 +217,12 @@ class GRPOTrainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write `checkpoint-{step}` (main process) and keep the newest `save_total_limit`."""
+        state = self._full_state_dict()
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
         return save_checkpoint(self.config.output_dir, self.step, model=self.policy, tokenizer=self.tokenizer,
-                               optimizer=self.optimizer, scheduler=self.scheduler,
+                               optimizer=self.optimizer, scheduler=self.scheduler, state_dict=state,
                                trainer_state=self._trainer_state(), keep_last=self.config.save_total_limit)  # fmt: skip
 
     def resume(self, checkpoint: str | Path | None = None) -> int:
@@ -228,6 +250,7 @@ class GRPOTrainer:
         A LoRA policy is saved twice: its adapter in `final/adapter`, then merged
         into the base weights (in place: training is over) as a full model in `final/`.
         """
+        state = self._full_state_dict()
         self.accelerator.wait_for_everyone()
         final = Path(self.config.output_dir) / "final"
         if self.accelerator.is_main_process:
@@ -235,7 +258,7 @@ class GRPOTrainer:
             if is_peft_model(model):
                 save_model_atomic(model, self.tokenizer, final.with_name("final-adapter"))
                 model = model.merge_and_unload()
-            save_model_atomic(model, self.tokenizer, final)
+            save_model_atomic(model, self.tokenizer, final, state_dict=state)
             if is_peft_model(self.policy):
                 final.with_name("final-adapter").rename(final / "adapter")
             if self.logger.path.exists():

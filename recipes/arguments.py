@@ -55,6 +55,8 @@ class RecipeArguments:
         None, "Modules that get adapters (default: MLA projections for DeepSeek-V3, all linear layers otherwise)."
     )
     resume: bool = option(False, "Resume from the newest checkpoint in output_dir.")
+    report_to: list[str] = option([], "Experiment trackers accelerate supports: tensorboard, wandb, trackio, ...")
+    run_name: str = option("r1kit", "Project / run name shown by the trackers.")
 
     def __post_init__(self) -> None:
         if self.sft not in ("auto", "always", "never"):

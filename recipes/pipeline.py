@@ -149,7 +149,7 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | 
     and returns the result (the others return None).
     """
     check_inputs(args)
-    accelerator = Accelerator()
+    accelerator = Accelerator(log_with=args.report_to or None, project_dir=config.output_dir)
     train, held_out = load_task(args)
     start = warm_start(args, config, train, accelerator)
     accelerator.wait_for_everyone()
@@ -172,9 +172,14 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | 
             accelerator=accelerator, accuracy_reward=args.accuracy_reward,
             evaluate=lambda step: accuracy().as_metrics(),
         )  # fmt: skip
+        if args.report_to:
+            settings = {**asdict(args), **config.to_dict()}  # trackers take scalars only
+            scalars = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in settings.items()}
+            accelerator.init_trackers(args.run_name, config=scalars)
         if checkpoints:
             accelerator.print(f"resumed from {checkpoints[-1]} at step {trainer.resume(checkpoints[-1])}")
         final = trainer.train()
+        accelerator.end_training()
         if not accelerator.is_main_process:
             return None
         result = PipelineResult(sft=sft_result, grpo=accuracy(), final_model=str(final))

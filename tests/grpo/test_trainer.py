@@ -164,3 +164,21 @@ def test_lora_uses_the_adapter_free_base_as_reference_and_syncs_merged_weights(m
     assert changed and all("proj" in n for n in changed)
     for name, tensor in merged.state_dict().items():
         torch.testing.assert_close(engine_state[name], tensor, msg=name)
+
+
+def test_completions_are_written_with_their_rewards(make_trainer):
+    trainer = make_trainer(max_steps=4, log_completions_steps=2)
+    trainer.train()
+    lines = (Path(trainer.config.output_dir) / "samples.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [2] * 16 + [4] * 16  # B * G completions at steps 2 and 4
+    assert {"prompt", "completion", "reward", "advantage", "rewards/digit_share"} <= records[0].keys()
+    assert sum(r["advantage"] for r in records[:4]) == pytest.approx(0.0, abs=1e-5)  # one group
+
+
+def test_processes_that_did_not_join_one_group_are_refused(make_trainer, monkeypatch):
+    from grpo.options import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. accelerate launch --cpu --num_processes 2
+    with pytest.raises(ConfigError, match="did not join one process group"):
+        make_trainer()

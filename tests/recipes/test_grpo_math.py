@@ -87,3 +87,10 @@ def test_lora_run_writes_a_merged_model_and_its_adapter(tmp_path):
                        "--cache_dir", str(tmp_path / "cache")])  # fmt: skip
     final = tmp_path / "run" / "final"
     assert (final / "config.json").exists() and (final / "adapter" / "adapter_config.json").exists()
+
+
+def test_metrics_reach_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    main("grpo_math", [*SMALL, "--report_to", "tensorboard", "--output_dir", str(tmp_path / "run"),
+                       "--cache_dir", str(tmp_path / "cache")])  # fmt: skip
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
