@@ -75,10 +75,16 @@ class Generated:
             prompt_ids=[list(p) for p in prompts for _ in range(n)],
             completion_ids=self.completion_ids,
             completion_text=self.completion_text,
-            sampler_logprobs=[torch.frombuffer(bytearray(raw), dtype=torch.float32) for raw in self.sampler_logprobs],
+            sampler_logprobs=[_float32(raw) for raw in self.sampler_logprobs],
             finish_reason=self.finish_reason,
             policy_version=self.policy_version,
         )
+
+
+def _float32(raw: bytes) -> torch.Tensor:
+    if not raw:  # frombuffer rejects an empty buffer
+        return torch.zeros(0, dtype=torch.float32)
+    return torch.frombuffer(bytearray(raw), dtype=torch.float32)
 
 
 @dataclass(frozen=True)

@@ -242,6 +242,11 @@ class RemoteRolloutEngine:
     def worker_names(self) -> list[str]:
         return [w.name for w in self._workers]
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers (as they report them), in worker order."""
+        return [w.info.pid for w in self._workers]
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         """Samples `params.n` completions per prompt across the workers; rows are grouped by prompt."""
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -299,7 +304,7 @@ class RemoteRolloutEngine:
                 self._snapshot = (version, plan, list(kept))
 
     def close(self) -> None:
-        """Disconnects; launched workers exit (and are killed if they do not within 10 s)."""
+        """Disconnects; launched workers exit (killed at once after a failure, or if they linger 10 s)."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -309,10 +314,11 @@ class RemoteRolloutEngine:
             self._store = None
         for worker in self._workers:
             worker.close()
-        for process in self._processes:
-            if not process.wait(10.0):
-                logger.warning("rollout worker pid %d did not exit after disconnecting; killing it", process.pid)
-        self._finalizer()  # reaps every launched process group
+        if self._failure is None:  # healthy workers exit by themselves once disconnected
+            for process in self._processes:
+                if not process.wait(10.0):
+                    logger.warning("rollout worker pid %d did not exit after disconnecting; killing it", process.pid)
+        self._finalizer()  # kills and reaps every launched process group that is left
         if self._failure is None:
             self._failure = RuntimeError("the remote rollout engine was closed")
 
@@ -464,33 +470,40 @@ class RemoteRolloutEngine:
             raise self._sync_failure(error) from error
         deadline = time.monotonic() + self.config.sync_timeout_s
         replies: dict[int, object] = {}
+        refusals: list[RolloutWorkerError] = []
         for index, worker in enumerate(self._workers):
             try:
                 replies[index] = worker.receive(deadline, "the weight update", self.config.sync_timeout_s)
             except _RECOVERABLE as error:
                 failures[index] = error
+            except RolloutWorkerError as error:  # it received every bucket but refused them (e.g. unknown names)
+                refusals.append(error)
         if failures:
             self._drop_group()
             raise _SyncFailed(failures)
+        if refusals:
+            raise refusals[0]
         for index, reply in replies.items():
             if not isinstance(reply, WeightsLoaded) or reply.version != version:
                 raise RolloutWorkerError(self._workers[index].name, f"acknowledged {reply} for version {version}")
 
     def _sync_failure(self, error: BaseException) -> Exception:
-        """After a broadcast failed: _SyncFailed for the workers that died, else a RolloutWorkerError."""
+        """After a broadcast failed: _SyncFailed naming the workers that died (first) or went silent."""
         deadline = time.monotonic() + min(5.0, self.config.sync_timeout_s)
-        failures: dict[int, RolloutWorkerError] = {}
+        died: dict[int, RolloutWorkerError] = {}
+        silent: dict[int, RolloutWorkerError] = {}
         for index, worker in enumerate(self._workers):
             try:
                 worker.receive(deadline, "the weight update", self.config.sync_timeout_s)
-            except RolloutWorkerDied as died:
-                failures[index] = died
-            except RolloutWorkerTimeout:
+            except RolloutWorkerDied as failure:
+                died[index] = failure
+            except RolloutWorkerTimeout as failure:
                 worker.abandon()
-            except RolloutWorkerError:  # it answered (with a Failure): alive
+                silent[index] = failure
+            except RolloutWorkerError:  # it answered (with a Failure): alive and in step
                 pass
-        if failures:
-            return _SyncFailed(failures)
+        if died or silent:
+            return _SyncFailed({**died, **silent})
         return RolloutWorkerError("the weight-sync group", f"broadcast failed: {error}")
 
 

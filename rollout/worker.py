@@ -44,6 +44,12 @@ from rollout.messages import (
 from rollout.sync_group import Rendezvous, WeightSyncGroup, local_address, receive_buckets
 from rollout.torch_engine import TorchRolloutEngine
 
+HANDOVER_S = 2.0  # how long a new trainer waits for the previous one to disconnect
+
+
+class PlanMismatch(ValueError):
+    """The bucket plan names a tensor the engine lacks, or with another shape; no weight was changed."""
+
 
 class HostedEngine(Protocol):
     """What a worker needs from the engine it serves."""
@@ -57,7 +63,10 @@ class HostedEngine(Protocol):
 
     def join_weight_sync(self, rendezvous: Rendezvous, first_rank: int, local_host: str) -> None: ...
 
-    def receive_weights(self, version: int, plan: list[Bucket]) -> None: ...
+    def receive_weights(self, version: int, plan: list[Bucket]) -> None:
+        """Receives every bucket of `plan` (staying in step with the trainer even after an error), loads
+        them, then stamps `version`; raises PlanMismatch, having changed nothing, if the plan does not fit."""
+        ...
 
     def leave_weight_sync(self) -> None: ...
 
@@ -89,8 +98,12 @@ class TorchHost:
     def receive_weights(self, version: int, plan: list[Bucket]) -> None:
         if self._group is None:
             raise RuntimeError("no weight-sync group: the trainer must send JoinSyncGroup first")
+        mismatch = _plan_mismatch(plan, self.engine.model.state_dict())
         for named_tensors in receive_buckets(self._group, plan, self.device):
-            self.engine.load_weights(named_tensors)
+            if mismatch is None:
+                self.engine.load_weights(named_tensors)
+        if mismatch is not None:
+            raise PlanMismatch(mismatch)
         self.engine.policy_version = version
 
     def leave_weight_sync(self) -> None:
@@ -101,6 +114,18 @@ class TorchHost:
     def close(self) -> None:
         self.leave_weight_sync()
         self.engine.close()
+
+
+def _plan_mismatch(plan: list[Bucket], state_dict: dict) -> str | None:
+    """Why `plan` does not fit a model with this state dict, or None."""
+    for bucket in plan:
+        for slot in bucket.slots:
+            target = state_dict.get(slot.name)
+            if target is None:
+                return f"the rollout model has no tensor named {slot.name!r}"
+            if tuple(target.shape) != slot.shape:
+                return f"{slot.name!r} has shape {slot.shape}, the rollout model expects {tuple(target.shape)}"
+    return None
 
 
 class RolloutWorker:
@@ -124,7 +149,8 @@ class RolloutWorker:
         self.listener = Listener(address, family="AF_INET", authkey=authkey)
         self.address: tuple[str, int] = self.listener.address
         self._clients: queue.Queue[Connection] = queue.Queue()
-        self._busy = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
         self._partial_version: int | None = None  # set while (or after a failed) weight update is in progress
 
     def serve(self) -> None:
@@ -134,7 +160,7 @@ class RolloutWorker:
             while True:
                 connection = self._clients.get()
                 shutdown = self._serve_client(connection)
-                self._busy.clear()
+                self._idle.set()
                 if shutdown or self.exit_with_client:
                     return
         finally:
@@ -150,12 +176,12 @@ class RolloutWorker:
             except Exception as error:  # a peer with the wrong authkey, or one that hung up mid-handshake
                 print(f"rollout worker: refused a connection: {error}", file=sys.stderr, flush=True)
                 continue
-            if self._busy.is_set():
+            if not self._idle.wait(HANDOVER_S):  # a trainer that is disconnecting gets a moment to finish
                 where = f"{self.address[0]}:{self.address[1]}"
                 connection.send(Failure("busy", f"the worker at {where} serves another trainer"))
                 connection.close()
                 continue
-            self._busy.set()
+            self._idle.clear()
             self._clients.put(connection)
 
     def _serve_client(self, connection: Connection) -> bool:
@@ -213,6 +239,9 @@ class RolloutWorker:
         self._partial_version = request.version
         try:
             self.host.receive_weights(request.version, request.plan)
+        except PlanMismatch:
+            self._partial_version = None  # nothing was loaded; the group stayed in step
+            raise
         except BaseException:
             self.host.leave_weight_sync()  # a group that failed once is never reused
             raise
