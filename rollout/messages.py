@@ -9,8 +9,6 @@ reply, in order: the reply named below, or `Failure`.
     Generate             -> Generated
     JoinSyncGroup        -> Done      (after the group formed)
     ReceiveWeights       -> WeightsLoaded (after the last bucket is loaded)
-    LeaveSyncGroup       -> Done
-    Shutdown             -> Done      (then the worker exits)
 A worker busy with another trainer answers the first request with Failure("busy").
 """
 
@@ -65,7 +63,7 @@ class Generated:
         return cls(
             completion_ids=batch.completion_ids,
             completion_text=batch.completion_text,
-            sampler_logprobs=[lp.to(torch.float32).contiguous().numpy().tobytes() for lp in batch.sampler_logprobs],
+            sampler_logprobs=[lp.detach().to("cpu", torch.float32).numpy().tobytes() for lp in batch.sampler_logprobs],
             finish_reason=batch.finish_reason,
             policy_version=batch.policy_version,
         )
@@ -106,16 +104,6 @@ class ReceiveWeights:
 @dataclass(frozen=True)
 class WeightsLoaded:
     version: int
-
-
-@dataclass(frozen=True)
-class LeaveSyncGroup:
-    pass
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    pass
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,9 @@ class RemoteRolloutEngine:
             self._backend, self._sync_device = self._choose_backend()
             self._sync_host = config.sync_host or self._default_sync_host()
             self._build_sync_group()
+        except _SyncFailed as failed:
+            self.close()
+            raise next(iter(failed.failures.values())) from None
         except BaseException:
             self.close()
             raise

@@ -160,11 +160,11 @@ def _nccl_group(
 ) -> dist.ProcessGroup:
     if not dist.is_nccl_available() or device.type != "cuda":
         raise RuntimeError(f"the NCCL weight-sync backend needs a CUDA device and an NCCL build of torch, got {device}")
-    torch.cuda.set_device(device)
     options = dist.ProcessGroupNCCL.Options()
     options._timeout = timeout
-    group = dist.ProcessGroupNCCL(store, rank, world_size, options)
-    group.eager_connect_single_device(device)  # build the communicator now, so a bad peer fails here
+    with torch.cuda.device(device):  # without changing the caller's current device
+        group = dist.ProcessGroupNCCL(store, rank, world_size, options)
+        group.eager_connect_single_device(device)  # build the communicator now, so a bad peer fails here
     return group
 
 

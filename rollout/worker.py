@@ -35,9 +35,7 @@ from rollout.messages import (
     Generated,
     Hello,
     JoinSyncGroup,
-    LeaveSyncGroup,
     ReceiveWeights,
-    Shutdown,
     WeightsLoaded,
     WorkerInfo,
 )
@@ -152,18 +150,20 @@ class RolloutWorker:
         self._idle = threading.Event()
         self._idle.set()
         self._partial_version: int | None = None  # set while (or after a failed) weight update is in progress
+        self._stopping = False
 
     def serve(self) -> None:
-        """Blocks until Shutdown (or, with exit_with_client, until the trainer disconnects)."""
+        """Blocks for good (or, with exit_with_client, until the first trainer disconnects)."""
         threading.Thread(target=self._accept_loop, name="rollout-accept", daemon=True).start()
         try:
             while True:
                 connection = self._clients.get()
-                shutdown = self._serve_client(connection)
+                self._serve_client(connection)
                 self._idle.set()
-                if shutdown or self.exit_with_client:
+                if self.exit_with_client:
                     return
         finally:
+            self._stopping = True
             self.listener.close()
             self.host.close()
 
@@ -171,9 +171,9 @@ class RolloutWorker:
         while True:
             try:
                 connection = self.listener.accept()
-            except OSError:  # the listener was closed: the worker is stopping
-                return
-            except Exception as error:  # a peer with the wrong authkey, or one that hung up mid-handshake
+            except Exception as error:  # a wrong authkey, a peer that hung up mid-handshake, or the end
+                if self._stopping:
+                    return
                 print(f"rollout worker: refused a connection: {error}", file=sys.stderr, flush=True)
                 continue
             if not self._idle.wait(HANDOVER_S):  # a trainer that is disconnecting gets a moment to finish
@@ -184,18 +184,16 @@ class RolloutWorker:
             self._idle.clear()
             self._clients.put(connection)
 
-    def _serve_client(self, connection: Connection) -> bool:
-        """Answers one trainer's requests until it disconnects; True if it asked the worker to shut down."""
+    def _serve_client(self, connection: Connection) -> None:
+        """Answers one trainer's requests until it disconnects."""
         local_host = local_address(connection)
         try:
             while True:
                 try:
                     request = connection.recv()
-                except (EOFError, OSError):
-                    return False
-                connection.send(self._answer(request, local_host))
-                if isinstance(request, Shutdown):
-                    return True
+                    connection.send(self._answer(request, local_host))
+                except (EOFError, OSError):  # the trainer went away, possibly mid-request
+                    return
         finally:
             self.host.leave_weight_sync()  # the group belongs to this trainer
             connection.close()
@@ -230,9 +228,6 @@ class RolloutWorker:
             return Done()
         if isinstance(request, ReceiveWeights):
             return self._receive_weights(request)
-        if isinstance(request, LeaveSyncGroup | Shutdown):
-            host.leave_weight_sync()
-            return Done()
         raise TypeError(f"unknown request {type(request).__name__}")
 
     def _receive_weights(self, request: ReceiveWeights) -> WeightsLoaded:

@@ -152,7 +152,7 @@ def test_a_hung_worker_times_out_naming_it(checkpoint: Path, trainer, call: str)
     assert_gone([pid])
 
 
-def test_a_restarted_worker_gets_the_last_weights(checkpoint: Path, trainer) -> None:
+def test_a_restarted_worker_gets_the_last_weights_and_a_death_during_sync_is_named(checkpoint: Path, trainer) -> None:
     config = RemoteEngineConfig(start_timeout_s=120, generate_timeout_s=60, sync_timeout_s=30, max_restarts=1)
     engine = RemoteRolloutEngine.launch(checkpoint, options=OPTIONS, config=config)
     first = engine.worker_pids[0]
@@ -165,8 +165,10 @@ def test_a_restarted_worker_gets_the_last_weights(checkpoint: Path, trainer) -> 
         assert second != first and batch.policy_version == 1
         assert max_logprob_error(trainer, batch, TEMPERATURE) < 1e-4
         os.kill(second, signal.SIGKILL)
-        with pytest.raises(RolloutWorkerDied, match="rollout worker 0"):  # no restart left
-            engine.generate(PROMPTS, params(seed=2))
+        start = time.monotonic()
+        with pytest.raises(RolloutWorkerDied, match=rf"rollout worker 0 .*pid {second}\): died"):  # none left
+            engine.update_weights(trainer.state_dict().items(), version=2)
+        assert time.monotonic() - start < 10
     finally:
         engine.close()
     assert_gone([first, second])
