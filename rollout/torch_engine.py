@@ -41,7 +41,8 @@ class TorchRolloutEngine:
     model: a causal LM accepting (input_ids, attention_mask, position_ids,
         past_key_values, use_cache, logits_to_keep).
     tokenizer: decodes completions; its pad token id pads prompts.
-    max_batch_rows: at most this many sequences are decoded together.
+    max_batch_rows: at most this many sequences are decoded together (a prompt's n
+        samples always share a batch, so a batch holds max(1, max_batch_rows // n) prompts).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch_rows: int = 256) -> None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from policy.loading import load_policy
-from rollout.engine import SamplingParams
+from rollout.engine import RolloutEngine, SamplingParams
 from rollout.errors import RolloutWorkerDied, RolloutWorkerError, RolloutWorkerTimeout
 from rollout.messages import AUTHKEY_ENV
 from rollout.remote import RemoteEngineConfig, RemoteRolloutEngine
@@ -69,6 +69,7 @@ def engine(checkpoint: Path):
 
 
 def test_logprobs_agree_with_the_trainer_after_every_update(engine: RemoteRolloutEngine, trainer) -> None:
+    assert isinstance(engine, RolloutEngine)
     previous = None
     for version in (1, 2, 3):
         perturb(trainer, seed=version)
