@@ -1,11 +1,20 @@
 """The built-in rollout engine: batched sampling with a KV cache, in plain torch.
 
 Works with any causal LM that follows the Hugging Face cache interface (our
-DeepSeek-V3 policy with its latent cache, or any transformers model). Prompts
-are left-padded so that every row's next token sits in the last column; each
-decode step feeds one token per row, reusing the cache. Rows that emit a stop
-token are dropped from the batch (and from the cache) once half of the rows
-are finished, so long stragglers do not pay for finished rows.
+DeepSeek-V3 policy with its latent cache, or any transformers model). What it
+does that `model.generate` does not, and why GRPO rollouts need it:
+
+- each prompt is prefilled once and its cache rows are repeated for its `n`
+  samples (generate prefills every sample: n times the prompt compute);
+- the cache is sized up front for prompt + max_new_tokens (rollout/kv_cache.py),
+  so a decode step writes one token in place instead of re-concatenating the
+  whole cache as transformers' DynamicCache does;
+- rows that emit a stop token are dropped from the batch and the cache once a
+  quarter of the rows are finished, so long stragglers do not pay for finished
+  rows (generate keeps decoding finished rows until the last one stops).
+
+Prompts are left-padded so that every row's next token sits in the last
+column; each decode step feeds one token per row.
 
 The engine owns the module it is given. Hand it a copy of the trainer's policy
 to keep generation and training apart, or the trainer's module itself to share
@@ -22,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from rollout.engine import RolloutBatch, SamplingParams
+from rollout.kv_cache import make_decode_cache
 from rollout.sampling import sample_next_tokens
 
 
@@ -31,7 +41,8 @@ class TorchRolloutEngine:
     model: a causal LM accepting (input_ids, attention_mask, position_ids,
         past_key_values, use_cache, logits_to_keep).
     tokenizer: decodes completions; its pad token id pads prompts.
-    max_batch_rows: at most this many sequences are decoded together.
+    max_batch_rows: at most this many sequences are decoded together (a prompt's n
+        samples always share a batch, so a batch holds max(1, max_batch_rows // n) prompts).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch_rows: int = 256) -> None:
@@ -59,25 +70,26 @@ class TorchRolloutEngine:
     def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt and no empty prompt")
-        rows = [list(p) for p in prompts for _ in range(params.n)]
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        prompts_per_batch = max(1, self.max_batch_rows // params.n)  # a group is never split
         completions: list[list[int]] = []
         logprobs: list[Tensor] = []
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
-                for start in range(0, len(rows), self.max_batch_rows):
-                    ids, lps = self._generate_rows(rows[start : start + self.max_batch_rows], params, generator)
+                for start in range(0, len(prompts), prompts_per_batch):
+                    chunk = [list(p) for p in prompts[start : start + prompts_per_batch]]
+                    ids, lps = self._generate_groups(chunk, params, generator)
                     completions += ids
                     logprobs += lps
         finally:
             self.model.train(was_training)
         stop = set(params.stop_token_ids)
         return RolloutBatch(
-            prompt_ids=rows,
+            prompt_ids=[list(p) for p in prompts for _ in range(params.n)],
             completion_ids=completions,
             completion_text=self.tokenizer.batch_decode(completions, skip_special_tokens=True),
             sampler_logprobs=logprobs,
@@ -85,36 +97,49 @@ class TorchRolloutEngine:
             policy_version=self.policy_version,
         )
 
-    def _generate_rows(
-        self, rows: list[list[int]], params: SamplingParams, generator: torch.Generator | None
-    ) -> tuple[list[list[int]], list[Tensor]]:
-        """Decode one batch of rows; returns per-row completion ids and sampler log-probs."""
-        num_rows, width = len(rows), max(len(r) for r in rows)
-        input_ids = torch.full((num_rows, width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((num_rows, width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row) :] = torch.tensor(row)
-            attention_mask[i, width - len(row) :] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device)
+    def _prefill(self, prompts: list[list[int]], n: int, capacity: int) -> tuple[Tensor, object, Tensor, Tensor]:
+        """Runs each prompt once and repeats its cache rows n times.
 
+        Returns (logits (P*n, V) of the next token, cache, attention_mask
+        buffer (P*n, capacity) with the prompt columns filled, next position (P*n,)).
+        """
+        num_prompts, width = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((num_prompts, width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((num_prompts, capacity), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[i, width - len(prompt) : width] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        positions = (attention_mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=attention_mask[:, :width],
             position_ids=positions,
+            past_key_values=make_decode_cache(self.model, capacity),
             use_cache=True,
             logits_to_keep=1,
         )
         cache, logits = out.past_key_values, out.logits[:, -1]
-        next_position = positions[:, -1] + 1  # (R,)
+        rows = torch.arange(num_prompts, device=self.device).repeat_interleave(n)  # row i*n+j -> prompt i
+        if n > 1:
+            cache.reorder_cache(rows)
+        return logits[rows], cache, attention_mask[rows], positions[rows, -1] + 1
+
+    def _generate_groups(
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None
+    ) -> tuple[list[list[int]], list[Tensor]]:
+        """Decodes `params.n` samples of each prompt; returns per-row completion ids and sampler log-probs."""
+        width, max_new = max(len(p) for p in prompts), params.max_new_tokens
+        logits, cache, attention_mask, next_position = self._prefill(prompts, params.n, width + max_new)
+        num_rows = logits.shape[0]
+        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device)
         active = torch.arange(num_rows, device=self.device)  # original row of each batch row
-        tokens = torch.full((num_rows, params.max_new_tokens), -1, dtype=torch.long, device=self.device)
-        token_logprobs = torch.zeros((num_rows, params.max_new_tokens), device=self.device)
-        lengths = torch.full((num_rows,), params.max_new_tokens, dtype=torch.long, device=self.device)
+        tokens = torch.full((num_rows, max_new), -1, dtype=torch.long, device=self.device)
+        token_logprobs = torch.zeros((num_rows, max_new), device=self.device)
+        lengths = torch.full((num_rows,), max_new, dtype=torch.long, device=self.device)
 
         done = torch.zeros(num_rows, dtype=torch.bool, device=self.device)  # per batch row
-        for step in range(params.max_new_tokens):
+        for step in range(max_new):
             new_tokens, new_logprobs = sample_next_tokens(
                 logits, temperature=params.temperature, top_p=params.top_p, generator=generator
             )
@@ -123,17 +148,17 @@ class TorchRolloutEngine:
             finished_now = torch.isin(new_tokens, stop_ids) & ~done
             lengths[active[finished_now]] = step + 1
             done |= finished_now
-            if step + 1 == params.max_new_tokens or bool(done.all()):
+            if step + 1 == max_new or bool(done.all()):
                 break
-            if 2 * int(done.sum()) >= len(active):  # drop finished rows from the batch and the cache
+            if 4 * int(done.sum()) >= len(active):  # drop finished rows from the batch and the cache
                 keep = (~done).nonzero().squeeze(-1)
                 cache.reorder_cache(keep)
                 active, new_tokens, next_position = active[keep], new_tokens[keep], next_position[keep]
                 attention_mask, done = attention_mask[keep], done[keep]
-            attention_mask = torch.cat([attention_mask, (~done).long().unsqueeze(-1)], dim=-1)
+            attention_mask[:, width + step] = (~done).long()
             out = self.model(
                 input_ids=new_tokens.unsqueeze(-1),
-                attention_mask=attention_mask,
+                attention_mask=attention_mask[:, : width + step + 1],
                 position_ids=next_position.unsqueeze(-1),
                 past_key_values=cache,
                 use_cache=True,
@@ -150,8 +175,22 @@ class TorchRolloutEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
         """Copy new weights (state_dict names of the engine's model) in place and stamp `version`."""
+        with self._lock:
+            self._copy_weights(named_tensors)
+            self.policy_version = version
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        """Copy some weights in place without changing `policy_version`.
+
+        For updates that arrive in pieces (a worker receiving buckets): the
+        caller stamps the version once the last piece is in.
+        """
+        with self._lock:
+            self._copy_weights(named_tensors)
+
+    def _copy_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         targets = dict(self.model.state_dict(keep_vars=True))
-        with self._lock, torch.no_grad():
+        with torch.no_grad():
             for name, tensor in named_tensors:
                 if name not in targets:
                     raise KeyError(f"update_weights: the rollout model has no tensor named {name!r}")
@@ -163,7 +202,6 @@ class TorchRolloutEngine:
                     )
                 if target.data_ptr() != tensor.data_ptr():
                     target.copy_(tensor)
-        self.policy_version = version
 
     def close(self) -> None:
         """Stop the background thread; the model lives as long as its owner keeps it."""

@@ -1,114 +1,108 @@
-"""The built-in engine against a full forward and against transformers' generate."""
-
-import copy
+"""The built-in engine: sampler log-probs equal a full forward; prefix sharing and cache sizing change nothing."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo.batch import build_policy_batch
-from grpo.logprobs import TokenLogprobModel
-from rollout.engine import RolloutEngine, SamplingParams
+from policy import DeepseekV3ForCausalLM, preset_config
+from rollout.engine import SamplingParams
 from rollout.torch_engine import TorchRolloutEngine
+from tests.rollout.conftest import EOS, max_logprob_error, word_tokenizer
 
-PROMPTS = ["Question: Mia has 3 pens. She gets 2 more.\n", "Question: Tom has 12 coins.\n", "Question: Ava\n"]
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20]]
 
 
-@pytest.fixture(params=["deepseek_v3", "llama"])
-def model(request, arithmetic_tokenizer, debug_policy):
-    if request.param == "deepseek_v3":
-        return debug_policy
-    tok = arithmetic_tokenizer
+def tiny_llama() -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
+        max_position_embeddings=256,
+        pad_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
 
 
-def encode(tokenizer, prompts=PROMPTS):
-    return [tokenizer(p)["input_ids"] for p in prompts]
+MODELS = {
+    "deepseek_v3": lambda: DeepseekV3ForCausalLM(preset_config("tiny-debug")).eval(),
+    "llama": tiny_llama,
+}
 
 
-def test_is_a_rollout_engine(model, arithmetic_tokenizer):
-    assert isinstance(TorchRolloutEngine(model, arithmetic_tokenizer), RolloutEngine)
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize(("temperature", "top_p"), [(0.8, 1.0), (1.0, 0.7), (0.0, 1.0)])
+def test_sampler_logprobs_equal_a_full_forward(kind: str, temperature: float, top_p: float) -> None:
+    model = MODELS[kind]()
+    engine = TorchRolloutEngine(model, word_tokenizer(128), max_batch_rows=4)  # 3 prompts x 3 samples: 3 batches
+    params = SamplingParams(n=3, temperature=temperature, top_p=top_p, max_new_tokens=12, seed=1)
+    batch = engine.generate(PROMPTS, params)
+    assert len(batch) == 9 and batch.prompt_ids[3] == PROMPTS[1]
+    assert max_logprob_error(model, batch, temperature) < 1e-4
 
 
-def test_sampler_logprobs_equal_a_full_forward(model, arithmetic_tokenizer):
-    tok = arithmetic_tokenizer
-    engine = TorchRolloutEngine(model, tok, max_batch_rows=4)  # 9 rows: three chunks
-    params = SamplingParams(n=3, temperature=0.9, max_new_tokens=12, stop_token_ids=(tok.eos_token_id,), seed=3)
-    rollout = engine.generate(encode(tok), params)
-    assert len(rollout) == 9 and rollout.prompt_ids[3] == rollout.prompt_ids[5] == encode(tok)[1]
-    batch = build_policy_batch(rollout, tok.pad_token_id)
-    with torch.no_grad():
-        logp = TokenLogprobModel(model, temperature=0.9)(
-            batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_length
-        ).logp
-    mask = batch.completion_mask.bool()
-    assert (logp[mask] - batch.sampler_logprobs[mask]).abs().max() < 1e-5
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_greedy_samples_equal_transformers_generate(kind: str) -> None:
+    model = MODELS[kind]()
+    batch = TorchRolloutEngine(model, word_tokenizer(128)).generate(
+        PROMPTS, SamplingParams(n=2, temperature=0.0, max_new_tokens=10)
+    )
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10, pad_token_id=0)
+        assert batch.completion_ids[2 * i] == batch.completion_ids[2 * i + 1] == expected[0, len(prompt) :].tolist()
 
 
-def test_greedy_decoding_matches_transformers_generate(model, arithmetic_tokenizer):
-    tok = arithmetic_tokenizer
-    engine = TorchRolloutEngine(model, tok)
-    rollout = engine.generate(encode(tok), SamplingParams(n=1, temperature=0.0, max_new_tokens=10))
-    for prompt, completion in zip(encode(tok), rollout.completion_ids, strict=True):
-        expected = model.generate(
-            torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id
-        )[0, len(prompt) :]
-        assert completion == expected.tolist()
+def test_rows_stop_at_stop_tokens_and_say_why() -> None:
+    engine = TorchRolloutEngine(MODELS["llama"](), word_tokenizer(128))
+    stops = tuple(range(1, 40))  # a third of the vocabulary: most rows stop early, at different steps
+    batch = engine.generate(PROMPTS, SamplingParams(n=8, max_new_tokens=20, stop_token_ids=stops, seed=0))
+    lengths = [len(ids) for ids in batch.completion_ids]
+    assert len(set(lengths)) > 3
+    for ids, reason, logprobs in zip(batch.completion_ids, batch.finish_reason, batch.sampler_logprobs, strict=True):
+        assert len(logprobs) == len(ids)
+        assert all(token not in stops for token in ids[:-1])
+        assert reason == ("stop" if ids[-1] in stops else "length")
+        assert reason == "stop" or len(ids) == 20
+    assert batch.num_generated_tokens == sum(lengths)
+    assert batch.completion_text[0] == " ".join(f"t{t}" for t in batch.completion_ids[0] if t != EOS)
 
 
-def test_stop_tokens_end_rows_and_finished_rows_leave_the_batch(arithmetic_tokenizer, debug_policy):
-    tok = arithmetic_tokenizer
-    engine = TorchRolloutEngine(debug_policy, tok)
-    free = engine.generate(encode(tok), SamplingParams(n=1, temperature=0.0, max_new_tokens=8))
-    # stop on the token each row emits at a different step, so rows finish at different times
-    stops = tuple({ids[k] for k, ids in zip((1, 4, 7), free.completion_ids, strict=True)})
-    stopped = engine.generate(encode(tok), SamplingParams(n=1, temperature=0.0, max_new_tokens=8, stop_token_ids=stops))
-    for full, cut, reason in zip(free.completion_ids, stopped.completion_ids, stopped.finish_reason, strict=True):
-        first_stop = next((i for i, t in enumerate(full) if t in stops), None)
-        if first_stop is None:
-            assert cut == full and reason == "length"
-        else:
-            assert cut == full[: first_stop + 1] and reason == "stop"
-    assert stopped.num_generated_tokens < free.num_generated_tokens
+def test_seeded_generation_is_reproducible() -> None:
+    engine = TorchRolloutEngine(MODELS["deepseek_v3"](), word_tokenizer(128))
+    params = SamplingParams(n=2, max_new_tokens=8, seed=3)
+    assert engine.generate(PROMPTS, params).completion_ids == engine.generate(PROMPTS, params).completion_ids
 
 
-def test_update_weights_copies_in_place_and_stamps_the_version(arithmetic_tokenizer, debug_policy):
-    engine = TorchRolloutEngine(copy.deepcopy(debug_policy), arithmetic_tokenizer)
-    new_state = {k: v + 0.01 if v.is_floating_point() else v for k, v in debug_policy.state_dict().items()}
-    engine.update_weights(new_state.items(), version=7)
-    assert engine.policy_version == 7
-    for name, tensor in engine.model.state_dict().items():
-        assert torch.equal(tensor, new_state[name]), name
-    batch = engine.generate(encode(arithmetic_tokenizer)[:1], SamplingParams(n=2, max_new_tokens=2))
-    assert batch.policy_version == 7
+def test_load_weights_copies_in_place_and_only_update_weights_stamps_a_version() -> None:
+    model = MODELS["llama"]()
+    engine = TorchRolloutEngine(model, word_tokenizer(128))
+    new = {name: torch.randn_like(t) for name, t in model.state_dict().items()}
+    engine.load_weights(list(new.items())[:3])
+    assert engine.policy_version == 0
+    engine.update_weights(new.items(), version=4)
+    assert engine.policy_version == 4
+    assert all(torch.equal(model.state_dict()[name], t) for name, t in new.items())
     with pytest.raises(KeyError, match="no tensor named 'nope'"):
-        engine.update_weights([("nope", torch.zeros(1))], version=8)
+        engine.update_weights([("nope", torch.zeros(1))], version=5)
 
 
-def test_generate_async_returns_the_same_batch(arithmetic_tokenizer, debug_policy):
-    engine = TorchRolloutEngine(debug_policy, arithmetic_tokenizer)
+def test_is_a_rollout_engine_and_generate_async_returns_the_same_batch() -> None:
+    from rollout.engine import RolloutEngine
+
+    engine = TorchRolloutEngine(MODELS["deepseek_v3"](), word_tokenizer(128))
+    assert isinstance(engine, RolloutEngine)
     params = SamplingParams(n=2, max_new_tokens=6, seed=11)
     try:
-        future = engine.generate_async(encode(arithmetic_tokenizer), params)
-        assert (
-            future.result(timeout=60).completion_ids
-            == engine.generate(encode(arithmetic_tokenizer), params).completion_ids
-        )
+        future = engine.generate_async(PROMPTS, params)
+        assert future.result(timeout=60).completion_ids == engine.generate(PROMPTS, params).completion_ids
     finally:
         engine.close()
 
 
-def test_bad_input(arithmetic_tokenizer, debug_policy):
-    engine = TorchRolloutEngine(debug_policy, arithmetic_tokenizer)
+def test_empty_prompts_are_refused() -> None:
+    engine = TorchRolloutEngine(MODELS["llama"](), word_tokenizer(128))
     with pytest.raises(ValueError, match="no empty prompt"):
         engine.generate([[]], SamplingParams())

@@ -1,0 +1,273 @@
+"""Rollout benchmark: our torch engine against transformers' `generate`, in process and through a worker.
+
+Prints, in one run (CPU by default):
+  1. Generation tokens/s of `TorchRolloutEngine` against `model.generate` on the
+     same model, prompts, sampling (temperature 1, no top-k / top-p) and stop
+     tokens, for our `tiny` DeepSeek-V3 preset and a small Llama, in two
+     workloads: "spread" stops at a set of 6 token ids (a random model then
+     emits one about every 100 tokens, so completion lengths spread from 1 to
+     the cap as RL completions do) and "full" never stops (every row runs to
+     the cap: per-step efficiency alone). B prompts x G samples, G = 8 as in
+     GRPO; contestants timed in interleaved rounds, median.
+  2. The same "spread" workload through one worker process
+     (`RemoteRolloutEngine.launch`, built-in engine, gloo weight sync), with
+     the time of a full weight update (every tensor of the state dict).
+  3. One-step off-policy overlap through that worker: wall time per step of
+     generate + policy update (one AdamW step on the sampled completions'
+     log-likelihood) + weight sync, sequential against overlapped (the next
+     batch generated while the trainer updates).
+  4. vLLM tokens/s when vLLM and a GPU are present; otherwise it says so.
+
+Prompts are the synthetic arithmetic questions of the embedded task, tokenised
+by its BPE tokenizer; weights are random (fixed seed).
+
+    python3 benchmarks/bench_rollout.py [--threads 1] [--prompts 8] [--samples 8] [--max-new-tokens 256] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from policy import DeepseekV3ForCausalLM, preset_config
+from recipes.embedded import train_bpe_tokenizer
+from recipes.tasks.arithmetic import arithmetic_dataset
+from rollout.engine import RolloutBatch, SamplingParams
+from rollout.remote import RemoteRolloutEngine
+from rollout.serve import WorkerOptions
+from rollout.torch_engine import TorchRolloutEngine
+
+SPREAD_STOPS = 6  # EOS plus the 5 lowest ordinary token ids
+
+
+def build_models(vocab_size: int, pad_id: int) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    llama = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        pad_token_id=pad_id,
+    )
+    return {
+        "DeepSeek-V3 tiny preset": DeepseekV3ForCausalLM(preset_config("tiny", vocab_size=vocab_size)).eval(),
+        "Llama (hidden 256, 4 layers, MHA 4 x 64)": LlamaForCausalLM(llama).eval(),
+    }
+
+
+def hf_generate(model, prompts: list[list[int]], params: SamplingParams, pad_id: int) -> int:
+    """transformers' generate on left-padded prompts; returns the number of generated tokens (up to a stop)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=params.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=params.max_new_tokens,
+        num_return_sequences=params.n,
+        pad_token_id=pad_id,
+        eos_token_id=list(params.stop_token_ids) or None,
+    )
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    stops, total = set(params.stop_token_ids), 0
+    for row in out[:, width:].tolist():
+        for count, token in enumerate(row, start=1):
+            if token in stops or count == len(row):
+                total += count
+                break
+    return total
+
+
+def timed_rounds(contestants: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
+    """Median tokens/s of each contestant (a callable returning its generated-token count), interleaved."""
+    for fn in contestants.values():
+        fn()  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in contestants}
+    for _ in range(repeats):
+        for name, fn in contestants.items():
+            start = time.perf_counter()
+            tokens = fn()
+            rates[name].append(tokens / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def length_summary(batch: RolloutBatch, cap: int) -> str:
+    lengths = sorted(len(ids) for ids in batch.completion_ids)
+    at_cap = sum(length == cap for length in lengths) / len(lengths)
+    return (
+        f"lengths min {lengths[0]} / median {lengths[len(lengths) // 2]} / max {lengths[-1]}, {at_cap:.0%} at the cap"
+    )
+
+
+def engine_vs_generate(models, prompts, tokenizer, args) -> None:
+    print(
+        f"1. Generation tokens/s, {len(prompts)} prompts x {args.samples} samples,"
+        f" up to {args.max_new_tokens} new tokens"
+    )
+    stops = (tokenizer.eos_token_id, *range(2, 2 + SPREAD_STOPS - 1))
+    workloads = {"spread": stops, "full": ()}
+    for name, model in models.items():
+        engine = TorchRolloutEngine(model, tokenizer)
+        print(f"   {name}:")
+        for workload, stop_ids in workloads.items():
+            params = SamplingParams(n=args.samples, max_new_tokens=args.max_new_tokens, stop_token_ids=stop_ids, seed=0)
+            sample = engine.generate(prompts, params)
+            rates = timed_rounds(
+                {
+                    "ours": lambda p=params, e=engine: e.generate(prompts, p).num_generated_tokens,
+                    "generate": lambda p=params, m=model: hf_generate(m, prompts, p, tokenizer.pad_token_id),
+                },
+                args.repeats,
+            )
+            print(
+                f"      {workload:6s} ours {rates['ours']:7.0f} tok/s  transformers generate {rates['generate']:7.0f}"
+                f" tok/s  -> {rates['ours'] / rates['generate']:.2f}x  ({length_summary(sample, args.max_new_tokens)})"
+            )
+
+
+def through_worker(model, prompts, tokenizer, args) -> None:
+    print("2. The DeepSeek-V3 tiny preset through one worker process (built-in engine, gloo weight sync)")
+    stops = (tokenizer.eos_token_id, *range(2, 2 + SPREAD_STOPS - 1))
+    params = SamplingParams(n=args.samples, max_new_tokens=args.max_new_tokens, stop_token_ids=stops, seed=0)
+    local = TorchRolloutEngine(model, tokenizer)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        options = WorkerOptions(dtype="float32", num_threads=args.threads)
+        with RemoteRolloutEngine.launch(directory, options=options) as remote:
+            rates = timed_rounds(
+                {
+                    "worker": lambda: remote.generate(prompts, params).num_generated_tokens,
+                    "in process": lambda: local.generate(prompts, params).num_generated_tokens,
+                },
+                args.repeats,
+            )
+            print(
+                f"   spread: worker {rates['worker']:.0f} tok/s, in process {rates['in process']:.0f} tok/s"
+                f"  -> {rates['worker'] / rates['in process']:.2f}x"
+            )
+            state = model.state_dict()
+            megabytes = sum(t.numel() * t.element_size() for t in state.values()) / 1e6
+            sync = []
+            for version in range(1, args.repeats + 2):
+                start = time.perf_counter()
+                remote.update_weights(state.items(), version)
+                sync.append(time.perf_counter() - start)
+            seconds = statistics.median(sync[1:])
+            print(
+                f"   weight update: {len(state)} tensors, {megabytes:.1f} MB in {1e3 * seconds:.0f} ms "
+                f"({megabytes / seconds:.0f} MB/s), {1e3 * sync[0]:.0f} ms for the first"
+            )
+            overlap(model, remote, prompts, params, args)
+
+
+def policy_update(model, optimizer, batch: RolloutBatch) -> None:
+    """One AdamW step on the mean log-likelihood of the sampled completions (a policy update's compute)."""
+    model.train()
+    optimizer.zero_grad()
+    losses = []
+    for prompt, completion in zip(batch.prompt_ids, batch.completion_ids, strict=True):
+        ids = torch.tensor([prompt + completion])
+        labels = ids.clone()
+        labels[:, : len(prompt)] = -100
+        losses.append(model(input_ids=ids, labels=labels).loss)
+    torch.stack(losses).mean().backward()
+    optimizer.step()
+    model.eval()
+
+
+def overlap(model, remote: RemoteRolloutEngine, prompts, params: SamplingParams, args) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    steps = args.repeats + 1
+
+    def update(batch: RolloutBatch) -> None:
+        policy_update(model, optimizer, batch)
+        remote.update_weights(model.state_dict().items(), remote.policy_version + 1)
+
+    generating, updating = [], []
+    start = time.perf_counter()
+    for _ in range(steps):
+        begin = time.perf_counter()
+        batch = remote.generate(prompts, params)
+        generating.append(time.perf_counter() - begin)
+        begin = time.perf_counter()
+        update(batch)
+        updating.append(time.perf_counter() - begin)
+    sequential = (time.perf_counter() - start) / steps
+
+    start = time.perf_counter()
+    future = remote.generate_async(prompts, params)
+    for _ in range(steps):
+        batch = future.result()  # generated by the previous weights: one step off-policy
+        future = remote.generate_async(prompts, params)
+        update(batch)
+    future.result()
+    overlapped = (time.perf_counter() - start) / steps
+    generate_s, update_s = statistics.median(generating), statistics.median(updating)
+    print(
+        f"3. GRPO-shaped step through the worker, {steps} steps: generate {generate_s:.2f} s + update and sync"
+        f" {update_s:.2f} s; sequential {sequential:.2f} s/step, overlapped {overlapped:.2f} s/step"
+        f"  -> {sequential / overlapped:.2f}x (at most {(generate_s + update_s) / max(generate_s, update_s):.2f}x"
+        " with a free core for each)"
+    )
+
+
+def vllm_section(models, prompts, tokenizer, args) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        print("4. vLLM: not measured (vLLM is CUDA-only and is not installed on this machine)")
+        return
+    from rollout.vllm_engine import VLLMRolloutEngine
+
+    name, model = next((n, m) for n, m in models.items() if n.startswith("Llama"))
+    stops = (tokenizer.eos_token_id, *range(2, 2 + SPREAD_STOPS - 1))
+    params = SamplingParams(n=args.samples, max_new_tokens=args.max_new_tokens, stop_token_ids=stops, seed=0)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        engine = VLLMRolloutEngine(directory, gpu_memory_utilization=0.3)
+        rate = timed_rounds({"vllm": lambda: engine.generate(prompts, params).num_generated_tokens}, args.repeats)
+        engine.close()
+    print(f"4. vLLM on {torch.cuda.get_device_name()}: {name}, spread workload: {rate['vllm']:.0f} tok/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in the worker")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=8, help="samples per prompt (GRPO's G)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = arithmetic_dataset(200, seed=0)
+    tokenizer = train_bpe_tokenizer(list(rows["prompt"]) + list(rows["completion"]))
+    prompts = [tokenizer(text)["input_ids"] for text in list(rows["prompt"])[: args.prompts]]
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s); vocabulary {len(tokenizer)}; "
+        f"prompt lengths {min(map(len, prompts))}-{max(map(len, prompts))} tokens"
+    )
+    models = build_models(len(tokenizer), tokenizer.pad_token_id)
+    engine_vs_generate(models, prompts, tokenizer, args)
+    through_worker(models["DeepSeek-V3 tiny preset"], prompts, tokenizer, args)
+    vllm_section(models, prompts, tokenizer, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""vLLM behind the RolloutEngine protocol: server mode in a worker, colocated mode in the trainer.
+
+vLLM is an optional extra (`pip install 'r1kit[vllm]'`, CUDA only) imported
+when an engine is built, never when rollout/ is imported.
+
+Server mode (`python -m rollout.serve --engine vllm --tensor_parallel_size K`):
+vLLM owns K dedicated GPUs in a worker process; its K GPU workers join the
+trainer's weight-sync group (NCCL) as K receiver ranks and load each bucket
+in place (rollout/vllm_extension.py). No restart, no file on disk.
+
+Colocated mode (`VLLMRolloutEngine(path, colocate=True, sleep_level=1)`,
+built in every trainer process): vLLM shares the trainer's GPUs through its
+"external_launcher" executor, so tensor-parallel rank r of vLLM is trainer
+rank r of its group of K; `generate` gathers the prompts of the K ranks,
+generates once, and hands each rank its own rows. Between batches vLLM
+sleeps (level 1: weights to CPU, KV cache freed; level 2: both freed, and
+`update_weights` must run before the next batch); `update_weights` wakes the
+weights and loads the trainer's tensors directly, and `generate` wakes the
+KV cache.
+
+Models: any HF model vLLM supports, and our DeepSeek-V3 checkpoints, which
+are saved in the released layout with model_type deepseek_v3 and load as
+vLLM's DeepseekV3ForCausalLM; trainer tensor names are mapped to vLLM's by
+rollout/vllm_weights.py.
+
+Sampler log-probs: vLLM runs with `logprobs_mode="processed_logprobs"` and
+`logprobs=0`, which returns, for each sampled token, log softmax of the logits
+after temperature and after top-k / top-p masking. With top_p = 1 (and no
+top-k, min-p or penalties, which SamplingParams does not expose) that is
+exactly the RolloutBatch contract: the log-prob under the temperature-scaled
+distribution. With top_p < 1 vLLM renormalises over the nucleus, so each
+value is larger by -log(nucleus mass) than the contract's; the engine warns
+once. With temperature 0 it is the untempered log-prob, as in the torch engine.
+Generation stops at `stop_token_ids` only (`ignore_eos=True`), as in the
+torch engine; the stop token stays in the completion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rollout.buckets import Bucket
+from rollout.engine import RolloutBatch, SamplingParams
+from rollout.sync_group import Rendezvous
+
+logger = logging.getLogger(__name__)
+
+EXTENSION = "rollout.vllm_extension.WeightSyncExtension"
+
+
+def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """Keyword arguments of `vllm.SamplingParams` that sample as `params` says and report sampler log-probs."""
+    return {
+        "n": params.n,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_tokens": params.max_new_tokens,
+        "stop_token_ids": list(params.stop_token_ids),
+        "ignore_eos": True,
+        "seed": params.seed,
+        "logprobs": 0,
+        "skip_special_tokens": True,
+    }
+
+
+def batch_from_outputs(outputs: Sequence, prompts: Sequence[Sequence[int]], n: int, version: int) -> RolloutBatch:
+    """A RolloutBatch from vLLM's RequestOutputs (one per prompt, in prompt order)."""
+    if len(outputs) != len(prompts):
+        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+    ids, texts, logprobs, reasons = [], [], [], []
+    for request in outputs:
+        completions = sorted(request.outputs, key=lambda completion: completion.index)
+        if len(completions) != n:
+            raise RuntimeError(f"vLLM returned {len(completions)} completions for a prompt, expected n={n}")
+        for completion in completions:
+            tokens = list(completion.token_ids)
+            if completion.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM ended a completion with finish_reason={completion.finish_reason!r}")
+            ids.append(tokens)
+            texts.append(completion.text)
+            logprobs.append(
+                torch.tensor([completion.logprobs[i][t].logprob for i, t in enumerate(tokens)], dtype=torch.float32)
+            )
+            reasons.append(completion.finish_reason)
+    return RolloutBatch(
+        prompt_ids=[list(p) for p in prompts for _ in range(n)],
+        completion_ids=ids,
+        completion_text=texts,
+        sampler_logprobs=logprobs,
+        finish_reason=reasons,
+        policy_version=version,
+    )
+
+
+class VLLMRolloutEngine:
+    """RolloutEngine over `vllm.LLM`; also the engine a `--engine vllm` worker hosts.
+
+    model: checkpoint directory or Hub id. tokenizer: defaults to the model's.
+    tensor_parallel_size: GPUs per engine. colocate: share the trainer's GPUs
+    (see the module docstring). sleep_level: None (never sleep), 1 or 2 (sleep
+    between batches; colocated mode). llm_kwargs: more `vllm.LLM` arguments.
+    """
+
+    engine_name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer: str | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+        seed: int = 0,
+        colocate: bool = False,
+        sleep_level: int | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
+        if sleep_level not in (None, 1, 2):
+            raise ValueError(f"sleep_level must be None, 1 or 2, got {sleep_level}")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        try:
+            import vllm
+        except ImportError as error:
+            raise ImportError("the vLLM engine needs vLLM: pip install 'r1kit[vllm]' (CUDA only)") from error
+        self.colocate, self.sleep_level = colocate, sleep_level
+        self._tp_group = _prepare_colocation(tensor_parallel_size) if colocate else None
+        self.llm = vllm.LLM(
+            model=model,
+            tokenizer=tokenizer,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            enable_sleep_mode=sleep_level is not None,
+            worker_extension_cls=EXTENSION,
+            logprobs_mode="processed_logprobs",
+            distributed_executor_backend="external_launcher" if colocate else None,
+            **llm_kwargs,
+        )
+        self._sampling_params = vllm.SamplingParams
+        self.num_receivers = tensor_parallel_size
+        self.device = torch.device("cuda", torch.cuda.current_device() if colocate else 0)
+        self.policy_version = 0
+        self._lock = threading.Lock()  # one batch or one weight update at a time
+        self._executor: ThreadPoolExecutor | None = None
+        self._asleep = False
+        self._weights_discarded = False
+        self._warned_top_p = False
+
+    # ------------------------------------------------------------------ RolloutEngine
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        """Samples `params.n` completions per prompt; rows are grouped by prompt."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt and no empty prompt")
+        if params.top_p < 1 and not self._warned_top_p:
+            logger.warning("vLLM reports log-probs renormalised over the top-p nucleus (top_p=%s)", params.top_p)
+            self._warned_top_p = True
+        with self._lock:
+            if self._weights_discarded:
+                raise RuntimeError("sleep level 2 discarded vLLM's weights: call update_weights before generate")
+            self._wake_up()
+            all_prompts, mine = self._gather_prompts(prompts)
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": list(p)} for p in all_prompts],
+                self._sampling_params(**vllm_sampling_kwargs(params)),
+                use_tqdm=False,
+            )
+            batch = batch_from_outputs(outputs[mine], prompts, params.n, self.policy_version)
+            self._sleep()
+            return batch
+
+    def generate_async(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Future[RolloutBatch]:
+        """`generate` on a background thread; weight updates wait until the batch is done."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="vllm-rollout")
+        return self._executor.submit(self.generate, prompts, params)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+        """Colocated mode: loads the trainer's tensors (state_dict names) in place and stamps `version`."""
+        if not self.colocate:
+            raise RuntimeError(
+                "update_weights hands tensors to vLLM in this process, which only colocated mode does; "
+                "a server-mode engine receives weights through RemoteRolloutEngine"
+            )
+        with self._lock:
+            if self._asleep:
+                self.llm.wake_up(tags=["weights"])
+                self._weights_discarded = False
+            self.llm.collective_rpc("r1kit_load_weights", args=(list(named_tensors),))
+            self.llm.collective_rpc("r1kit_finish_weights")
+            self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+            self.policy_version = version
+
+    def close(self) -> None:
+        """Shuts vLLM down and frees its GPU memory."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            with contextlib.suppress(AttributeError):  # older vLLM releases have no shutdown
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ HostedEngine (server mode)
+    def join_weight_sync(self, rendezvous: Rendezvous, first_rank: int, local_host: str) -> None:
+        self.llm.collective_rpc("r1kit_join_weight_sync", args=(rendezvous, first_rank, local_host))
+
+    def receive_weights(self, version: int, plan: list[Bucket]) -> None:
+        with self._lock:
+            self.llm.collective_rpc("r1kit_receive_weights", args=(plan,))
+            self.llm.reset_prefix_cache()
+            self.policy_version = version
+
+    def leave_weight_sync(self) -> None:
+        if self.llm is not None:
+            self.llm.collective_rpc("r1kit_leave_weight_sync")
+
+    # ------------------------------------------------------------------ sleep mode
+    def _sleep(self) -> None:
+        if self.sleep_level is not None and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep = True
+            self._weights_discarded = self.sleep_level == 2
+
+    def _wake_up(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()  # whatever is still asleep: the KV cache, and the weights unless updated
+            self._asleep = False
+
+    def _gather_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], slice]:
+        """Colocated tensor parallelism: every rank of the group generates the prompts of all of them."""
+        own = [list(p) for p in prompts]
+        if self._tp_group is None:
+            return own, slice(0, len(own))
+        import torch.distributed as dist
+
+        gathered: list[list[list[int]] | None] = [None] * dist.get_world_size(self._tp_group)
+        dist.all_gather_object(gathered, own, group=self._tp_group)
+        start = sum(len(g) for g in gathered[: dist.get_rank(self._tp_group)])
+        return [p for g in gathered for p in g], slice(start, start + len(own))
+
+
+def _prepare_colocation(tensor_parallel_size: int):
+    """Environment for vLLM's external launcher; returns this rank's tensor-parallel group (None if 1)."""
+    import torch.distributed as dist
+
+    initialized = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
+    if world % tensor_parallel_size != 0:
+        raise ValueError(f"tensor_parallel_size {tensor_parallel_size} must divide the {world} trainer processes")
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("LOCAL_RANK", str(rank % max(torch.cuda.device_count(), 1)))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core must run in this process
+    if tensor_parallel_size == 1:
+        return None
+    group, _ = dist.new_subgroups_by_enumeration(
+        [list(range(start, start + tensor_parallel_size)) for start in range(0, world, tensor_parallel_size)]
+    )
+    return group
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

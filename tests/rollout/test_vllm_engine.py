@@ -1,0 +1,149 @@
+"""The vLLM engine: its pure parts on CPU, the engine itself where vLLM and GPUs are (marked vllm + gpu)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from policy import DeepseekV3ForCausalLM, preset_config
+from policy.checkpoint import to_released
+from rollout.engine import SamplingParams
+from rollout.vllm_engine import batch_from_outputs, vllm_sampling_kwargs
+from rollout.vllm_weights import vllm_named_weights
+from tests.rollout.conftest import EOS, max_logprob_error, word_tokenizer
+from tests.rollout.test_torch_engine import tiny_llama
+
+
+def test_sampling_kwargs() -> None:
+    params = SamplingParams(n=4, temperature=0.7, top_p=0.9, max_new_tokens=33, stop_token_ids=(1, 2), seed=5)
+    assert vllm_sampling_kwargs(params) == {
+        "n": 4,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "max_tokens": 33,
+        "stop_token_ids": [1, 2],
+        "ignore_eos": True,
+        "seed": 5,
+        "logprobs": 0,
+        "skip_special_tokens": True,
+    }
+
+
+# The attributes vLLM's RequestOutput / CompletionOutput / Logprob carry (vllm.outputs, vllm.logprobs).
+@dataclass
+class Logprob:
+    logprob: float
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]]
+    finish_reason: str
+
+
+@dataclass
+class RequestOutput:
+    outputs: list[CompletionOutput]
+
+
+def completion(index: int, tokens: list[int], reason: str) -> CompletionOutput:
+    return CompletionOutput(index, f"text{index}", tokens, [{t: Logprob(-0.5 * t)} for t in tokens], reason)
+
+
+def test_batch_from_outputs_orders_samples_and_reads_sampled_logprobs() -> None:
+    outputs = [
+        RequestOutput([completion(1, [3, 1], "stop"), completion(0, [4, 5, 6], "length")]),
+        RequestOutput([completion(0, [7], "length"), completion(1, [8, 1], "stop")]),
+    ]
+    batch = batch_from_outputs(outputs, [[10, 11], [12]], n=2, version=3)
+    assert batch.prompt_ids == [[10, 11], [10, 11], [12], [12]]
+    assert batch.completion_ids == [[4, 5, 6], [3, 1], [7], [8, 1]]
+    assert batch.finish_reason == ["length", "stop", "length", "stop"]
+    assert torch.equal(batch.sampler_logprobs[0], torch.tensor([-2.0, -2.5, -3.0]))
+    assert batch.policy_version == 3
+    with pytest.raises(RuntimeError, match="finish_reason='abort'"):
+        batch_from_outputs([RequestOutput([completion(0, [4], "abort")])], [[1]], n=1, version=0)
+    with pytest.raises(RuntimeError, match="expected n=2"):
+        batch_from_outputs([RequestOutput([completion(0, [4], "stop")])], [[1]], n=2, version=0)
+
+
+def test_deepseek_weights_reach_vllm_under_released_names() -> None:
+    config = preset_config("tiny-debug")
+    state = DeepseekV3ForCausalLM(config).state_dict()
+    sent = dict(vllm_named_weights(state.items(), config))
+    main_model = {
+        k: v for k, v in to_released(state, config) if not k.startswith(f"model.layers.{config.num_hidden_layers}.")
+    }
+    assert sent.keys() == main_model.keys()
+    assert "model.layers.1.mlp.experts.7.up_proj.weight" in sent and not any(k.startswith("mtp.") for k in sent)
+    assert all(torch.equal(sent[k], main_model[k]) for k in sent)
+    gate_up = state["model.layers.1.mlp.experts.gate_up_proj"]
+    assert sent["model.layers.1.mlp.experts.3.gate_proj.weight"].data_ptr() == gate_up[3].data_ptr()  # views
+
+
+def test_other_models_keep_their_names() -> None:
+    model = tiny_llama()
+    assert [k for k, _ in vllm_named_weights(model.state_dict().items(), model.config)] == list(model.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------- on GPUs, with vLLM
+def save_llama(directory: Path) -> torch.nn.Module:
+    model = tiny_llama()
+    model.save_pretrained(directory)
+    word_tokenizer(128).save_pretrained(directory)
+    return model
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator).to(parameter.device))
+
+
+@pytest.mark.vllm
+@pytest.mark.gpu
+def test_colocated_engine_updates_in_place_and_agrees_with_the_trainer(tmp_path: Path) -> None:
+    from rollout.vllm_engine import VLLMRolloutEngine
+
+    model = save_llama(tmp_path).float().cuda()
+    engine = VLLMRolloutEngine(
+        str(tmp_path), colocate=True, sleep_level=1, dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True
+    )
+    try:
+        params = SamplingParams(n=2, max_new_tokens=12, stop_token_ids=(EOS,), seed=0)
+        for version in (1, 2, 3):
+            perturb(model, version)
+            engine.update_weights(model.state_dict().items(), version)
+            batch = engine.generate([[5, 6, 7], [8, 9]], params)
+            assert batch.policy_version == version
+            assert max_logprob_error(model.cpu(), batch, temperature=1.0) < 1e-3
+            model.cuda()
+    finally:
+        engine.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a vLLM worker on its own GPU needs two GPUs")
+def test_vllm_worker_receives_weights_over_nccl(tmp_path: Path) -> None:
+    from rollout.remote import RemoteEngineConfig, RemoteRolloutEngine
+    from rollout.serve import WorkerOptions
+
+    model = save_llama(tmp_path).float().cuda(0)
+    options = WorkerOptions(engine="vllm", dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)
+    config = RemoteEngineConfig(start_timeout_s=600, generate_timeout_s=120, sync_timeout_s=120, bucket_mb=0.01)
+    with RemoteRolloutEngine.launch(tmp_path, options=options, config=config, visible_devices=["1"]) as engine:
+        for version in (1, 2):
+            perturb(model, version)
+            engine.update_weights(model.state_dict().items(), version)
+            batch = engine.generate([[5, 6, 7]], SamplingParams(n=4, max_new_tokens=12, seed=0))
+            assert batch.policy_version == version
+            assert max_logprob_error(model.cpu(), batch, temperature=1.0) < 1e-3
+            model.cuda(0)
