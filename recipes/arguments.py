@@ -47,6 +47,14 @@ class RecipeArguments:
     sft_batch_size: int = option(32, "SFT sequences per optimizer step.")
     cache_dir: str = option("outputs/cache", "Where the embedded default's SFT warm start is cached.")
     eval_samples_per_prompt: int = option(4, "Completions sampled per held-out problem (accuracy = their mean).")
+    rollout: str = option(
+        "worker",
+        "Where completions are sampled: worker (built-in engine in worker processes) | local (in the trainer) "
+        "| vllm (vLLM workers on their own GPUs) | vllm-colocated (vLLM on the trainer's GPU, asleep while it trains)",
+    )
+    rollout_workers: int = option(1, "Worker processes to launch (worker and vllm).")
+    rollout_connect: list[str] = option([], "host:port of workers started by hand with `python -m rollout.serve`.")
+    rollout_threads: int | None = option(None, "CPU threads of each torch worker (default: torch's).")
     dtype: str = option("float32", "Training dtype: float32 | bfloat16.")
     lora_r: int = option(0, "LoRA rank for GRPO (0: train all weights). The KL reference is the adapter-free base.")
     lora_alpha: float = option(16.0, "LoRA scaling numerator (the update is scaled by alpha / r).")
@@ -65,6 +73,10 @@ class RecipeArguments:
             raise ConfigError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
             raise ConfigError(f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards")
+        if self.rollout not in ("worker", "local", "vllm", "vllm-colocated"):
+            raise ConfigError(f"--rollout must be worker, local, vllm or vllm-colocated, got {self.rollout!r}")
+        if self.rollout_workers < 1:
+            raise ConfigError(f"--rollout_workers must be >= 1, got {self.rollout_workers}")
         if self.lora_r < 0:
             raise ConfigError(f"--lora_r must be >= 0, got {self.lora_r}")
         if self.num_eval_problems < 1 or self.eval_samples_per_prompt < 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +33,9 @@ from recipes.embedded import train_bpe_tokenizer
 from recipes.tasks.arithmetic import ArithmeticTaskConfig, arithmetic_splits
 from recipes.tasks.gsm8k import load_gsm8k
 from rewards import RewardSuite, RewardSuiteConfig, resolve
-from rollout.engine import SamplingParams
+from rollout.engine import RolloutEngine, SamplingParams
+from rollout.remote import RemoteRolloutEngine
+from rollout.serve import WorkerOptions
 from rollout.torch_engine import TorchRolloutEngine
 from sft.trainer import run_sft
 
@@ -161,7 +164,8 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | 
     with contextlib.ExitStack() as stack:
         engine = suite = accuracy = None
         if accelerator.is_main_process:
-            engine = TorchRolloutEngine(load_policy(start, dtype=dtype, device=accelerator.device), tokenizer)
+            engine = _rollout_engine(args, start, tokenizer, accelerator)
+            stack.callback(engine.close)
             suite_config = RewardSuiteConfig(timeout_s=args.reward_timeout_s, num_workers=args.reward_workers)
             suite = stack.enter_context(RewardSuite(args.reward, args.reward_weights, suite_config))
             accuracy = _held_out_accuracy(args, config, engine, tokenizer, held_out_prompts, suite)
@@ -187,6 +191,25 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | 
     return result
 
 
+def _rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedTokenizerBase,
+                    accelerator: Accelerator) -> RolloutEngine:  # fmt: skip
+    """The engine the main process samples with, holding the weights of `start` until the first sync."""
+    if args.rollout == "local":
+        return TorchRolloutEngine(load_policy(start, dtype=_dtype(args), device=accelerator.device), tokenizer)
+    if args.rollout == "vllm-colocated":
+        if accelerator.num_processes > 1:
+            raise ConfigError("--rollout vllm-colocated runs with one training process; use --rollout vllm")
+        from rollout.vllm_engine import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(start, dtype=args.dtype, colocate=True, sleep_level=1)
+    if args.rollout_connect:
+        return RemoteRolloutEngine.connect(args.rollout_connect)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = WorkerOptions(engine="vllm" if args.rollout == "vllm" else "torch", device=device, dtype=args.dtype,
+                            num_threads=args.rollout_threads)  # fmt: skip
+    return RemoteRolloutEngine.launch(start, args.rollout_workers, options=options)
+
+
 def _trainable_policy(args: RecipeArguments, start: str, checkpoint: Path | None, accelerator: Accelerator):
     """The policy GRPO trains: full weights, or the start model under a LoRA adapter (new or resumed)."""
     if args.lora_r == 0:
@@ -205,11 +228,11 @@ def _trainable_policy(args: RecipeArguments, start: str, checkpoint: Path | None
 def _held_out_accuracy(
     args: RecipeArguments,
     config: GRPOConfig,
-    engine: TorchRolloutEngine,
+    engine: RolloutEngine,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Dataset,
     suite: RewardSuite,
-):
+) -> Callable[[], EvalResult]:
     """A function that evaluates the engine's current weights on the held-out prompts, same settings each time."""
     params = SamplingParams(
         n=args.eval_samples_per_prompt, temperature=config.temperature, top_p=config.top_p,
