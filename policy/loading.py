@@ -57,7 +57,8 @@ def load_policy(
     recipe = fp8_recipe_fields(config.get("fp8") if fp8 is None else fp8, "load_policy(fp8=...)")
     if recipe is not None:
         convert_to_fp8(model, FP8Config(**recipe))
-        model.config.fp8 = recipe  # saved with the model, so loading it again restores the recipe
+    if recipe is not None or "fp8" in config:
+        model.config.fp8 = recipe  # saved with the model: loading it again restores the choice
     return model.to(device) if device is not None else model
 
 
