@@ -1,11 +1,13 @@
-"""FP8 versus BF16 forward+backward time of DeepSeek-V3-sized linear layers and routed experts.
+"""FP8 versus BF16 time of DeepSeek-V3-sized linear layers, routed experts and a policy training step.
 
 On a CUDA GPU: BF16 nn.Linear against FP8Linear (all three GEMMs block-scaled FP8, CUDA back
 end where the GPU supports it), both with BF16 weights and activations, and the routed-expert
-GEMM (fp8_grouped_linear against a BF16 per-expert loop). Prints milliseconds and the speed-up
-BF16 time / FP8 time.
-On a machine without a GPU it says so and prints the cost of the exact CPU emulation relative
-to an FP32 nn.Linear: an emulation overhead, not a speed claim.
+GEMM (fp8_grouped_linear against a BF16 per-expert loop), forward+backward. Then one training
+step (forward, backward, AdamW) of the policy at DeepSeek-V3 width (d = 7168, 128 heads, MLA
+ranks 1536/512) cut to one dense and one MoE layer with 16 routed experts (top-8) and a 32k
+vocabulary, BF16 against `enable_fp8`. Prints milliseconds and the speed-up BF16 time / FP8 time.
+On a machine without a GPU it says so, runs the step on the `tiny` preset, and prints the cost
+of the exact CPU emulation relative to FP32: an emulation overhead, not a speed claim.
 
     python3 -m benchmarks.bench_fp8_linear [--tokens 4096 --repeats 10]
 """
@@ -13,12 +15,14 @@ to an FP32 nn.Linear: an emulation overhead, not a speed claim.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from policy import DeepseekV3ForCausalLM, preset_config
 from policy.fp8_gemm import FP8Config, select_backend
 from policy.fp8_grouped import fp8_grouped_linear
 from policy.fp8_linear import FP8Linear
@@ -76,9 +80,7 @@ def run(tokens: int, repeats: int, device: torch.device) -> None:
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     config = FP8Config()
-    print(
-        f"device {device}, FP8 back end: {select_backend(config, device)}, tokens {tokens}, baseline {dtype}"
-    )
+    print(f"device {device}, FP8 back end: {select_backend(config, device)}, tokens {tokens}, baseline {dtype}")
     print(f"{'layer':28s} {'baseline ms':>12s} {'fp8 ms':>10s} {'ratio':>8s}")
     for name, k, n in LINEAR_SHAPES:
         linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
@@ -101,6 +103,8 @@ def run(tokens: int, repeats: int, device: torch.device) -> None:
     fp8_ms = timed(expert_step(fp8_experts, x, weight, counts, dy), repeats, device)
     label = f"{EXPERTS} experts 7168->2048"
     print(f"{label:28s} {base_ms:12.2f} {fp8_ms:10.2f} {_ratio(base_ms, fp8_ms, on_gpu):>8s}")
+    base_ms, fp8_ms, label = policy_step_times(tokens, repeats, device, dtype)
+    print(f"{label:28s} {base_ms:12.2f} {fp8_ms:10.2f} {_ratio(base_ms, fp8_ms, on_gpu):>8s}")
     if on_gpu:
         print("ratio = BF16 time / FP8 time (above 1: FP8 is faster)")
     else:
@@ -108,6 +112,33 @@ def run(tokens: int, repeats: int, device: torch.device) -> None:
             "No CUDA GPU is present: no FP8 kernel ran. 'ratio' is the emulation overhead, FP8 emulation "
             "time / FP32 nn.Linear time on this CPU. It is not a speed claim."
         )
+
+
+def policy_step_times(tokens: int, repeats: int, device: torch.device, dtype: torch.dtype) -> tuple[float, float, str]:
+    """Milliseconds of one training step (forward, backward, AdamW) without and with FP8, and a label."""
+    if device.type == "cuda":
+        shape = dict(num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=16, n_group=8)
+        config = preset_config("deepseek-v3", vocab_size=32000, num_nextn_predict_layers=0, **shape)
+        label, seq = "policy step, V3 width", 4096
+    else:
+        config, label, seq = preset_config("tiny", vocab_size=512), "policy step, tiny", 128
+    with torch.device(device):
+        torch.manual_seed(0)
+        baseline = DeepseekV3ForCausalLM(config).to(dtype)
+    fp8 = copy.deepcopy(baseline)
+    fp8.enable_fp8(FP8Config())
+    ids = torch.randint(0, config.vocab_size, (max(tokens // seq, 1), seq), device=device)
+    times = []
+    for model in (baseline, fp8):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step(model: DeepseekV3ForCausalLM = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+
+        times.append(timed(step, repeats, device))
+    return times[0], times[1], label
 
 
 def _ratio(base_ms: float, fp8_ms: float, on_gpu: bool) -> str:
@@ -118,7 +149,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=None, help="default: 8192 on a GPU, 256 on CPU")
     parser.add_argument("--repeats", type=int, default=None, help="default: 20 on a GPU, 3 on CPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     tokens = args.tokens or (8192 if on_gpu else 256)

@@ -22,7 +22,15 @@ so attention reads only the cached (c + d_r) values per token (one shared
 absorbed path whenever the cache already holds earlier tokens.
 
 The softmax scale includes YaRN's mscale^2 correction (see policy/rope.py). All
-five projections are plain `nn.Linear` (they run in FP8 in DeepSeek-V3).
+five projections are plain `nn.Linear`, or `FP8Linear` under FP8 training.
+
+Under FP8 the expanded path multiplies E4M3-rounded operands inside kv_b_proj:
+the latent rounded per 1 x 128 tile along c, W_UKV per 128 x 128 block. The
+absorbed path uses exactly those rounded operands (`FP8Linear.rounded_input` on
+the cached latents, `rounded_weight` for W_UK and W_UV), never the master weight,
+so decoding reproduces the training forward up to fp32 summation order and the
+rollout log-probs are those the trainer computes. The cache keeps the latents
+unrounded; rounding them costs one pass over the cache per step and layer.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from torch import nn
 
 from policy.cache import LatentCache
 from policy.config import DeepseekV3Config
+from policy.fp8_linear import FP8Linear
 from policy.layers import RMSNorm
 from policy.rope import apply_rope, softmax_scale
 
@@ -112,10 +121,8 @@ class MultiheadLatentAttention(nn.Module):
         return self.o_proj(attend(q_nope, q_rope, kv, mask))
 
     def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        low_rank = self.q_lora_rank is not None
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if low_rank else self.q_proj(x)
         q = q.view(*x.shape[:2], self.num_heads, self.nope_dim + self.rope_dim)  # (B, T, n, d_n + d_r)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_rope, cos, sin, self.rope_interleave)
@@ -159,7 +166,8 @@ class MultiheadLatentAttention(nn.Module):
         batch, seq_q = q_nope.shape[:2]
         if mask is None and seq_q > 1:
             mask = build_attention_mask(None, kv.shape[1] - seq_q, seq_q)
-        w_ukv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        kv, w_ukv = self._absorbed_operands(kv)
+        w_ukv = w_ukv.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w_ukv.split([self.nope_dim, self.v_dim], dim=1)  # (n, d_n, c), (n, d_v, c)
         q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
         q = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # (B, n, T, c + d_r)
@@ -173,3 +181,11 @@ class MultiheadLatentAttention(nn.Module):
         out_latent = out_latent.view(batch, self.num_heads, seq_q, self.kv_rank)
         out = torch.einsum("bhtc,hvc->bthv", out_latent, w_uv)  # (B, T, n, d_v)
         return out.reshape(batch, seq_q, self.num_heads * self.v_dim)
+
+    def _absorbed_operands(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache (B, S, c + d_r) and W_UKV (n * (d_n + d_v), c) as kv_b_proj's GEMM sees them."""
+        if not isinstance(self.kv_b_proj, FP8Linear):
+            return kv, self.kv_b_proj.weight
+        latent = self.kv_b_proj.rounded_input(kv[..., : self.kv_rank])
+        kv = torch.cat((latent, kv[..., self.kv_rank :]), dim=-1)
+        return kv, self.kv_b_proj.rounded_weight()

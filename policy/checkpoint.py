@@ -24,6 +24,13 @@ the embedding and the output head:
 checks that the MTP copies of embedding and head equal the shared ones, and
 never drops a tensor: unknown names end up as unexpected keys that
 `check_keys` reports.
+
+Released FP8 checkpoints store most projections, per expert, as float8_e4m3fn
+`X.weight` plus `X.weight_scale_inv` (one scale per weight block, declared by
+config.json's quantization_config). `load_checkpoint` dequantises them
+(policy/fp8_checkpoint.py) while reading, before the layout conversion, so
+per-expert weights are fused and MTP layers mapped exactly as for BF16 ones.
+An FP8 tensor in a checkpoint that declares no quantisation is an error.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from policy.config import DeepseekV3Config
+from policy.fp8_checkpoint import dequantize_fp8_tensors
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -228,14 +236,23 @@ def load_checkpoint(
     *,
     skip_extra_mtp: bool = False,
     init_missing_mtp: bool = False,
+    fp8_block: tuple[int, int] | None = None,
 ) -> None:
     """Fills our causal LM from a checkpoint directory: every tensor placed, or a ValueError naming it.
 
-    Dropped MTP layers (`skip_extra_mtp`) and freshly initialised MTP modules
-    (`init_missing_mtp`) are logged by name.
+    fp8_block: the weight block of an FP8-quantised checkpoint (config.json's
+    quantization_config.weight_block_size); its FP8 weights are dequantised to
+    the model's dtype. Dropped MTP layers (`skip_extra_mtp`) and freshly
+    initialised MTP modules (`init_missing_mtp`) are logged by name.
     """
     config = model.config
-    tensors, skipped = from_released(read_safetensors(directory), config, skip_extra_mtp=skip_extra_mtp)
+    named = read_safetensors(directory)
+    if fp8_block is None:
+        named = _refuse_fp8(named, directory)
+    else:
+        dtype = next(model.parameters()).dtype
+        named = dequantize_fp8_tensors(named, dtype=dtype, block=fp8_block)
+    tensors, skipped = from_released(named, config, skip_extra_mtp=skip_extra_mtp)
     if skipped:
         logger.warning(
             "MTP switched off: left %d checkpoint tensors unused (%s, ...)", len(skipped), skipped[0]
@@ -245,6 +262,19 @@ def load_checkpoint(
     if initialised:
         logger.warning("initialised %d MTP tensors fresh: %s", len(initialised), ", ".join(initialised))
     model.load_state_dict(tensors, strict=False)
+
+
+def _refuse_fp8(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], directory: str | os.PathLike
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Passes tensors through; an 8-bit float (unscaled, it would load as garbage) raises."""
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and tensor.element_size() == 1:
+            raise ValueError(
+                f"checkpoint tensor {name!r} in {directory} is {tensor.dtype}, but config.json declares no "
+                "quantization_config (quant_method 'fp8' with weight_block_size) to dequantise it"
+            )
+        yield name, tensor
 
 
 def read_safetensors(directory: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:

@@ -17,6 +17,12 @@ Our additions, all training-only:
                                loss (DeepSeek-V3 used 1e-4); 0 switches it off.
     mtp_loss_weight            lambda of the multi-token-prediction loss
                                (lambda / D) * sum_k CE_k (0.3, later 0.1).
+    fp8                        FP8 training recipe (docs/fp8.md): None for
+                               none, else the fields of `policy.fp8.FP8Config`
+                               as a dict (block_size, amax_floor,
+                               power_of_two_scales, backend). `True` means the
+                               default recipe and is stored as its dict, so
+                               config.json records the exact recipe.
 
 `num_nextn_predict_layers` (D) is the number of MTP modules; 0 builds none,
 which gives a pure next-token model.
@@ -24,7 +30,11 @@ which gives a pure next-token model.
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
+
 from transformers import DeepseekV3Config as _TransformersDeepseekV3Config
+
+from policy.fp8_gemm import FP8Config
 
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
 
@@ -39,6 +49,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
     router_bias_update_speed: float = 0.001
     seq_balance_alpha: float = 1e-4
     mtp_loss_weight: float = 0.3
+    fp8: dict | bool | FP8Config | None = None
 
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
@@ -46,6 +57,11 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         self._validate_routing()
         self._validate_rope()
         self._validate_training_options()
+        self.fp8 = fp8_recipe_fields(self.fp8)
+
+    def fp8_recipe(self) -> FP8Config | None:
+        """The FP8 training recipe this config asks for, None when FP8 is off."""
+        return None if self.fp8 is None else FP8Config(**self.fp8)
 
     def _validate_sizes(self) -> None:
         for name in (
@@ -120,6 +136,27 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         _require(self.router_bias_update_speed >= 0, "router_bias_update_speed", "must be >= 0")
         _require(self.seq_balance_alpha >= 0, "seq_balance_alpha", "must be >= 0")
         _require(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
+
+
+def fp8_recipe_fields(value: object, field: str = "DeepseekV3Config.fp8") -> dict | None:
+    """None / False -> None; True -> the default FP8 recipe's fields; an FP8Config or a dict of its
+    fields -> all its fields, checked (errors name `field`)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return asdict(FP8Config())
+    if isinstance(value, FP8Config):
+        return asdict(value)
+    known = {f.name for f in fields(FP8Config)}
+    if not isinstance(value, dict):
+        raise ValueError(f"{field} must be None, a bool, an FP8Config or a dict of {sorted(known)}, got {value!r}")
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"{field} has unknown keys {unknown}; FP8Config fields are {sorted(known)}")
+    try:
+        return asdict(FP8Config(**value))
+    except ValueError as error:
+        raise ValueError(f"{field}: {error}") from None
 
 
 def _require(condition: bool, field: str, message: str) -> None:

@@ -13,14 +13,20 @@ Where each part lives:
     fp8_linear.py      FP8Linear, FrozenFP8Linear, convert_to_fp8, convert_to_frozen_fp8
     fp8_grouped.py     fp8_grouped_linear for routed experts
     fp8_checkpoint.py  DeepSeek-V3 `weight_scale_inv` checkpoints
+    fp8_policy.py      which parts of our DeepSeek-V3 policy run in FP8, `enable_fp8`
 
 Typical use:
-    config = FP8Config()
-    convert_to_fp8(model, config)                                   # projections
+    model.enable_fp8(FP8Config())            # our policy (or config.fp8 / load_policy(..., fp8=True))
+    convert_to_fp8(model, FP8Config())       # any other model's projections
     y = fp8_grouped_linear(x_sorted, w_experts, tokens_per_expert, config)   # experts
 """
 
-from policy.fp8_checkpoint import dequantize_fp8_state_dict, split_fp8_state_dict, weight_block_size
+from policy.fp8_checkpoint import (
+    dequantize_fp8_state_dict,
+    dequantize_fp8_tensors,
+    split_fp8_state_dict,
+    weight_block_size,
+)
 from policy.fp8_gemm import FP8Config, cuda_block_scaled_mm_available
 from policy.fp8_grouped import fp8_grouped_linear
 from policy.fp8_linear import (
@@ -44,6 +50,7 @@ __all__ = [
     "cuda_block_scaled_mm_available",
     "dequantize_blockwise",
     "dequantize_fp8_state_dict",
+    "dequantize_fp8_tensors",
     "fp8_grouped_linear",
     "fp8_linear",
     "quantize_blockwise",

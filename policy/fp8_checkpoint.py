@@ -12,15 +12,16 @@ Despite its name, `weight_scale_inv` multiplies: w[i, j] = fp8[i, j] * scale_inv
 (the same convention as `BlockQuantized.scale`). Everything else (embeddings, norms, router,
 output head) is stored in BF16/FP32 and passes through untouched.
 
-Two ways in: `dequantize_fp8_state_dict` turns every FP8 weight into BF16/FP32 master weights
-for training; `split_fp8_state_dict` keeps the FP8 data and scales for `FrozenFP8Linear`
-(see `convert_to_frozen_fp8`). Both refuse a weight without its scale, a scale without its
-weight and a scale of the wrong shape, naming the key.
+Two ways in: `dequantize_fp8_tensors` (streaming, what the policy's loader uses) and
+`dequantize_fp8_state_dict` (a mapping) turn every FP8 weight into BF16/FP32 master weights for
+training; `split_fp8_state_dict` keeps the FP8 data and scales for `FrozenFP8Linear` (see
+`convert_to_frozen_fp8`). All refuse a weight without its scale, a scale without its weight and
+a scale of the wrong shape, naming the key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -67,11 +68,8 @@ def split_fp8_state_dict(
                 raise KeyError(f"{key!r} has no float8_e4m3fn weight {weight_key!r} to scale")
         elif tensor.dtype == FP8_DTYPE:
             quantized[key] = _paired(state, key, block)
-        elif tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1:
-            raise TypeError(
-                f"{key!r} is {tensor.dtype}; only float8_e4m3fn block-quantised weights are supported"
-            )
         else:
+            _refuse_other_fp8(key, tensor)
             plain[key] = tensor
     return plain, quantized
 
@@ -84,26 +82,65 @@ def dequantize_fp8_state_dict(
 ) -> dict[str, Tensor]:
     """The checkpoint with every FP8 weight replaced by fp8 * scale_inv in `dtype`
     (computed in float32, then cast) and the "_scale_inv" keys consumed."""
-    plain, quantized = split_fp8_state_dict(state, block=block)
-    return {
-        key: quantized[key].dequantize(dtype) if key in quantized else plain[key]
-        for key in state
-        if not key.endswith(SCALE_SUFFIX)
-    }
+    return dict(dequantize_fp8_tensors(state.items(), dtype=dtype, block=block))
+
+
+def dequantize_fp8_tensors(
+    named_tensors: Iterable[tuple[str, Tensor]],
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    block: tuple[int, int] = DEEPSEEK_BLOCK,
+) -> Iterator[tuple[str, Tensor]]:
+    """Streams (name, tensor) pairs of a checkpoint with every FP8 weight dequantised to `dtype` as
+    soon as both it and its "_scale_inv" have arrived (they may sit in different shards); the
+    scales are consumed, other tensors pass through untouched. Only unpaired tensors are held.
+    """
+    weights: dict[str, Tensor] = {}  # FP8 weights waiting for their scale
+    scales: dict[str, Tensor] = {}  # scales waiting for their weight, by weight key
+    for key, tensor in named_tensors:
+        if key.endswith(SCALE_SUFFIX):
+            weight_key = key.removesuffix(SCALE_SUFFIX)
+            if weight_key in weights:
+                yield weight_key, _checked(weight_key, weights.pop(weight_key), tensor, block).dequantize(dtype)
+            else:
+                scales[weight_key] = tensor
+        elif tensor.dtype == FP8_DTYPE:
+            if key in scales:
+                yield key, _checked(key, tensor, scales.pop(key), block).dequantize(dtype)
+            else:
+                weights[key] = tensor
+        else:
+            _refuse_other_fp8(key, tensor)
+            yield key, tensor
+    if weights:
+        key = next(iter(weights))
+        raise KeyError(f"FP8 weight {key!r} has no scale {key + SCALE_SUFFIX!r}")
+    if scales:
+        key = next(iter(scales))
+        raise KeyError(f"{key + SCALE_SUFFIX!r} has no float8_e4m3fn weight {key!r} to scale")
+
+
+def _refuse_other_fp8(key: str, tensor: Tensor) -> None:
+    if tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1:
+        raise TypeError(f"{key!r} is {tensor.dtype}; only float8_e4m3fn block-quantised weights are supported")
 
 
 def _paired(state: Mapping[str, Tensor], key: str, block: tuple[int, int]) -> BlockQuantized:
     scale_key = key + SCALE_SUFFIX
     if scale_key not in state:
         raise KeyError(f"FP8 weight {key!r} has no scale {scale_key!r}")
-    data, scale = state[key], state[scale_key]
+    return _checked(key, state[key], state[scale_key], block)
+
+
+def _checked(key: str, data: Tensor, scale: Tensor, block: tuple[int, int]) -> BlockQuantized:
+    """data (N, K) float8_e4m3fn with its scale (ceil(N / br), ceil(K / bc)), or an error naming `key`."""
     if data.dim() != 2:
         raise ValueError(f"FP8 weight {key!r} must be 2-D, got shape {tuple(data.shape)}")
     expected = (-(-data.shape[0] // block[0]), -(-data.shape[1] // block[1]))
     if tuple(scale.shape) != expected or not scale.is_floating_point():
         raise ValueError(
-            f"{scale_key!r} has shape {tuple(scale.shape)} and dtype {scale.dtype}; weight {key!r} of shape "
-            f"{tuple(data.shape)} in {block[0]}x{block[1]} blocks needs a float tensor of shape {expected}"
+            f"{key + SCALE_SUFFIX!r} has shape {tuple(scale.shape)} and dtype {scale.dtype}; weight {key!r} of "
+            f"shape {tuple(data.shape)} in {block[0]}x{block[1]} blocks needs a float tensor of shape {expected}"
         )
     return BlockQuantized(data, scale.float(), block)
 
@@ -112,6 +149,7 @@ __all__ = [
     "DEEPSEEK_BLOCK",
     "SCALE_SUFFIX",
     "dequantize_fp8_state_dict",
+    "dequantize_fp8_tensors",
     "split_fp8_state_dict",
     "weight_block_size",
 ]

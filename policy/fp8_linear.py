@@ -32,6 +32,7 @@ from policy.fp8_gemm import (
     FP8Config,
     activation_mm,
     gemm_output_dtype,
+    quantize_activation,
     quantize_weight,
     select_backend,
     weight_grad_mm,
@@ -143,6 +144,18 @@ class FP8Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return fp8_linear(x, self.weight, self.bias, self.fp8_config)
+
+    def rounded_weight(self) -> Tensor:
+        """The weight as the FP8 GEMMs multiply by it: (N, K), each block rounded to E4M3 with its
+        scale and dequantised, in the weight's dtype. For code that uses the weight outside this
+        layer's forward (MLA's absorbed decoding). The rounding passes gradients straight through.
+        """
+        return quantize_weight(self.weight, self.fp8_config).dequantize(self.weight.dtype)
+
+    def rounded_input(self, x: Tensor) -> Tensor:
+        """x (..., K) as the Fprop GEMM sees it: rounded to E4M3 per 1 x block_size tile along K
+        and dequantised, in x's dtype. Gradients pass straight through."""
+        return quantize_activation(x, self.fp8_config).dequantize(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8={self.fp8_config}"

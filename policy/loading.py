@@ -4,6 +4,11 @@ The rest of the toolkit calls this one function and gets a causal LM with the
 Hugging Face interface either way. A local directory is read with
 `local_files_only`; a name that is not a local path is treated as a Hub id
 (machines without Hub access get one short error instead of a retry traceback).
+
+`fp8=True` (or an FP8Config) trains the model in FP8: ours through its config
+(policy/fp8_policy.py: projections and routed experts), any other model through
+`convert_to_fp8` (every nn.Linear except output heads and MoE routers). Either
+way config.json records the recipe as `fp8`, and loading restores it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from policy.config import fp8_recipe_fields
+from policy.fp8_gemm import FP8Config
+from policy.fp8_linear import convert_to_fp8
 from policy.modeling import DeepseekV3ForCausalLM
 
 DEEPSEEK_V3_MODEL_TYPE = "deepseek_v3"
@@ -25,22 +33,32 @@ def load_policy(
     *,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
+    fp8: bool | FP8Config | None = None,
     **overrides,
 ) -> PreTrainedModel:
     """Loads a causal LM; `overrides` are config fields for our model, from_pretrained kwargs otherwise.
 
+    fp8: True or an FP8Config to train in FP8, False to switch off a recipe our
+    checkpoint's config.json carries, None to keep what the checkpoint says.
     For DeepSeek-V3 checkpoints `init_missing_mtp=True` is also accepted (see
     `DeepseekV3ForCausalLM.from_pretrained`).
     """
     directory = _local_checkpoint(name_or_path)
     if directory is None:
         directory = _download(str(name_or_path))
-    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
-    if model_type == DEEPSEEK_V3_MODEL_TYPE:
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("model_type") == DEEPSEEK_V3_MODEL_TYPE:
+        if fp8 is not None:
+            overrides["fp8"] = fp8_recipe_fields(fp8, "load_policy(fp8=...)")
         return DeepseekV3ForCausalLM.from_pretrained(directory, dtype=dtype, device=device, **overrides)
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=dtype if dtype is not None else "auto", local_files_only=True, **overrides
     )
+    recipe = fp8_recipe_fields(config.get("fp8") if fp8 is None else fp8, "load_policy(fp8=...)")
+    if recipe is not None:
+        convert_to_fp8(model, FP8Config(**recipe))
+    if recipe is not None or "fp8" in config:
+        model.config.fp8 = recipe  # saved with the model: loading it again restores the choice
     return model.to(device) if device is not None else model
 
 

@@ -17,7 +17,9 @@ so activation checkpointing's recomputation never counts a token twice.
 the absorbed form. `save_pretrained` writes the released DeepSeek-V3 layout
 (policy/checkpoint.py) with model_type "deepseek_v3", which transformers and
 vLLM load directly; `from_pretrained` reads that layout, transformers' and ours,
-and refuses to drop or invent a tensor.
+dequantises released FP8 (`weight_scale_inv`) weights, and refuses to drop or
+invent a tensor. `config.fp8` builds the model for FP8 training
+(policy/fp8_policy.py); `enable_fp8` switches an existing model over.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from policy import checkpoint
 from policy.attention import MultiheadLatentAttention, build_attention_mask
 from policy.cache import LatentCache
 from policy.config import DeepseekV3Config
+from policy.fp8_checkpoint import weight_block_size
+from policy.fp8_gemm import FP8Config
+from policy.fp8_policy import enable_fp8
 from policy.layers import MLP, RMSNorm
 from policy.moe import MoE, RoutedExperts, Router
 from policy.mtp import MTPModule, mtp_loss
@@ -116,6 +121,21 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         elif isinstance(module, RoutedExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+
+    def post_init(self) -> None:
+        """transformers' weight init, then the FP8 recipe of `config.fp8`, if any."""
+        super().post_init()
+        recipe = self.config.fp8_recipe()
+        if recipe is not None:
+            enable_fp8(self, recipe)
+
+    def enable_fp8(self, recipe: FP8Config | None = None) -> None:
+        """Trains this model in FP8 from now on (`recipe` defaults to FP8Config()); see policy/fp8_policy.py.
+
+        Parameters and optimizer state are untouched; `config.fp8` records the recipe, so
+        `save_pretrained` writes it and loading the checkpoint builds the model in FP8 again.
+        """
+        enable_fp8(self, recipe if recipe is not None else FP8Config())
 
     def routers(self) -> list[Router]:
         """Every MoE router: main layers in order, then the MTP modules' layers."""
@@ -359,9 +379,14 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         """Loads a local checkpoint directory in the released, transformers or our layout.
 
         config_overrides replace config.json fields (unknown names raise);
-        `num_nextn_predict_layers=0` drops a checkpoint's MTP layers on purpose.
+        `num_nextn_predict_layers=0` drops a checkpoint's MTP layers on purpose,
+        `fp8=True` (or a dict of FP8Config fields) trains the loaded model in FP8.
         Missing MTP weights raise unless `init_missing_mtp`, which initialises
         them fresh and logs which ones. dtype defaults to config.json's.
+        A checkpoint whose config.json declares FP8 block quantisation (DeepSeek-V3's
+        release) is dequantised (fp8 * weight_scale_inv) into the model's dtype; the
+        loaded model's config drops `quantization_config`, since its weights are no
+        longer quantised.
         """
         directory = Path(pretrained_model_name_or_path)
         if not (directory / "config.json").is_file():
@@ -370,7 +395,10 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         unknown = sorted(key for key in config_overrides if not hasattr(config, key))
         if unknown:
             raise ValueError(f"from_pretrained: {unknown} are not DeepseekV3Config fields")
-        config = DeepseekV3Config(**{**config.to_dict(), **config_overrides})
+        fields = {**config.to_dict(), **config_overrides}
+        fp8_block = weight_block_size(fields)
+        fields.pop("quantization_config", None)
+        config = DeepseekV3Config(**fields)
         with _default_dtype(_resolve_dtype(config.dtype if dtype in (None, "auto") else dtype)):
             model = cls(config)
         checkpoint.load_checkpoint(
@@ -378,6 +406,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             directory,
             skip_extra_mtp="num_nextn_predict_layers" in config_overrides,
             init_missing_mtp=init_missing_mtp,
+            fp8_block=fp8_block,
         )
         model.config.name_or_path = str(directory)
         return model.to(device) if device is not None else model

@@ -37,6 +37,9 @@ and otherwise one `bmm` over rows padded to the busiest expert's count; on CPU
 grouped_mm is the faster of the two, by far on skewed loads (docs/policy.md).
 Expert weights are 3-D parameters (E, out, in): `gate_up_proj` (E, 2I, H),
 gate rows first, and `down_proj` (E, H, I), exactly transformers' fused layout.
+Under FP8 training (`RoutedExperts.fp8` set, see policy/fp8_policy.py) the same
+two calls run `fp8_grouped_linear`: all three GEMMs in block-scaled E4M3, each
+expert's weights in their own 128 x 128 blocks.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from policy.config import DeepseekV3Config
+from policy.fp8_gemm import FP8Config
+from policy.fp8_grouped import fp8_grouped_linear
 from policy.layers import MLP
 
 
@@ -212,7 +217,10 @@ def _grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts stored as 3-D weights; all their GEMMs go through `expert_linear`."""
+    """E SwiGLU experts stored as 3-D weights; all their GEMMs go through `expert_linear`.
+
+    `fp8`: the FP8 recipe their GEMMs run under, None for the parameters' own precision.
+    """
 
     def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__()
@@ -221,10 +229,16 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * inner, hidden))
         self.down_proj = nn.Parameter(torch.empty(experts, hidden, inner))
         self.act_fn = ACT2FN[config.hidden_act]
+        self.fp8: FP8Config | None = None
 
     def expert_linear(self, x: torch.Tensor, weight: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
-        """The one routed-expert GEMM (sorted rows x per-expert weight); an FP8 recipe overrides this."""
+        """The one routed-expert GEMM: sorted rows x (N*K, in) times their expert's weight (E, out, in)."""
+        if self.fp8 is not None:
+            return fp8_grouped_linear(x, weight, layout.counts, self.fp8)
         return grouped_linear(x, weight, layout)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, fp8={self.fp8}"
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x (N, hidden), topk_idx (N, K), gates (N, K) -> sum_k gates[:, k] * FFN_{topk_idx[:, k]}(x)."""

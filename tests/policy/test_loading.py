@@ -10,6 +10,7 @@ from transformers import DeepseekV3ForCausalLM as TransformersDeepseekV3
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from policy import DeepseekV3ForCausalLM, load_policy
+from policy.fp8 import FP8Config, FP8Linear
 
 
 def test_our_checkpoint_loads_as_ours(tiny_config, tmp_path):
@@ -45,3 +46,19 @@ def test_missing_paths_fail_fast_and_clearly(path):
 def test_directory_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         load_policy(tmp_path)
+
+
+def test_fp8_for_other_causal_lms_converts_their_projections_and_survives_a_save(tmp_path):
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "plain")
+    model = load_policy(tmp_path / "plain", fp8=FP8Config(block_size=16))
+    converted = {name for name, module in model.named_modules() if isinstance(module, FP8Linear)}
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert {name.rsplit(".", 1)[-1] for name in converted} == set(projections) and len(converted) == 7
+    model.save_pretrained(tmp_path / "fp8")
+    again = load_policy(tmp_path / "fp8")
+    assert again.config.fp8 == model.config.fp8 and isinstance(again.model.layers[0].mlp.up_proj, FP8Linear)
+    plain = load_policy(tmp_path / "fp8", fp8=False)
+    assert plain.config.fp8 is None and not any(isinstance(m, FP8Linear) for m in plain.modules())

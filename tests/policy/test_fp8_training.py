@@ -1,0 +1,45 @@
+"""A few steps of benchmarks/bench_fp8_train.py's FP32-versus-FP8 comparison at toy size."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from benchmarks.bench_fp8_train import (
+    SameWeightsProbe,
+    TrainSettings,
+    initial_models,
+    relative_errors,
+    sft_batches,
+    train,
+)
+from policy.fp8_policy import fp8_layer_names
+
+# 16-wide blocks so that the toy model's GEMMs span several tiles, as the tiny preset's do at 128
+SETTINGS = TrainSettings(preset="tiny-debug", steps=8, batch=4, lr=3e-3, problems=40, block_size=16, probe_every=2)
+
+
+def test_fp8_training_tracks_fp32_and_trains_every_fp8_layer():
+    batches, vocab_size = sft_batches(SETTINGS)
+    reference, fp8 = initial_models(SETTINGS, vocab_size)
+    probe = SameWeightsProbe(copy.deepcopy(fp8), SETTINGS.probe_every)
+    fp32_losses = train(reference, batches, SETTINGS, before_step=probe)
+    fp8_losses = train(fp8, batches, SETTINGS)
+
+    for losses in (fp32_losses, fp8_losses):
+        assert all(math.isfinite(loss) for loss in losses)
+        assert sum(losses[-3:]) < sum(losses[:3]) - 1.0  # it learns
+    assert fp8_losses != fp32_losses  # the FP8 run did compute differently
+    assert max(abs(a - b) / b for a, b in zip(fp8_losses, fp32_losses, strict=True)) < 0.02
+    mean_error, step_error = relative_errors(fp8_losses, fp32_losses)
+    assert mean_error <= step_error < 0.02
+    # same weights, same batch: the FP8 forward alone moves the loss by far less than 1%
+    assert sorted(probe.losses) == [0, 2, 4, 6]
+    assert probe.losses[0] == fp8_losses[0]  # step 0: the FP8 run itself, before any update
+    assert all(0 < abs(loss - fp32_losses[step]) / fp32_losses[step] < 3e-3 for step, loss in probe.losses.items())
+
+    layers = fp8_layer_names(fp8)
+    assert len(layers) == 26  # attention x3 layers, dense MLP, experts and shared experts x2
+    for name in layers:
+        for parameter_name, parameter in fp8.get_submodule(name).named_parameters():
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"{name}.{parameter_name}"
