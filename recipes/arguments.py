@@ -56,6 +56,9 @@ class RecipeArguments:
     rollout_connect: list[str] = option([], "host:port of workers started by hand with `python -m rollout.serve`.")
     rollout_threads: int | None = option(None, "CPU threads of each torch worker (default: torch's).")
     dtype: str = option("float32", "Training dtype: float32 | bfloat16.")
+    fp8: bool = option(
+        False, "Train the policy's projections and experts in FP8 with block scaling (docs/fp8.md; emulated on CPU)."
+    )
     lora_r: int = option(0, "LoRA rank for GRPO (0: train all weights). The KL reference is the adapter-free base.")
     lora_alpha: float = option(16.0, "LoRA scaling numerator (the update is scaled by alpha / r).")
     lora_dropout: float = option(0.0, "Dropout on the LoRA input.")

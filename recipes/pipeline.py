@@ -212,9 +212,10 @@ def _rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedToke
 
 def _trainable_policy(args: RecipeArguments, start: str, checkpoint: Path | None, accelerator: Accelerator):
     """The policy GRPO trains: full weights, or the start model under a LoRA adapter (new or resumed)."""
+    fp8 = True if args.fp8 else None  # None keeps what the checkpoint's config says
     if args.lora_r == 0:
-        return load_policy(checkpoint or start, dtype=_dtype(args), device=accelerator.device)
-    base = load_policy(start, dtype=_dtype(args), device=accelerator.device)
+        return load_policy(checkpoint or start, dtype=_dtype(args), device=accelerator.device, fp8=fp8)
+    base = load_policy(start, dtype=_dtype(args), device=accelerator.device, fp8=fp8)
     if checkpoint is not None:  # LoRA checkpoints hold the adapter only
         return PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
     targets = args.lora_target_modules or (

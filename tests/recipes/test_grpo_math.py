@@ -94,3 +94,11 @@ def test_metrics_reach_tensorboard(tmp_path):
     main("grpo_math", [*SMALL, "--report_to", "tensorboard", "--output_dir", str(tmp_path / "run"),
                        "--cache_dir", str(tmp_path / "cache")])  # fmt: skip
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
+def test_fp8_run_trains_in_fp8_and_saves_the_recipe(tmp_path):
+    main("grpo_math", [*SMALL, "--fp8", "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")])
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["fp8"]["block_size"] == 128
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(1e-4 < m["mismatch/abs_logp_diff"] < 1.0 for m in metrics)  # FP8 trainer, FP32 sampler
