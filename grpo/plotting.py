@@ -21,6 +21,8 @@ PANELS = (
     ("entropy (nats/token)", ("entropy",)),
     ("clipped fraction of tokens", ("clip/",)),
     ("expert load (max / mean)", ("moe/load_imbalance",)),
+    ("sampler vs trainer: mean |log-prob difference|", ("mismatch/abs_logp_diff",)),
+    ("generation throughput (tokens/s)", ("tokens_per_second",)),
 )
 
 
@@ -63,6 +65,8 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, title: str = "GRPO 
                 ax.plot(steps, _moving_average(values, max(len(values) // 20, 3)), color=color, label=key)
             else:
                 ax.plot(steps, values, color=color, marker="o", label=key)
+        if not any(any(values) for _, values in series.values()):
+            ax.text(0.5, 0.75, "0 at every step", transform=ax.transAxes, ha="center", color="0.4")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
