@@ -29,7 +29,7 @@ from grpo.advantages import compute_advantages, zero_std_groups
 from grpo.config import GRPOConfig
 from grpo.data import PromptSampler, encode_prompt
 from grpo.metrics import nan_mean_std
-from rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
+from rollout.engine import RolloutBatch, RolloutEngine, SamplingParams, concat_rollouts
 
 
 class RewardScores(Protocol):
@@ -108,18 +108,6 @@ def select_groups(rollout: RolloutBatch, groups: list[int], group_size: int) -> 
         sampler_logprobs=[rollout.sampler_logprobs[i] for i in index],
         finish_reason=[rollout.finish_reason[i] for i in index],
         policy_version=rollout.policy_version,
-    )
-
-
-def concat_rollouts(batches: list[RolloutBatch]) -> RolloutBatch:
-    """One batch of all rows, in order; the policy version is the oldest one."""
-    return RolloutBatch(
-        prompt_ids=[x for b in batches for x in b.prompt_ids],
-        completion_ids=[x for b in batches for x in b.completion_ids],
-        completion_text=[x for b in batches for x in b.completion_text],
-        sampler_logprobs=[x for b in batches for x in b.sampler_logprobs],
-        finish_reason=[x for b in batches for x in b.finish_reason],
-        policy_version=min(b.policy_version for b in batches),
     )
 
 

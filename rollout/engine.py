@@ -91,6 +91,18 @@ class RolloutBatch:
         return len(self.completion_ids)
 
 
+def concat_rollouts(batches: Sequence[RolloutBatch]) -> RolloutBatch:
+    """One batch of all rows of `batches`, in order; its policy version is the oldest one."""
+    return RolloutBatch(
+        prompt_ids=[row for b in batches for row in b.prompt_ids],
+        completion_ids=[row for b in batches for row in b.completion_ids],
+        completion_text=[row for b in batches for row in b.completion_text],
+        sampler_logprobs=[row for b in batches for row in b.sampler_logprobs],
+        finish_reason=[row for b in batches for row in b.finish_reason],
+        policy_version=min(b.policy_version for b in batches),
+    )
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """Generates grouped completions and accepts new policy weights."""

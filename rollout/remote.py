@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from rollout.buckets import Bucket, pack_bucket, plan_buckets
-from rollout.engine import RolloutBatch, SamplingParams
+from rollout.engine import RolloutBatch, SamplingParams, concat_rollouts
 from rollout.errors import RolloutWorkerDied, RolloutWorkerError, RolloutWorkerTimeout
 from rollout.launch import WorkerProcess
 from rollout.messages import AUTHKEY_ENV, Generate, JoinSyncGroup, ReceiveWeights, WeightsLoaded
@@ -268,7 +268,7 @@ class RemoteRolloutEngine:
         versions = {replies[index].policy_version for index in requests}
         if len(versions) != 1:
             raise RuntimeError(f"the workers served different policy versions {sorted(versions)}; push weights first")
-        return _concatenate([replies[i].to_batch(requests[i].prompts, params.n) for i in sorted(requests)])
+        return concat_rollouts([replies[i].to_batch(requests[i].prompts, params.n) for i in sorted(requests)])
 
     def generate_async(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Future[RolloutBatch]:
         """`generate` on a background thread; a weight update waits for it to finish."""
@@ -529,17 +529,6 @@ def _first_slots(plan: list[Bucket]) -> list[int]:
         firsts.append(count)
         count += len(bucket.slots)
     return firsts
-
-
-def _concatenate(batches: list[RolloutBatch]) -> RolloutBatch:
-    return RolloutBatch(
-        prompt_ids=[row for b in batches for row in b.prompt_ids],
-        completion_ids=[row for b in batches for row in b.completion_ids],
-        completion_text=[row for b in batches for row in b.completion_text],
-        sampler_logprobs=[row for b in batches for row in b.sampler_logprobs],
-        finish_reason=[row for b in batches for row in b.finish_reason],
-        policy_version=batches[0].policy_version,
-    )
 
 
 def _parse_address(address: str) -> tuple[str, int]:

@@ -11,13 +11,13 @@ from datasets import Dataset
 
 from grpo.batch import build_policy_batch
 from grpo.checkpoint import list_checkpoints, save_model_atomic
-from grpo.collector import concat_rollouts, select_groups
+from grpo.collector import select_groups
 from grpo.config import GRPOConfig
 from grpo.data import PromptSampler, check_prompt_dataset
 from grpo.options import ConfigError
 from grpo.plotting import plot_run
 from grpo.update import importance_weights
-from rollout.engine import RolloutBatch
+from rollout.engine import RolloutBatch, concat_rollouts
 
 
 def rollout(prompts, completions, reasons=None, version=0) -> RolloutBatch:
