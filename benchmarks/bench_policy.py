@@ -164,9 +164,7 @@ def dispatch_speed(repeats: int, rows: int = 2048, top_k: int = 2) -> None:
         def run(gemm, layout: ExpertLayout = layout) -> Callable[[], None]:
             return lambda: gemm(x, weight, layout).square().mean().backward()
 
-        times = median_ms(
-            {"grouped_mm": run(grouped_mm_linear), "padded bmm": run(padded_bmm_linear)}, repeats
-        )
+        times = median_ms({"grouped_mm": run(grouped_mm_linear), "padded bmm": run(padded_bmm_linear)}, repeats)
         print(
             f"      {label} (rows per expert {layout.counts.tolist()}): "
             f"grouped_mm {times['grouped_mm']:.1f} ms, padded bmm {times['padded bmm']:.1f} ms"
@@ -203,8 +201,7 @@ def decode_speed(repeats: int, batch: int = 64, prompt: int = 256) -> None:
     ours_ms, hf_ms = times["ours"], times["transformers"]
     print(f"3. One decode step, batch {batch}, {prompt}-token prompt (cache copy included in both)")
     print(
-        f"   ours (absorbed): {ours_ms:.1f} ms  transformers: {hf_ms:.1f} ms"
-        f"  -> ours is {hf_ms / ours_ms:.2f}x faster"
+        f"   ours (absorbed): {ours_ms:.1f} ms  transformers: {hf_ms:.1f} ms  -> ours is {hf_ms / ours_ms:.2f}x faster"
     )
 
 
@@ -227,9 +224,7 @@ def logit_parity() -> None:
         with torch.no_grad():
             for name, parameter in ours.named_parameters():
                 parameter.copy_(
-                    1 + 0.1 * torch.randn_like(parameter)
-                    if "norm" in name
-                    else 0.3 * torch.randn_like(parameter)
+                    1 + 0.1 * torch.randn_like(parameter) if "norm" in name else 0.3 * torch.randn_like(parameter)
                 )
             for router in ours.routers():
                 router.e_score_correction_bias.normal_(0, 0.1)
@@ -240,12 +235,8 @@ def logit_parity() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per MoE forward (multiple of 8)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()

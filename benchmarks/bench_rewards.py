@@ -38,15 +38,11 @@ FINAL_LINE_RE = re.compile(r"\nA: (-?[\d,]*\.?\d+)\s*$")
 
 
 def find_data(explicit: str | None) -> Path:
-    candidates = (
-        [Path(explicit)] if explicit else [ROOT / "shared/data/gsm8k", ROOT.parent / "shared/data/gsm8k"]
-    )
+    candidates = [Path(explicit)] if explicit else [ROOT / "shared/data/gsm8k", ROOT.parent / "shared/data/gsm8k"]
     for candidate in candidates:
         if (candidate / "example_model_solutions.jsonl").exists():
             return candidate
-    raise SystemExit(
-        f"example_model_solutions.jsonl not found in {[str(c) for c in candidates]}; pass --data"
-    )
+    raise SystemExit(f"example_model_solutions.jsonl not found in {[str(c) for c in candidates]}; pass --data")
 
 
 def load(directory: Path) -> tuple[list[str], list[str], list[str], list[bool]]:
@@ -67,9 +63,7 @@ def load(directory: Path) -> tuple[list[str], list[str], list[str], list[bool]]:
 def as_latex_fractions(data: tuple) -> tuple:
     """The same data with each final "A: N" re-written as \\boxed{\\frac{N}{1}}."""
     questions, solutions, refs, labels = data
-    rewritten = [
-        FINAL_LINE_RE.sub(lambda m: f"\n\\boxed{{\\frac{{{m.group(1)}}}{{1}}}}", s) for s in solutions
-    ]
+    rewritten = [FINAL_LINE_RE.sub(lambda m: f"\n\\boxed{{\\frac{{{m.group(1)}}}{{1}}}}", s) for s in solutions]
     return questions, rewritten, refs, labels
 
 
@@ -137,9 +131,7 @@ def bench_trl(data: tuple) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="folder with GSM8K's test.jsonl and example_model_solutions.jsonl")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 2])
     parser.add_argument("--step-size", type=int, default=256)

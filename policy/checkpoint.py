@@ -62,9 +62,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 _MTP_OWN = ("enorm.weight", "hnorm.weight", "eh_proj.weight")
 
 
-def to_released(
-    state_dict: Mapping[str, torch.Tensor], config: DeepseekV3Config
-) -> Iterator[tuple[str, torch.Tensor]]:
+def to_released(state_dict: Mapping[str, torch.Tensor], config: DeepseekV3Config) -> Iterator[tuple[str, torch.Tensor]]:
     """Our state dict -> (released name, tensor) pairs; tensors are views of ours."""
     for name, tensor in state_dict.items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -174,8 +172,7 @@ def _fuse_experts(
         extra = sorted(set(projections[kind]) - set(range(num_experts)))
         if extra:
             raise ValueError(
-                f"checkpoint has {prefix}.{{{_ranges(extra)}}}.{kind}.weight, "
-                f"beyond n_routed_experts={num_experts}"
+                f"checkpoint has {prefix}.{{{_ranges(extra)}}}.{kind}.weight, beyond n_routed_experts={num_experts}"
             )
     stack = lambda kind: torch.stack([projections[kind][e] for e in range(num_experts)])
     return {
@@ -254,9 +251,7 @@ def load_checkpoint(
         named = dequantize_fp8_tensors(named, dtype=dtype, block=fp8_block)
     tensors, skipped = from_released(named, config, skip_extra_mtp=skip_extra_mtp)
     if skipped:
-        logger.warning(
-            "MTP switched off: left %d checkpoint tensors unused (%s, ...)", len(skipped), skipped[0]
-        )
+        logger.warning("MTP switched off: left %d checkpoint tensors unused (%s, ...)", len(skipped), skipped[0])
     expected = [k for k in model.state_dict() if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     initialised = check_keys(tensors, expected, allow_missing_mtp=init_missing_mtp)
     if initialised:
@@ -320,9 +315,7 @@ def write_safetensors(
     for shard, file in zip(shards, names, strict=True):
         # clone: views of one parameter (per-expert slices) may not share storage in a safetensors file
         tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in shard.items()}
-        _atomic_write(
-            directory / file, lambda path, tensors=tensors: save_file(tensors, path, {"format": "pt"})
-        )
+        _atomic_write(directory / file, lambda path, tensors=tensors: save_file(tensors, path, {"format": "pt"}))
     if len(shards) > 1:
         weight_map = {name: file for shard, file in zip(shards, names, strict=True) for name in shard}
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}

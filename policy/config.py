@@ -95,9 +95,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
         n_experts, n_group = self.n_routed_experts, self.n_group
         _require(n_experts > 0, "n_routed_experts", "must be > 0")
         _require(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
-        _require(
-            n_group > 0 and n_experts % n_group == 0, "n_group", f"must divide n_routed_experts={n_experts}"
-        )
+        _require(n_group > 0 and n_experts % n_group == 0, "n_group", f"must divide n_routed_experts={n_experts}")
         _require(
             n_group == 1 or n_experts // n_group >= 2,
             "n_group",

@@ -57,9 +57,7 @@ class DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DeepseekV3Config, layer_idx: int, moe: bool) -> None:
         super().__init__()
         self.self_attn = MultiheadLatentAttention(config, layer_idx)
-        self.mlp = (
-            MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-        )
+        self.mlp = MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -175,8 +173,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, moe=i >= config.first_k_dense_replace)
-            for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, moe=i >= config.first_k_dense_replace) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -328,9 +325,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
     ) -> None:
         """`generate()` hook: a latent cache preallocated for the whole generation."""
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = LatentCache(
-                self.config.num_hidden_layers, capacity=max_cache_length
-            )
+            model_kwargs["past_key_values"] = LatentCache(self.config.num_hidden_layers, capacity=max_cache_length)
             return
         super()._prepare_cache_for_generation(
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length

@@ -58,9 +58,7 @@ from policy.fp8_grouped import fp8_grouped_linear
 from policy.layers import MLP
 
 
-def group_limited_topk(
-    scores_for_choice: torch.Tensor, n_group: int, topk_group: int, top_k: int
-) -> torch.Tensor:
+def group_limited_topk(scores_for_choice: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:
     """Expert indices (N, top_k) of the best `top_k` experts inside the best `topk_group` of `n_group` groups.
 
     scores_for_choice (N, E): affinities plus routing bias. A group's score is

@@ -68,9 +68,7 @@ class IsolatedReward:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._stop()
-                raise TimeoutError(
-                    f"reward {self.__name__!r}: {what} exceeded its time limit; process killed"
-                )
+                raise TimeoutError(f"reward {self.__name__!r}: {what} exceeded its time limit; process killed")
             if select.select([process], [], [], remaining)[0]:
                 messages = process.read_messages()
                 if messages is None:
@@ -86,9 +84,7 @@ class IsolatedReward:
             reply = self._reply(process, time.monotonic() + self.start_timeout_s, "starting")
             if reply[0] != "ready":
                 self._stop()
-                raise WorkerStartError(
-                    f"reward {self.__name__!r} could not be built in its process:\n{reply[1]}"
-                )
+                raise WorkerStartError(f"reward {self.__name__!r} could not be built in its process:\n{reply[1]}")
         return self._process
 
     def __call__(self, completions: list[Any], *, prompts: list[Any], **columns: Any) -> list[float | None]:

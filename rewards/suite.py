@@ -81,19 +81,13 @@ class RewardSuiteConfig:
         for name in ("timeout_s", "call_timeout_s", "worker_start_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(
-                    f"RewardSuiteConfig.{name} must be a positive number of seconds, got {value!r}"
-                )
+                raise ValueError(f"RewardSuiteConfig.{name} must be a positive number of seconds, got {value!r}")
         if self.on_error not in ("zero", "none", "raise"):
-            raise ValueError(
-                f"RewardSuiteConfig.on_error must be 'zero', 'none' or 'raise', got {self.on_error!r}"
-            )
+            raise ValueError(f"RewardSuiteConfig.on_error must be 'zero', 'none' or 'raise', got {self.on_error!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"RewardSuiteConfig.num_workers must be an int >= 0, got {self.num_workers!r}")
         if self.worker_memory_mb is not None and self.worker_memory_mb < 256:
-            raise ValueError(
-                f"RewardSuiteConfig.worker_memory_mb must be >= 256 or None, got {self.worker_memory_mb}"
-            )
+            raise ValueError(f"RewardSuiteConfig.worker_memory_mb must be >= 256 or None, got {self.worker_memory_mb}")
 
 
 @dataclass(frozen=True)
@@ -191,9 +185,7 @@ def _worker_safe(fn: RewardFn) -> bool:
     return True
 
 
-def _check_batch(
-    prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Sequence[Any]]
-) -> None:
+def _check_batch(prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Sequence[Any]]) -> None:
     if len(prompts) != len(completions):
         raise ValueError(f"score() got {len(prompts)} prompts for {len(completions)} completions")
     for key, values in columns.items():
@@ -266,9 +258,7 @@ class RewardSuite:
             if self._closed:
                 raise RuntimeError("this RewardSuite is closed")
             futures = {
-                f: self._threads.submit(
-                    score_in_process, fn, texts, prompts, columns, self.config.call_timeout_s
-                )
+                f: self._threads.submit(score_in_process, fn, texts, prompts, columns, self.config.call_timeout_s)
                 for f, fn in enumerate(self.functions)
                 if not self._in_workers[f]
             }
@@ -319,11 +309,7 @@ class RewardSuite:
         if failures and self.config.on_error == "raise":
             raise RewardError(failures)
         weights = torch.tensor(self.weights, dtype=torch.float32)
-        stacked = (
-            torch.stack([scores[name] for name in self.names], dim=1)
-            if n
-            else torch.zeros(0, len(self.names))
-        )
+        stacked = torch.stack([scores[name] for name in self.names], dim=1) if n else torch.zeros(0, len(self.names))
         total = (stacked.nan_to_num(0.0) * weights).sum(dim=1)
         return RewardResult(list(self.names), list(self.weights), scores, total, failures)
 

@@ -189,9 +189,7 @@ class WorkerPool:
             worker.since = time.monotonic()
             outcomes[task_id] = Outcome(score=score, error=error)
 
-    def _enforce_deadlines(
-        self, outcomes: dict[int, Outcome], pending: deque[Task], timeout_s: float
-    ) -> None:
+    def _enforce_deadlines(self, outcomes: dict[int, Outcome], pending: deque[Task], timeout_s: float) -> None:
         now = time.monotonic()
         for worker in list(self._workers):
             if worker.tasks and now - worker.since > timeout_s:

@@ -49,9 +49,7 @@ class EngineGenerator:
         self.tokenizer = tokenizer
         self.params = params or SamplingParams(n=1, temperature=0.0, max_new_tokens=256)
         if self.params.n != 1:
-            raise ValueError(
-                f"EngineGenerator samples one completion per prompt; got SamplingParams.n={self.params.n}"
-            )
+            raise ValueError(f"EngineGenerator samples one completion per prompt; got SamplingParams.n={self.params.n}")
         self.use_chat_template = use_chat_template and getattr(tokenizer, "chat_template", None) is not None
 
     def _token_ids(self, prompt: str) -> list[int]:

@@ -81,9 +81,7 @@ class GenerativeJudge:
             if field_name not in self.template:
                 raise ValueError(f"GenerativeJudge.template must contain {field_name}")
         if not isinstance(self.generator, TextGenerator):
-            raise TypeError(
-                f"GenerativeJudge.generator must have generate(prompts) -> texts, got {self.generator!r}"
-            )
+            raise TypeError(f"GenerativeJudge.generator must have generate(prompts) -> texts, got {self.generator!r}")
 
     def judge_prompt(self, question: str, reference: Any, response: str) -> str:
         """The prompt the judge model sees for one completion."""
@@ -98,15 +96,11 @@ class GenerativeJudge:
             raise KeyError(f"judge needs the reference-answer column {self.answer_column!r}")
         judge_prompts = [
             self.judge_prompt(completion_text(prompt), reference, completion_text(completion))
-            for prompt, reference, completion in zip(
-                prompts, columns[self.answer_column], completions, strict=True
-            )
+            for prompt, reference, completion in zip(prompts, columns[self.answer_column], completions, strict=True)
         ]
         replies = self.generator.generate(judge_prompts)
         if len(replies) != len(judge_prompts):
-            raise RuntimeError(
-                f"judge generator returned {len(replies)} replies for {len(judge_prompts)} prompts"
-            )
+            raise RuntimeError(f"judge generator returned {len(replies)} replies for {len(judge_prompts)} prompts")
         verdicts = [parse_verdict(reply) for reply in replies]
         for index, (reply, verdict) in enumerate(zip(replies, verdicts, strict=True)):
             if verdict is None:

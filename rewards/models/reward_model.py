@@ -95,15 +95,8 @@ class RewardModelReward:
             )
         finally:
             self.tokenizer.truncation_side = side
-        return {
-            key: value.to(self.device)
-            for key, value in batch.items()
-            if key in ("input_ids", "attention_mask")
-        }
+        return {key: value.to(self.device) for key, value in batch.items() if key in ("input_ids", "attention_mask")}
 
     def __call__(self, completions: list[Any], *, prompts: list[Any], **columns: Any) -> list[float | None]:
-        texts = [
-            self.format(completion_text(p), completion_text(c))
-            for p, c in zip(prompts, completions, strict=True)
-        ]
+        texts = [self.format(completion_text(p), completion_text(c)) for p, c in zip(prompts, completions, strict=True)]
         return list(self.score_texts(texts))

@@ -83,9 +83,7 @@ class SandboxLimits:
             if value < (0 if name == "max_processes" else 1e-3):
                 raise ValueError(f"SandboxLimits.{name} must be positive, got {value}")
         if self.memory_mb < 128:
-            raise ValueError(
-                f"SandboxLimits.memory_mb must be >= 128 (the interpreter needs it), got {self.memory_mb}"
-            )
+            raise ValueError(f"SandboxLimits.memory_mb must be >= 128 (the interpreter needs it), got {self.memory_mb}")
 
 
 @dataclass(frozen=True)
