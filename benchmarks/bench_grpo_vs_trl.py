@@ -1,0 +1,257 @@
+"""Time per GRPO step: our GRPOTrainer against TRL's GRPOTrainer on the same policy, prompts and settings.
+
+Both trainers start from the same saved weights (our "tiny" DeepSeek-V3 preset,
+random init, fp32, CPU) and train the same model class, on the same B arithmetic
+prompts (the dataset holds exactly B prompts, so both see every prompt at every
+step, only in a different order), with G samples each, the same reward
+(rewards.math_accuracy against the `answer` column), the same loss (DeepSeekMath
+GRPO: clipped token ratio, eps = 0.2, per-sequence mean, k3 KL with weight beta;
+tests/grpo/test_trl_parity.py checks that the two losses agree) and the same
+optimizer (torch AdamW, betas (0.9, 0.99), no weight decay, constant lr, grad
+clip 1.0). One optimizer step consumes B * G completions on both sides.
+
+    ours  GRPOTrainer with the built-in TorchRolloutEngine (a copy of the policy,
+          weights synced after every step) and a RewardSuite running
+          math_accuracy in-process; micro_batch_size completions per backward;
+          tis_cap=None (TRL applies no sampler correction without vLLM).
+    TRL   trl.GRPOTrainer, transformers `generate` (use_vllm=False), loss_type
+          "grpo", use_bias_correction_kl=False (TRL's default multiplies the KL by
+          the importance ratio; ours does not); per_device_train_batch_size =
+          micro_batch_size, gradient_accumulation_steps = B * G / micro_batch_size,
+          so steps_per_generation = gradient_accumulation_steps and one generation
+          batch (B * G completions) feeds exactly one optimizer step; temperature
+          1, top_p 1, top_k 0 (off), no min_p, no repetition penalty, no min
+          length; bf16 and activation checkpointing off (TRL turns both on by
+          default; we use neither); optim "adamw_torch", lr_scheduler "constant".
+          With beta > 0 TRL loads its reference model from the saved checkpoint
+          with transformers' own DeepseekV3ForCausalLM (same weights; its logits
+          agree with ours to ~1e-6 and its forward runs at about the same speed).
+
+Both stop a completion at EOS or after max_new_tokens; a random-init policy
+rarely emits EOS, so most completions run to the cap on both sides (the mean
+completion lengths are printed). Timings: the wall time of each optimizer step
+(ours: `GRPOTrainer.training_step`, i.e. prompts -> rollouts -> rewards ->
+update -> weight sync; TRL: `on_step_begin` to `on_step_end`, i.e. generation,
+rewards, reference log-probs, the accumulated backward passes and the optimizer
+step), and, inside it, generation alone (ours: the engine's `generate`; TRL:
+`_generate`, transformers `generate` plus decoding). The first `--warmup` steps
+of each trainer are not timed. The two trainers run one after the other in this
+process, ours first, with the same torch thread count.
+
+    python -m benchmarks.bench_grpo_vs_trl [--steps 10] [--warmup 2] [--prompts 16] [--samples 8]
+                                           [--max-new-tokens 48] [--micro-batch-size 32] [--beta 0.04]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import huggingface_hub
+import torch
+import transformers
+import trl
+from torch import Tensor
+from transformers import PrinterCallback, TrainerCallback
+from trl import GRPOConfig as TRLConfig
+from trl import GRPOTrainer as TRLTrainer
+
+from grpo.config import GRPOConfig
+from grpo.trainer import GRPOTrainer
+from policy import DeepseekV3ForCausalLM, load_policy, preset_config
+from recipes.embedded import train_bpe_tokenizer
+from recipes.tasks.arithmetic import arithmetic_dataset
+from rewards import RewardSuite, RewardSuiteConfig, math_accuracy
+from rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
+from rollout.torch_engine import TorchRolloutEngine
+
+
+@dataclass
+class Timings:
+    """Per optimizer step: wall time, generation time (seconds) and mean completion length (tokens)."""
+
+    step_s: list[float] = field(default_factory=list)
+    generation_s: list[float] = field(default_factory=list)
+    completion_length: list[float] = field(default_factory=list)
+
+    def measured(self, warmup: int) -> Timings:
+        """The steps after the first `warmup`."""
+        return Timings(self.step_s[warmup:], self.generation_s[warmup:], self.completion_length[warmup:])
+
+
+class TimedEngine:
+    """A RolloutEngine that records how long each `generate` call takes and how long its completions are."""
+
+    def __init__(self, engine: RolloutEngine, timings: Timings) -> None:
+        self.engine, self.timings = engine, timings
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        start = time.perf_counter()
+        batch = self.engine.generate(prompts, params)
+        self._record(start, batch)
+        return batch
+
+    def generate_async(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Future[RolloutBatch]:
+        start = time.perf_counter()
+        future = self.engine.generate_async(prompts, params)
+        future.add_done_callback(lambda done: self._record(start, done.result()))
+        return future
+
+    def _record(self, start: float, batch: RolloutBatch) -> None:
+        self.timings.generation_s.append(time.perf_counter() - start)
+        self.timings.completion_length.append(statistics.fmean(len(ids) for ids in batch.completion_ids))
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+        self.engine.update_weights(named_tensors, version)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class TimedTRLTrainer(TRLTrainer):
+    """TRL's GRPOTrainer, recording the time and completion lengths of each generation batch."""
+
+    def __init__(self, *args, timings: Timings, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.timings = timings
+
+    def _generate(self, prompts: list):
+        start = time.perf_counter()
+        outputs = super()._generate(prompts)
+        self.timings.generation_s.append(time.perf_counter() - start)
+        completion_ids = outputs[1]
+        self.timings.completion_length.append(statistics.fmean(len(ids) for ids in completion_ids))
+        return outputs
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step, from `on_step_begin` to `on_step_end`."""
+
+    def __init__(self, timings: Timings) -> None:
+        self.timings, self._start = timings, 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.timings.step_s.append(time.perf_counter() - self._start)
+
+
+def run_ours(start: Path, tokenizer, prompts, args: argparse.Namespace, output_dir: Path) -> Timings:
+    """Our trainer for warmup + steps steps; step times from its metrics, generation from the engine."""
+    config = GRPOConfig(
+        num_generations=args.samples, prompts_per_step=args.prompts, max_completion_length=args.max_new_tokens,
+        temperature=1.0, top_p=1.0, beta=args.beta, epsilon=0.2, objective="grpo", aggregation="sequence_mean",
+        tis_cap=None, learning_rate=args.lr, adam_beta2=0.99, max_grad_norm=1.0,
+        micro_batch_size=args.micro_batch_size, max_steps=args.warmup + args.steps, seed=0,
+        log_completions_steps=0, output_dir=str(output_dir),
+    )  # fmt: skip
+    timings = Timings()
+    torch.manual_seed(0)
+    policy = load_policy(start)
+    engine = TimedEngine(TorchRolloutEngine(copy.deepcopy(policy), tokenizer), timings)
+    with RewardSuite(["math_accuracy"], config=RewardSuiteConfig(num_workers=0)) as rewards:
+        GRPOTrainer(config, policy, tokenizer, engine, rewards, prompts).train()
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    timings.step_s = [record["time/step_s"] for record in records]
+    return timings
+
+
+def run_trl(start: Path, tokenizer, prompts, args: argparse.Namespace, output_dir: Path) -> Timings:
+    """TRL's trainer for warmup + steps optimizer steps, each consuming prompts * samples completions."""
+    completions = args.prompts * args.samples
+    if completions % args.micro_batch_size:
+        raise SystemExit(f"--micro-batch-size ({args.micro_batch_size}) must divide prompts * samples ({completions})")
+    config = TRLConfig(
+        output_dir=str(output_dir), max_steps=args.warmup + args.steps, seed=0, use_cpu=True, use_vllm=False,
+        per_device_train_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=completions // args.micro_batch_size,
+        num_generations=args.samples, max_completion_length=args.max_new_tokens,
+        temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
+        loss_type="grpo", beta=args.beta, epsilon=0.2, use_bias_correction_kl=False, scale_rewards="group",
+        learning_rate=args.lr, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0,
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+        bf16=False, activation_checkpointing=False,
+        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, log_completions=False,
+    )  # fmt: skip
+    timings = Timings()
+    torch.manual_seed(0)
+    trainer = TimedTRLTrainer(
+        model=load_policy(start), reward_funcs=[math_accuracy], args=config, train_dataset=prompts,
+        processing_class=tokenizer, callbacks=[StepTimer(timings)], timings=timings,
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout
+    trainer.train()
+    return timings
+
+
+def summary_line(name: str, timings: Timings) -> str:
+    step, generation = timings.step_s, timings.generation_s
+    rest = [s - g for s, g in zip(step, generation, strict=True)]
+    return (
+        f"  {name:>4}: step median {statistics.median(step):6.2f} s  mean {statistics.fmean(step):6.2f} s | "
+        f"generation median {statistics.median(generation):5.2f} s | rest (rewards, log-probs, backward, "
+        f"optimizer, sync) median {statistics.median(rest):5.2f} s | mean completion "
+        f"{statistics.fmean(timings.completion_length):.1f} tokens"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per trainer")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
+    parser.add_argument("--prompts", type=int, default=16, help="B: prompts per step")
+    parser.add_argument("--samples", type=int, default=8, help="G: completions per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="completion length cap")
+    parser.add_argument("--micro-batch-size", type=int, default=32, help="completions per forward/backward")
+    parser.add_argument("--beta", type=float, default=0.04, help="KL weight (> 0 adds a reference forward)")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+
+    huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL reports usage when a trainer is built
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
+    rows = arithmetic_dataset(2000, seed=0)
+    tokenizer = train_bpe_tokenizer(p + c for p, c in zip(rows["prompt"], rows["completion"], strict=True))
+    prompts = rows.select(range(args.prompts)).remove_columns("completion")
+    torch.manual_seed(0)
+    policy = DeepseekV3ForCausalLM(preset_config("tiny", vocab_size=len(tokenizer),
+                                                 pad_token_id=tokenizer.pad_token_id,
+                                                 eos_token_id=tokenizer.eos_token_id))  # fmt: skip
+    print(
+        f"tiny DeepSeek-V3 ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, random init, fp32), "
+        f"B={args.prompts} prompts x G={args.samples}, up to {args.max_new_tokens} new tokens, "
+        f"micro-batch {args.micro_batch_size}, beta={args.beta}, lr={args.lr}, {args.warmup} warm-up + "
+        f"{args.steps} timed steps, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, trl {trl.__version__}"
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        root = Path(directory)
+        policy.save_pretrained(root / "start")
+        tokenizer.save_pretrained(root / "start")
+        ours = run_ours(root / "start", tokenizer, prompts, args, root / "ours").measured(args.warmup)
+        theirs = run_trl(root / "start", tokenizer, prompts, args, root / "trl").measured(args.warmup)
+    print("  per-step times (s): ours " + " ".join(f"{t:.2f}" for t in ours.step_s)
+          + " | TRL " + " ".join(f"{t:.2f}" for t in theirs.step_s))  # fmt: skip
+    print(summary_line("ours", ours))
+    print(summary_line("TRL", theirs))
+    print(
+        f"  TRL / ours: {statistics.median(theirs.step_s) / statistics.median(ours.step_s):.2f}x per step (median), "
+        f"{statistics.fmean(theirs.step_s) / statistics.fmean(ours.step_s):.2f}x (mean); generation "
+        f"{statistics.median(theirs.generation_s) / statistics.median(ours.generation_s):.2f}x (median)"
+    )
+
+
+if __name__ == "__main__":
+    main()
