@@ -1,9 +1,15 @@
-"""Shared pytest set-up: CPU by default, GPU and vLLM tests skip cleanly."""
+"""Shared pytest set-up: CPU by default, no hub telemetry, GPU and vLLM tests skip cleanly."""
 
 import importlib.util
 
+import huggingface_hub
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # TRL's trainers report usage to the Hugging Face Hub when built; the tests never touch the hub.
+    huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

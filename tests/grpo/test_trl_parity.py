@@ -51,7 +51,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import huggingface_hub
 import pytest
 import torch
 from datasets import Dataset
@@ -69,12 +68,6 @@ NUM_ROWS, MICRO_BATCH = 8, 4  # TRL: gradient_accumulation_steps = NUM_ROWS // M
 PROMPT_WIDTH, COMPLETION_WIDTH = 7, 6
 MAX_COMPLETION_LENGTH = 10  # > COMPLETION_WIDTH, so dr_grpo's normaliser is not the padded width
 EPSILON, EPSILON_HIGH = 0.2, 0.28
-
-
-@pytest.fixture(autouse=True)
-def _no_hub_telemetry(monkeypatch):
-    """TRL's trainers report usage to the Hugging Face Hub when built; the tests never touch the hub."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
 
 
 @pytest.fixture(scope="module")
