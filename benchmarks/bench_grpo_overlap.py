@@ -10,6 +10,7 @@ split that bounds it: with a free core for each process the best possible
 ratio is (generate + update) / max(generate, update).
 
     python -m benchmarks.bench_grpo_overlap [--steps 8] [--prompts 16] [--samples 8] [--max-new-tokens 48]
+                                            [--worker-threads 1] [--trainer-threads N]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -55,7 +57,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="G")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--worker-threads", type=int, default=1)
+    parser.add_argument(
+        "--trainer-threads", type=int, default=None,
+        help="torch threads of the trainer (default: the cores the worker leaves, so overlap never oversubscribes)",
+    )  # fmt: skip
     args = parser.parse_args()
+    torch.set_num_threads(args.trainer_threads or max(1, (os.cpu_count() or 1) - args.worker_threads))
 
     torch.manual_seed(0)
     rows = arithmetic_dataset(2000, seed=0)
