@@ -2,7 +2,7 @@
 
 import importlib.util
 
-import huggingface_hub
+import huggingface_hub.constants
 import pytest
 import torch
 
