@@ -5,7 +5,8 @@ Runs from the same initial weights on the same batches in the same order:
 - FP8: `config.fp8` on (policy/fp8_policy.py): every projection and routed expert runs its three
   GEMMs (forward, input gradient, weight gradient) in block-scaled E4M3 (1 x 128 activation tiles,
   128 x 128 weight blocks), emulated exactly on CPU; embedding, output head, routers, norms,
-  attention core and the MTP eh_proj stay in float32, as do master weights and AdamW state;
+  attention core and the MTP eh_proj stay in float32, as do master weights and AdamW state.
+  `--no-dgrad-in-fp8` / `--no-wgrad-in-fp8` keep a backward GEMM in float32;
 - FP32 again from initial weights multiplied by (1 + 1e-3 N(0, 1)): how far two runs drift apart
   for reasons that have nothing to do with FP8, the resolution of the comparison.
 All optimise what SFT optimises (next-token cross-entropy on the solution tokens plus the MoE
@@ -13,11 +14,14 @@ balance loss and the MTP loss) with AdamW, warm-up + cosine decay, and the routi
 after every optimizer step.
 
 Prints the exact settings, the losses along the way and the relative loss error DeepSeek-V3
-reports (< 0.25% for FP8 against BF16): |mean L - mean L_fp32| / mean L_fp32 over the last 10% of
-steps, and the largest per-step |L - L_fp32| / L_fp32 there. Small models trained for a few
-hundred steps are chaotic (a 1e-3 perturbation moves the final loss by about 1%), so the script
-also prints the error of the FP8 numerics alone: the FP8 model's loss with the FP32 run's weights
-on the same batch, every `probe_every` steps.
+reports (< 0.25% for FP8 against BF16): (mean L - mean L_fp32) / mean L_fp32 over the last 10%
+of steps (signed: + is a higher FP8 loss), and the largest per-step |L - L_fp32| / L_fp32 there.
+Two probes say whether a gap comes from FP8 arithmetic or from training drifting apart:
+- same weights: the FP8 model's loss with the FP32 run's weights on the same batch, every
+  `probe_every` steps (the FP8 forward alone);
+- final weights: both trained models evaluated, without updates, on the last 10% of batches
+  with the FP32 forward and with the FP8 forward, which splits the final gap into what the FP8
+  forward costs and what FP8 training did to the weights.
 
     python3 -m benchmarks.bench_fp8_train [--steps 300 --batch 16 --lr 3e-4 --threads 1]
 """
@@ -62,6 +66,8 @@ class TrainSettings:
     block_size: int = 128
     perturbation: float = 1e-3
     probe_every: int = 10
+    dgrad_in_fp8: bool = True
+    wgrad_in_fp8: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "problems", "block_size", "probe_every"):
@@ -69,6 +75,10 @@ class TrainSettings:
                 raise ValueError(f"TrainSettings.{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and self.grad_clip > 0):
             raise ValueError(f"TrainSettings.lr and grad_clip must be > 0, got {self.lr}, {self.grad_clip}")
+
+    def fp8_recipe(self) -> FP8Config:
+        """DeepSeek-V3's recipe at `block_size`, with the backward GEMMs in FP8 as asked."""
+        return FP8Config(block_size=self.block_size, dgrad_in_fp8=self.dgrad_in_fp8, wgrad_in_fp8=self.wgrad_in_fp8)
 
 
 @dataclass
@@ -119,7 +129,7 @@ def initial_models(settings: TrainSettings, vocab_size: int) -> tuple[DeepseekV3
     torch.manual_seed(settings.seed)
     reference = DeepseekV3ForCausalLM(preset_config(settings.preset, vocab_size=vocab_size))
     fp8 = copy.deepcopy(reference)
-    fp8.enable_fp8(FP8Config(block_size=settings.block_size))
+    fp8.enable_fp8(settings.fp8_recipe())
     return reference, fp8
 
 
@@ -143,14 +153,13 @@ class SameWeightsProbe:
     run being trained (loaded before its optimizer step): FP8 numerics without training divergence."""
 
     def __init__(self, fp8_model: DeepseekV3ForCausalLM, every: int) -> None:
-        self.model, self.every = fp8_model.train(), every
+        self.model, self.every = fp8_model, every
         self.losses: dict[int, float] = {}
 
     def __call__(self, step: int, model: DeepseekV3ForCausalLM, batch: Batch) -> None:
         if step % self.every == 0:
             self.model.load_state_dict(model.state_dict())
-            with torch.no_grad():  # no gradients: no routing counts are recorded either
-                self.losses[step] = step_loss(self.model, batch).item()
+            self.losses[step] = mean_loss(self.model, [batch])
 
 
 def train(
@@ -188,23 +197,39 @@ def lr_factor(step: int, settings: TrainSettings) -> float:
 
 
 def relative_errors(losses: Sequence[float], reference: Sequence[float]) -> tuple[float, float]:
-    """Over the last 10% of steps: (|mean(losses) - mean(reference)| / mean(reference),
-    max per step of |loss - reference| / reference)."""
+    """Over the last 10% of steps: ((mean(losses) - mean(reference)) / mean(reference), signed,
+    and the largest per-step |loss - reference| / reference)."""
     window = max(1, len(reference) // 10)
     ours, ref = losses[-window:], reference[-window:]
-    mean_error = abs(sum(ours) - sum(ref)) / sum(ref)
+    mean_error = (sum(ours) - sum(ref)) / sum(ref)
     return mean_error, max(abs(a - b) / b for a, b in zip(ours, ref, strict=True))
 
 
+def mean_loss(model: DeepseekV3ForCausalLM, batches: Sequence[Batch]) -> float:
+    """The training objective averaged over `batches`, without gradients or updates."""
+    model.train()
+    with torch.no_grad():  # no gradients: no routing counts are recorded either
+        return sum(step_loss(model, batch).item() for batch in batches) / len(batches)
+
+
+def cross_evaluation(
+    trained: dict[str, DeepseekV3ForCausalLM], batches: Sequence[Batch]
+) -> dict[tuple[str, str], float]:
+    """{(weights, forward): mean loss}: every trained model's final weights under every trained
+    model's arithmetic (keys of `trained`, e.g. "fp32" and "fp8"), on `batches`."""
+    forwards = {name: copy.deepcopy(model) for name, model in trained.items()}
+    losses = {}
+    for weights, weights_model in trained.items():
+        for forward, forward_model in forwards.items():
+            forward_model.load_state_dict(weights_model.state_dict())
+            losses[(weights, forward)] = mean_loss(forward_model, batches)
+    return losses
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, value in asdict(TrainSettings()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = vars(parser.parse_args())
-    if (threads := args.pop("threads")) is not None:
+    settings, threads = parse_settings()
+    if threads is not None:
         torch.set_num_threads(threads)
-    settings = TrainSettings(**args)
     batches, vocab_size = sft_batches(settings)
     reference, fp8 = initial_models(settings, vocab_size)
     tokens = sum(int((b.labels != IGNORE).sum()) for b in batches)
@@ -218,34 +243,59 @@ def main() -> None:
         "fp8": (fp8, None),
         "fp32, perturbed init": (perturbed(reference, settings.perturbation, settings.seed + 1), None),
     }
-    losses, seconds = {}, {}
+    losses = {}
     for name, (model, before_step) in runs.items():
         start = time.perf_counter()
         losses[name] = train(model, batches, settings, before_step)
-        seconds[name] = time.perf_counter() - start
-    report(settings, losses, probe.losses, seconds)
+        print(f"trained {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    window = batches[-max(1, settings.steps // 10) :]
+    report(settings, losses, probe.losses, cross_evaluation({"fp32": reference, "fp8": fp8}, window))
+
+
+def parse_settings() -> tuple[TrainSettings, int | None]:
+    """TrainSettings from the command line (one flag per field), and --threads."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, value in asdict(TrainSettings()).items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = vars(parser.parse_args())
+    threads = args.pop("threads")
+    return TrainSettings(**args), threads
 
 
 def report(
-    settings: TrainSettings, losses: dict[str, list[float]], probed: dict[int, float], seconds: dict[str, float]
+    settings: TrainSettings,
+    losses: dict[str, list[float]],
+    probed: dict[int, float],
+    final: dict[tuple[str, str], float],
 ) -> None:
-    print("step  " + "".join(f"{name:>22s}" for name in losses))
-    for step in [*range(0, settings.steps, max(settings.steps // 10, 1)), settings.steps - 1]:
-        print(f"{step:4d}  " + "".join(f"{run[step]:22.4f}" for run in losses.values()))
     fp32 = losses["fp32"]
+    print("step  " + "".join(f"{name:>22s}" for name in losses) + f"{'same weights, fp8 fwd':>24s}")
+    for step in [*range(0, settings.steps, max(settings.steps // 10, 1)), settings.steps - 1]:
+        probe = f"{probed[step]:14.4f} ({(probed[step] - fp32[step]) / fp32[step]:+.2%})" if step in probed else ""
+        print(f"{step:4d}  " + "".join(f"{run[step]:22.4f}" for run in losses.values()) + f"{probe:>24s}")
     window = max(1, settings.steps // 10)
-    print(f"relative loss error over the last {window} steps (of the mean loss; largest at one step):")
+    print(f"relative loss error over the last {window} steps (of the mean loss, signed; largest at one step):")
     mean, worst = relative_errors(losses["fp8"], fp32)
-    print(f"  FP8-trained vs FP32-trained:                  {mean:.3%}  {worst:.3%}  (DeepSeek-V3: < 0.25%)")
+    print(f"  FP8-trained vs FP32-trained:                  {mean:+.3%}  {worst:.3%}  (DeepSeek-V3: < 0.25%)")
     mean, worst = relative_errors(losses["fp32, perturbed init"], fp32)
     label = f"FP32 from init x (1 + {settings.perturbation:g} N(0,1)) vs FP32:"
-    print(f"  {label:46s} {mean:.3%}  {worst:.3%}  (run-to-run noise)")
-    errors = [abs(loss - fp32[step]) / fp32[step] for step, loss in probed.items()]
+    print(f"  {label:46s} {mean:+.3%}  {worst:.3%}  (run-to-run noise)")
+    errors = [(loss - fp32[step]) / fp32[step] for step, loss in probed.items()]
     print(
         f"same weights, FP8 vs FP32 forward on the FP32 run's weights every {settings.probe_every} steps: "
-        f"mean {sum(errors) / len(errors):.3%}, largest {max(errors):.3%}"
+        f"mean {sum(errors) / len(errors):+.3%}, largest {max(errors, key=abs):+.3%}"
     )
-    print("wall time: " + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()) + " (FP8: CPU emulation)")
+    base = final[("fp32", "fp32")]
+    print(f"final weights on the last {window} batches, mean loss (relative to FP32 weights, FP32 forward):")
+    print(f"  {'':22s}{'FP32 forward':>22s}{'FP8 forward':>22s}")
+    for weights in ("fp32", "fp8"):
+        cells = [f"{final[(weights, f)]:.5f} ({(final[(weights, f)] - base) / base:+.3%})" for f in ("fp32", "fp8")]
+        print(f"  {weights.upper() + '-trained weights':22s}" + "".join(f"{cell:>22s}" for cell in cells))
 
 
 if __name__ == "__main__":

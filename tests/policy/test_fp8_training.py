@@ -5,10 +5,15 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
+
 from benchmarks.bench_fp8_train import (
     SameWeightsProbe,
     TrainSettings,
+    cross_evaluation,
     initial_models,
+    mean_loss,
+    parse_settings,
     relative_errors,
     sft_batches,
     train,
@@ -32,14 +37,29 @@ def test_fp8_training_tracks_fp32_and_trains_every_fp8_layer():
     assert fp8_losses != fp32_losses  # the FP8 run did compute differently
     assert max(abs(a - b) / b for a, b in zip(fp8_losses, fp32_losses, strict=True)) < 0.02
     mean_error, step_error = relative_errors(fp8_losses, fp32_losses)
-    assert mean_error <= step_error < 0.02
+    assert abs(mean_error) <= step_error < 0.02
     # same weights, same batch: the FP8 forward alone moves the loss by far less than 1%
     assert sorted(probe.losses) == [0, 2, 4, 6]
     assert probe.losses[0] == fp8_losses[0]  # step 0: the FP8 run itself, before any update
     assert all(0 < abs(loss - fp32_losses[step]) / fp32_losses[step] < 3e-3 for step, loss in probe.losses.items())
+
+    # final weights under both forwards: the diagonal is each trained model as it is
+    final = cross_evaluation({"fp32": reference, "fp8": fp8}, batches[-2:])
+    assert final[("fp32", "fp32")] == mean_loss(reference, batches[-2:])
+    assert final[("fp8", "fp8")] == mean_loss(fp8, batches[-2:])
+    assert final[("fp32", "fp8")] != final[("fp32", "fp32")] and final[("fp8", "fp32")] != final[("fp8", "fp8")]
 
     layers = fp8_layer_names(fp8)
     assert len(layers) == 26  # attention x3 layers, dense MLP, experts and shared experts x2
     for name in layers:
         for parameter_name, parameter in fp8.get_submodule(name).named_parameters():
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"{name}.{parameter_name}"
+
+
+def test_command_line_sets_every_field_and_the_backward_gemms(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["bench", "--steps", "7", "--no-wgrad-in-fp8", "--threads", "1"])
+    settings, threads = parse_settings()
+    assert (settings.steps, settings.dgrad_in_fp8, settings.wgrad_in_fp8, threads) == (7, True, False, 1)
+    assert settings.fp8_recipe().wgrad_in_fp8 is False and settings.fp8_recipe().block_size == 128
+    with pytest.raises(ValueError, match=r"TrainSettings\.steps"):
+        TrainSettings(steps=0)
