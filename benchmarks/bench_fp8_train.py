@@ -1,14 +1,17 @@
 """FP8 versus FP32 training loss of the DeepSeek-V3 policy (`tiny` preset) on the arithmetic SFT task.
 
-Runs from the same initial weights on the same batches in the same order:
+Trains pairs of runs on the same batches in the same order, the two runs of a pair from the same
+initial weights:
 - FP32: every GEMM in float32;
 - FP8: `config.fp8` on (policy/fp8_policy.py): every projection and routed expert runs its three
   GEMMs (forward, input gradient, weight gradient) in block-scaled E4M3 (1 x 128 activation tiles,
   128 x 128 weight blocks), emulated exactly on CPU; embedding, output head, routers, norms,
   attention core and the MTP eh_proj stay in float32, as do master weights and AdamW state.
-  `--no-dgrad-in-fp8` / `--no-wgrad-in-fp8` keep a backward GEMM in float32;
-- FP32 again from initial weights multiplied by (1 + 1e-3 N(0, 1)): how far two runs drift apart
-  for reasons that have nothing to do with FP8, the resolution of the comparison.
+  `--no-dgrad-in-fp8` / `--no-wgrad-in-fp8` keep a backward GEMM in float32.
+The first pair starts from the seeded initialisation (init 0), the `inits - 1` others from it
+multiplied by (1 + 1e-3 N(0, 1)): their FP32 runs show how far two runs drift apart for reasons
+that have nothing to do with FP8 (the resolution of the comparison), their FP8 runs whether the
+FP8 gap holds from every start.
 All optimise what SFT optimises (next-token cross-entropy on the solution tokens plus the MoE
 balance loss and the MTP loss) with AdamW, warm-up + cosine decay, and the routing-bias update
 after every optimizer step.
@@ -16,7 +19,7 @@ after every optimizer step.
 Prints the exact settings, the losses along the way and the relative loss error DeepSeek-V3
 reports (< 0.25% for FP8 against BF16): (mean L - mean L_fp32) / mean L_fp32 over the last 10%
 of steps (signed: + is a higher FP8 loss), and the largest per-step |L - L_fp32| / L_fp32 there.
-Two probes say whether a gap comes from FP8 arithmetic or from training drifting apart:
+Probes, on the first initialisation, split a gap into FP8 arithmetic and training drifting apart:
 - same weights: the FP8 model's loss with the FP32 run's weights on the same batch, every
   `probe_every` steps (the FP8 forward alone);
 - final weights: both trained models evaluated, without updates, on the last 10% of batches
@@ -51,7 +54,9 @@ class TrainSettings:
 
     lr: peak AdamW learning rate, reached after `warmup` (a fraction of the steps), then cosine
     decay to `final_lr_ratio` * lr. problems: distinct arithmetic problems, cycled in a seeded
-    order. perturbation: relative size of the initial-weight noise of the run-to-run probe.
+    order. inits: FP32/FP8 pairs, from the seeded initialisation and `inits - 1` perturbed copies
+    of it; perturbation: relative size of that initial-weight noise (the run-to-run probe).
+    dgrad_in_fp8, wgrad_in_fp8: as in FP8Config (False keeps that backward GEMM in float32).
     """
 
     preset: str = "tiny"
@@ -65,12 +70,13 @@ class TrainSettings:
     seed: int = 0
     block_size: int = 128
     perturbation: float = 1e-3
+    inits: int = 3
     probe_every: int = 10
     dgrad_in_fp8: bool = True
     wgrad_in_fp8: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "problems", "block_size", "probe_every"):
+        for name in ("steps", "batch", "problems", "block_size", "inits", "probe_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainSettings.{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and self.grad_clip > 0):
@@ -124,17 +130,22 @@ def _collate(rows: list[tuple[list[int], list[int]]]) -> Batch:
     return Batch(input_ids, attention_mask, labels)
 
 
-def initial_models(settings: TrainSettings, vocab_size: int) -> tuple[DeepseekV3ForCausalLM, DeepseekV3ForCausalLM]:
-    """(FP32 model, FP8 model) with identical initial weights."""
+def initial_models(
+    settings: TrainSettings, vocab_size: int, init: int = 0
+) -> tuple[DeepseekV3ForCausalLM, DeepseekV3ForCausalLM]:
+    """(FP32 model, FP8 model) with identical initial weights: the seeded initialisation for
+    `init` 0, that initialisation times (1 + perturbation N(0, 1)) drawn with seed `seed + init` else."""
     torch.manual_seed(settings.seed)
     reference = DeepseekV3ForCausalLM(preset_config(settings.preset, vocab_size=vocab_size))
+    if init:
+        reference = perturbed(reference, settings.perturbation, settings.seed + init)
     fp8 = copy.deepcopy(reference)
     fp8.enable_fp8(settings.fp8_recipe())
     return reference, fp8
 
 
 def perturbed(model: DeepseekV3ForCausalLM, scale: float, seed: int) -> DeepseekV3ForCausalLM:
-    """A copy with every parameter multiplied by (1 + scale * N(0, 1)): the run-to-run noise probe."""
+    """A copy with every parameter multiplied by (1 + scale * N(0, 1)), drawn with `seed`."""
     copied = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -231,25 +242,22 @@ def main() -> None:
     if threads is not None:
         torch.set_num_threads(threads)
     batches, vocab_size = sft_batches(settings)
-    reference, fp8 = initial_models(settings, vocab_size)
     tokens = sum(int((b.labels != IGNORE).sum()) for b in batches)
     print(f"settings: {settings}")
     print(f"vocab {vocab_size}, {tokens} target tokens over {settings.steps} steps, {torch.get_num_threads()} threads")
-    print(f"FP8 recipe {fp8.config.fp8}, back end {select_backend(fp8.config.fp8_recipe(), torch.device('cpu'))}")
-
-    probe = SameWeightsProbe(copy.deepcopy(fp8), settings.probe_every)
-    runs = {
-        "fp32": (reference, probe),
-        "fp8": (fp8, None),
-        "fp32, perturbed init": (perturbed(reference, settings.perturbation, settings.seed + 1), None),
-    }
-    losses = {}
-    for name, (model, before_step) in runs.items():
-        start = time.perf_counter()
-        losses[name] = train(model, batches, settings, before_step)
-        print(f"trained {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    losses: dict[tuple[str, int], list[float]] = {}
+    for init in range(settings.inits):
+        reference, fp8 = initial_models(settings, vocab_size, init)
+        if init == 0:
+            recipe = fp8.config.fp8_recipe()
+            print(f"FP8 recipe {fp8.config.fp8}, back end {select_backend(recipe, torch.device('cpu'))}")
+            probe, first = SameWeightsProbe(copy.deepcopy(fp8), settings.probe_every), (reference, fp8)
+        for name, model in (("fp32", reference), ("fp8", fp8)):
+            start = time.perf_counter()
+            losses[(name, init)] = train(model, batches, settings, probe if (name, init) == ("fp32", 0) else None)
+            print(f"trained {name} from init {init}: {time.perf_counter() - start:.0f} s", flush=True)
     window = batches[-max(1, settings.steps // 10) :]
-    report(settings, losses, probe.losses, cross_evaluation({"fp32": reference, "fp8": fp8}, window))
+    report(settings, losses, probe.losses, cross_evaluation(dict(zip(("fp32", "fp8"), first, strict=True)), window))
 
 
 def parse_settings() -> tuple[TrainSettings, int | None]:
@@ -269,29 +277,33 @@ def parse_settings() -> tuple[TrainSettings, int | None]:
 
 def report(
     settings: TrainSettings,
-    losses: dict[str, list[float]],
+    losses: dict[tuple[str, int], list[float]],
     probed: dict[int, float],
     final: dict[tuple[str, str], float],
 ) -> None:
-    fp32 = losses["fp32"]
-    print("step  " + "".join(f"{name:>22s}" for name in losses) + f"{'same weights, fp8 fwd':>24s}")
+    """Loss table, FP8 and run-to-run relative errors over the last 10% of steps, the probes."""
+    fp32 = losses[("fp32", 0)]
+    print(
+        "step" + "".join(f"{f'{name} init {init}':>16s}" for name, init in losses) + f"{'fp8 fwd, fp32 weights':>26s}"
+    )
     for step in [*range(0, settings.steps, max(settings.steps // 10, 1)), settings.steps - 1]:
-        probe = f"{probed[step]:14.4f} ({(probed[step] - fp32[step]) / fp32[step]:+.2%})" if step in probed else ""
-        print(f"{step:4d}  " + "".join(f"{run[step]:22.4f}" for run in losses.values()) + f"{probe:>24s}")
+        probe = f"{probed[step]:.4f} ({(probed[step] - fp32[step]) / fp32[step]:+.2%})" if step in probed else ""
+        print(f"{step:4d}" + "".join(f"{run[step]:16.4f}" for run in losses.values()) + f"{probe:>26s}")
     window = max(1, settings.steps // 10)
     print(f"relative loss error over the last {window} steps (of the mean loss, signed; largest at one step):")
-    mean, worst = relative_errors(losses["fp8"], fp32)
-    print(f"  FP8-trained vs FP32-trained:                  {mean:+.3%}  {worst:.3%}  (DeepSeek-V3: < 0.25%)")
-    mean, worst = relative_errors(losses["fp32, perturbed init"], fp32)
-    label = f"FP32 from init x (1 + {settings.perturbation:g} N(0,1)) vs FP32:"
-    print(f"  {label:46s} {mean:+.3%}  {worst:.3%}  (run-to-run noise)")
+    for init in range(settings.inits):
+        mean, worst = relative_errors(losses[("fp8", init)], losses[("fp32", init)])
+        print(f"  FP8 vs FP32, both from init {init}:{'':14s}{mean:+.3%}  {worst:.3%}  (DeepSeek-V3: < 0.25%)")
+    for init in range(1, settings.inits):
+        mean, worst = relative_errors(losses[("fp32", init)], fp32)
+        print(f"  FP32 from init {init} vs FP32 from init 0:{'':7s}{mean:+.3%}  {worst:.3%}  (run-to-run noise)")
     errors = [(loss - fp32[step]) / fp32[step] for step, loss in probed.items()]
     print(
         f"same weights, FP8 vs FP32 forward on the FP32 run's weights every {settings.probe_every} steps: "
         f"mean {sum(errors) / len(errors):+.3%}, largest {max(errors, key=abs):+.3%}"
     )
     base = final[("fp32", "fp32")]
-    print(f"final weights on the last {window} batches, mean loss (relative to FP32 weights, FP32 forward):")
+    print(f"final weights (init 0) on the last {window} batches, mean loss (relative to FP32 weights, FP32 forward):")
     print(f"  {'':22s}{'FP32 forward':>22s}{'FP8 forward':>22s}")
     for weights in ("fp32", "fp8"):
         cells = [f"{final[(weights, f)]:.5f} ({(final[(weights, f)] - base) / base:+.3%})" for f in ("fp32", "fp8")]

@@ -6,6 +6,7 @@ import copy
 import math
 
 import pytest
+import torch
 
 from benchmarks.bench_fp8_train import (
     SameWeightsProbe,
@@ -63,3 +64,17 @@ def test_command_line_sets_every_field_and_the_backward_gemms(monkeypatch):
     assert settings.fp8_recipe().wgrad_in_fp8 is False and settings.fp8_recipe().block_size == 128
     with pytest.raises(ValueError, match=r"TrainSettings\.steps"):
         TrainSettings(steps=0)
+
+
+def test_further_initialisations_are_small_perturbations_shared_by_the_pair():
+    _, vocab_size = sft_batches(SETTINGS)
+    first, _ = initial_models(SETTINGS, vocab_size)
+    reference, fp8 = initial_models(SETTINGS, vocab_size, init=1)
+    assert fp8.config.fp8 is not None and reference.config.fp8 is None
+    for (name, weight), base, fp8_weight in zip(
+        reference.state_dict().items(), first.state_dict().values(), fp8.state_dict().values(), strict=True
+    ):
+        assert torch.equal(weight, fp8_weight), name
+        if weight.is_floating_point() and base.abs().sum() > 0:
+            change = ((weight - base).norm() / base.norm()).item()
+            assert 1e-4 < change < 1e-2, name
