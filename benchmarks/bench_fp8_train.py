@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -291,12 +292,20 @@ def report(
         print(f"{step:4d}" + "".join(f"{run[step]:16.4f}" for run in losses.values()) + f"{probe:>26s}")
     window = max(1, settings.steps // 10)
     print(f"relative loss error over the last {window} steps (of the mean loss, signed; largest at one step):")
+    gaps = []
     for init in range(settings.inits):
         mean, worst = relative_errors(losses[("fp8", init)], losses[("fp32", init)])
+        gaps.append(mean)
         print(f"  FP8 vs FP32, both from init {init}:{'':14s}{mean:+.3%}  {worst:.3%}  (DeepSeek-V3: < 0.25%)")
     for init in range(1, settings.inits):
         mean, worst = relative_errors(losses[("fp32", init)], fp32)
         print(f"  FP32 from init {init} vs FP32 from init 0:{'':7s}{mean:+.3%}  {worst:.3%}  (run-to-run noise)")
+    if settings.inits > 1:
+        spread = statistics.stdev(gaps)
+        print(
+            f"  FP8 vs FP32 over {settings.inits} inits: mean {statistics.mean(gaps):+.3%}, standard deviation "
+            f"{spread:.3%}, standard error of the mean {spread / math.sqrt(settings.inits):.3%}"
+        )
     errors = [(loss - fp32[step]) / fp32[step] for step, loss in probed.items()]
     print(
         f"same weights, FP8 vs FP32 forward on the FP32 run's weights every {settings.probe_every} steps: "

@@ -16,6 +16,7 @@ from benchmarks.bench_fp8_train import (
     mean_loss,
     parse_settings,
     relative_errors,
+    report,
     sft_batches,
     train,
 )
@@ -78,3 +79,20 @@ def test_further_initialisations_are_small_perturbations_shared_by_the_pair():
         if weight.is_floating_point() and base.abs().sum() > 0:
             change = ((weight - base).norm() / base.norm()).item()
             assert 1e-4 < change < 1e-2, name
+
+
+def test_report_prints_every_pair_and_the_spread_over_inits(capsys):
+    settings = TrainSettings(steps=10, inits=2, probe_every=5)
+    losses = {
+        ("fp32", 0): [2.0] * 10,
+        ("fp8", 0): [2.02] * 10,  # +1%
+        ("fp32", 1): [1.99] * 10,
+        ("fp8", 1): [2.0] * 10,  # +0.5025%
+    }
+    final = {(w, f): 1.0 for w in ("fp32", "fp8") for f in ("fp32", "fp8")}
+    report(settings, losses, {0: 2.004, 5: 1.998}, final)
+    out = capsys.readouterr().out
+    assert "both from init 0:              +1.000%" in out and "both from init 1:              +0.503%" in out
+    assert "FP32 from init 1 vs FP32 from init 0:       -0.500%" in out
+    assert "over 2 inits: mean +0.751%" in out
+    assert "mean +0.050%, largest +0.200%" in out
