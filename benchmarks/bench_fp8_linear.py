@@ -9,7 +9,7 @@ vocabulary, BF16 against `enable_fp8`. Prints milliseconds and the speed-up BF16
 On a machine without a GPU it says so, runs the step on the `tiny` preset, and prints the cost
 of the exact CPU emulation relative to FP32: an emulation overhead, not a speed claim.
 
-    python3 -m benchmarks.bench_fp8_linear [--tokens 4096 --repeats 10]
+    python3 -m benchmarks.bench_fp8_linear [--tokens N --repeats R]   (GPU: 8192 and 20, CPU: 256 and 3)
 """
 
 from __future__ import annotations

@@ -1,23 +1,30 @@
 """FP8 versus FP32 training loss of the DeepSeek-V3 policy (`tiny` preset) on the arithmetic SFT task.
 
-Runs from the same initial weights on the same batches in the same order:
+Trains pairs of runs on the same batches in the same order, the two runs of a pair from the same
+initial weights:
 - FP32: every GEMM in float32;
 - FP8: `config.fp8` on (policy/fp8_policy.py): every projection and routed expert runs its three
   GEMMs (forward, input gradient, weight gradient) in block-scaled E4M3 (1 x 128 activation tiles,
   128 x 128 weight blocks), emulated exactly on CPU; embedding, output head, routers, norms,
-  attention core and the MTP eh_proj stay in float32, as do master weights and AdamW state;
-- FP32 again from initial weights multiplied by (1 + 1e-3 N(0, 1)): how far two runs drift apart
-  for reasons that have nothing to do with FP8, the resolution of the comparison.
+  attention core and the MTP eh_proj stay in float32, as do master weights and AdamW state.
+  `--no-dgrad-in-fp8` / `--no-wgrad-in-fp8` keep a backward GEMM in float32.
+The first pair starts from the seeded initialisation (init 0), the `inits - 1` others from it
+multiplied by (1 + 1e-3 N(0, 1)): their FP32 runs show how far two runs drift apart for reasons
+that have nothing to do with FP8 (the resolution of the comparison), their FP8 runs whether the
+FP8 gap holds from every start.
 All optimise what SFT optimises (next-token cross-entropy on the solution tokens plus the MoE
 balance loss and the MTP loss) with AdamW, warm-up + cosine decay, and the routing-bias update
 after every optimizer step.
 
 Prints the exact settings, the losses along the way and the relative loss error DeepSeek-V3
-reports (< 0.25% for FP8 against BF16): |mean L - mean L_fp32| / mean L_fp32 over the last 10% of
-steps, and the largest per-step |L - L_fp32| / L_fp32 there. Small models trained for a few
-hundred steps are chaotic (a 1e-3 perturbation moves the final loss by about 1%), so the script
-also prints the error of the FP8 numerics alone: the FP8 model's loss with the FP32 run's weights
-on the same batch, every `probe_every` steps.
+reports (< 0.25% for FP8 against BF16): (mean L - mean L_fp32) / mean L_fp32 over the last 10%
+of steps (signed: + is a higher FP8 loss), and the largest per-step |L - L_fp32| / L_fp32 there.
+Probes, on the first initialisation, split a gap into FP8 arithmetic and training drifting apart:
+- same weights: the FP8 model's loss with the FP32 run's weights on the same batch, every
+  `probe_every` steps (the FP8 forward alone);
+- final weights: both trained models evaluated, without updates, on the last 10% of batches
+  with the FP32 forward and with the FP8 forward, which splits the final gap into what the FP8
+  forward costs and what FP8 training did to the weights.
 
     python3 -m benchmarks.bench_fp8_train [--steps 300 --batch 16 --lr 3e-4 --threads 1]
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -47,7 +55,9 @@ class TrainSettings:
 
     lr: peak AdamW learning rate, reached after `warmup` (a fraction of the steps), then cosine
     decay to `final_lr_ratio` * lr. problems: distinct arithmetic problems, cycled in a seeded
-    order. perturbation: relative size of the initial-weight noise of the run-to-run probe.
+    order. inits: FP32/FP8 pairs, from the seeded initialisation and `inits - 1` perturbed copies
+    of it; perturbation: relative size of that initial-weight noise (the run-to-run probe).
+    dgrad_in_fp8, wgrad_in_fp8: as in FP8Config (False keeps that backward GEMM in float32).
     """
 
     preset: str = "tiny"
@@ -61,14 +71,21 @@ class TrainSettings:
     seed: int = 0
     block_size: int = 128
     perturbation: float = 1e-3
+    inits: int = 3
     probe_every: int = 10
+    dgrad_in_fp8: bool = True
+    wgrad_in_fp8: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "problems", "block_size", "probe_every"):
+        for name in ("steps", "batch", "problems", "block_size", "inits", "probe_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainSettings.{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and self.grad_clip > 0):
             raise ValueError(f"TrainSettings.lr and grad_clip must be > 0, got {self.lr}, {self.grad_clip}")
+
+    def fp8_recipe(self) -> FP8Config:
+        """DeepSeek-V3's recipe at `block_size`, with the backward GEMMs in FP8 as asked."""
+        return FP8Config(block_size=self.block_size, dgrad_in_fp8=self.dgrad_in_fp8, wgrad_in_fp8=self.wgrad_in_fp8)
 
 
 @dataclass
@@ -114,17 +131,22 @@ def _collate(rows: list[tuple[list[int], list[int]]]) -> Batch:
     return Batch(input_ids, attention_mask, labels)
 
 
-def initial_models(settings: TrainSettings, vocab_size: int) -> tuple[DeepseekV3ForCausalLM, DeepseekV3ForCausalLM]:
-    """(FP32 model, FP8 model) with identical initial weights."""
+def initial_models(
+    settings: TrainSettings, vocab_size: int, init: int = 0
+) -> tuple[DeepseekV3ForCausalLM, DeepseekV3ForCausalLM]:
+    """(FP32 model, FP8 model) with identical initial weights: the seeded initialisation for
+    `init` 0, that initialisation times (1 + perturbation N(0, 1)) drawn with seed `seed + init` else."""
     torch.manual_seed(settings.seed)
     reference = DeepseekV3ForCausalLM(preset_config(settings.preset, vocab_size=vocab_size))
+    if init:
+        reference = perturbed(reference, settings.perturbation, settings.seed + init)
     fp8 = copy.deepcopy(reference)
-    fp8.enable_fp8(FP8Config(block_size=settings.block_size))
+    fp8.enable_fp8(settings.fp8_recipe())
     return reference, fp8
 
 
 def perturbed(model: DeepseekV3ForCausalLM, scale: float, seed: int) -> DeepseekV3ForCausalLM:
-    """A copy with every parameter multiplied by (1 + scale * N(0, 1)): the run-to-run noise probe."""
+    """A copy with every parameter multiplied by (1 + scale * N(0, 1)), drawn with `seed`."""
     copied = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -143,14 +165,13 @@ class SameWeightsProbe:
     run being trained (loaded before its optimizer step): FP8 numerics without training divergence."""
 
     def __init__(self, fp8_model: DeepseekV3ForCausalLM, every: int) -> None:
-        self.model, self.every = fp8_model.train(), every
+        self.model, self.every = fp8_model, every
         self.losses: dict[int, float] = {}
 
     def __call__(self, step: int, model: DeepseekV3ForCausalLM, batch: Batch) -> None:
         if step % self.every == 0:
             self.model.load_state_dict(model.state_dict())
-            with torch.no_grad():  # no gradients: no routing counts are recorded either
-                self.losses[step] = step_loss(self.model, batch).item()
+            self.losses[step] = mean_loss(self.model, [batch])
 
 
 def train(
@@ -188,64 +209,114 @@ def lr_factor(step: int, settings: TrainSettings) -> float:
 
 
 def relative_errors(losses: Sequence[float], reference: Sequence[float]) -> tuple[float, float]:
-    """Over the last 10% of steps: (|mean(losses) - mean(reference)| / mean(reference),
-    max per step of |loss - reference| / reference)."""
+    """Over the last 10% of steps: ((mean(losses) - mean(reference)) / mean(reference), signed,
+    and the largest per-step |loss - reference| / reference)."""
     window = max(1, len(reference) // 10)
     ours, ref = losses[-window:], reference[-window:]
-    mean_error = abs(sum(ours) - sum(ref)) / sum(ref)
+    mean_error = (sum(ours) - sum(ref)) / sum(ref)
     return mean_error, max(abs(a - b) / b for a, b in zip(ours, ref, strict=True))
 
 
+def mean_loss(model: DeepseekV3ForCausalLM, batches: Sequence[Batch]) -> float:
+    """The training objective averaged over `batches`, without gradients or updates."""
+    model.train()
+    with torch.no_grad():  # no gradients: no routing counts are recorded either
+        return sum(step_loss(model, batch).item() for batch in batches) / len(batches)
+
+
+def cross_evaluation(
+    trained: dict[str, DeepseekV3ForCausalLM], batches: Sequence[Batch]
+) -> dict[tuple[str, str], float]:
+    """{(weights, forward): mean loss}: every trained model's final weights under every trained
+    model's arithmetic (keys of `trained`, e.g. "fp32" and "fp8"), on `batches`."""
+    forwards = {name: copy.deepcopy(model) for name, model in trained.items()}
+    losses = {}
+    for weights, weights_model in trained.items():
+        for forward, forward_model in forwards.items():
+            forward_model.load_state_dict(weights_model.state_dict())
+            losses[(weights, forward)] = mean_loss(forward_model, batches)
+    return losses
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, value in asdict(TrainSettings()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = vars(parser.parse_args())
-    if (threads := args.pop("threads")) is not None:
+    settings, threads = parse_settings()
+    if threads is not None:
         torch.set_num_threads(threads)
-    settings = TrainSettings(**args)
     batches, vocab_size = sft_batches(settings)
-    reference, fp8 = initial_models(settings, vocab_size)
     tokens = sum(int((b.labels != IGNORE).sum()) for b in batches)
     print(f"settings: {settings}")
     print(f"vocab {vocab_size}, {tokens} target tokens over {settings.steps} steps, {torch.get_num_threads()} threads")
-    print(f"FP8 recipe {fp8.config.fp8}, back end {select_backend(fp8.config.fp8_recipe(), torch.device('cpu'))}")
+    losses: dict[tuple[str, int], list[float]] = {}
+    for init in range(settings.inits):
+        reference, fp8 = initial_models(settings, vocab_size, init)
+        if init == 0:
+            recipe = fp8.config.fp8_recipe()
+            print(f"FP8 recipe {fp8.config.fp8}, back end {select_backend(recipe, torch.device('cpu'))}")
+            probe, first = SameWeightsProbe(copy.deepcopy(fp8), settings.probe_every), (reference, fp8)
+        for name, model in (("fp32", reference), ("fp8", fp8)):
+            start = time.perf_counter()
+            losses[(name, init)] = train(model, batches, settings, probe if (name, init) == ("fp32", 0) else None)
+            print(f"trained {name} from init {init}: {time.perf_counter() - start:.0f} s", flush=True)
+    window = batches[-max(1, settings.steps // 10) :]
+    report(settings, losses, probe.losses, cross_evaluation(dict(zip(("fp32", "fp8"), first, strict=True)), window))
 
-    probe = SameWeightsProbe(copy.deepcopy(fp8), settings.probe_every)
-    runs = {
-        "fp32": (reference, probe),
-        "fp8": (fp8, None),
-        "fp32, perturbed init": (perturbed(reference, settings.perturbation, settings.seed + 1), None),
-    }
-    losses, seconds = {}, {}
-    for name, (model, before_step) in runs.items():
-        start = time.perf_counter()
-        losses[name] = train(model, batches, settings, before_step)
-        seconds[name] = time.perf_counter() - start
-    report(settings, losses, probe.losses, seconds)
+
+def parse_settings() -> tuple[TrainSettings, int | None]:
+    """TrainSettings from the command line (one flag per field), and --threads."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, value in asdict(TrainSettings()).items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = vars(parser.parse_args())
+    threads = args.pop("threads")
+    return TrainSettings(**args), threads
 
 
 def report(
-    settings: TrainSettings, losses: dict[str, list[float]], probed: dict[int, float], seconds: dict[str, float]
+    settings: TrainSettings,
+    losses: dict[tuple[str, int], list[float]],
+    probed: dict[int, float],
+    final: dict[tuple[str, str], float],
 ) -> None:
-    print("step  " + "".join(f"{name:>22s}" for name in losses))
+    """Loss table, FP8 and run-to-run relative errors over the last 10% of steps, the probes."""
+    fp32 = losses[("fp32", 0)]
+    print(
+        "step" + "".join(f"{f'{name} init {init}':>16s}" for name, init in losses) + f"{'fp8 fwd, fp32 weights':>26s}"
+    )
     for step in [*range(0, settings.steps, max(settings.steps // 10, 1)), settings.steps - 1]:
-        print(f"{step:4d}  " + "".join(f"{run[step]:22.4f}" for run in losses.values()))
-    fp32 = losses["fp32"]
+        probe = f"{probed[step]:.4f} ({(probed[step] - fp32[step]) / fp32[step]:+.2%})" if step in probed else ""
+        print(f"{step:4d}" + "".join(f"{run[step]:16.4f}" for run in losses.values()) + f"{probe:>26s}")
     window = max(1, settings.steps // 10)
-    print(f"relative loss error over the last {window} steps (of the mean loss; largest at one step):")
-    mean, worst = relative_errors(losses["fp8"], fp32)
-    print(f"  FP8-trained vs FP32-trained:                  {mean:.3%}  {worst:.3%}  (DeepSeek-V3: < 0.25%)")
-    mean, worst = relative_errors(losses["fp32, perturbed init"], fp32)
-    label = f"FP32 from init x (1 + {settings.perturbation:g} N(0,1)) vs FP32:"
-    print(f"  {label:46s} {mean:.3%}  {worst:.3%}  (run-to-run noise)")
-    errors = [abs(loss - fp32[step]) / fp32[step] for step, loss in probed.items()]
+    print(f"relative loss error over the last {window} steps (of the mean loss, signed; largest at one step):")
+    gaps = []
+    for init in range(settings.inits):
+        mean, worst = relative_errors(losses[("fp8", init)], losses[("fp32", init)])
+        gaps.append(mean)
+        print(f"  FP8 vs FP32, both from init {init}:{'':14s}{mean:+.3%}  {worst:.3%}  (DeepSeek-V3: < 0.25%)")
+    for init in range(1, settings.inits):
+        mean, worst = relative_errors(losses[("fp32", init)], fp32)
+        print(f"  FP32 from init {init} vs FP32 from init 0:{'':7s}{mean:+.3%}  {worst:.3%}  (run-to-run noise)")
+    if settings.inits > 1:
+        spread = statistics.stdev(gaps)
+        print(
+            f"  FP8 vs FP32 over {settings.inits} inits: mean {statistics.mean(gaps):+.3%}, standard deviation "
+            f"{spread:.3%}, standard error of the mean {spread / math.sqrt(settings.inits):.3%}"
+        )
+    errors = [(loss - fp32[step]) / fp32[step] for step, loss in probed.items()]
     print(
         f"same weights, FP8 vs FP32 forward on the FP32 run's weights every {settings.probe_every} steps: "
-        f"mean {sum(errors) / len(errors):.3%}, largest {max(errors):.3%}"
+        f"mean {sum(errors) / len(errors):+.3%}, largest {max(errors, key=abs):+.3%}"
     )
-    print("wall time: " + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()) + " (FP8: CPU emulation)")
+    base = final[("fp32", "fp32")]
+    print(f"final weights (init 0) on the last {window} batches, mean loss (relative to FP32 weights, FP32 forward):")
+    print(f"  {'':22s}{'FP32 forward':>22s}{'FP8 forward':>22s}")
+    for weights in ("fp32", "fp8"):
+        cells = [f"{final[(weights, f)]:.5f} ({(final[(weights, f)] - base) / base:+.3%})" for f in ("fp32", "fp8")]
+        print(f"  {weights.upper() + '-trained weights':22s}" + "".join(f"{cell:>22s}" for cell in cells))
 
 
 if __name__ == "__main__":

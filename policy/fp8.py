@@ -6,6 +6,8 @@ are scaled per 1 x 128 tile along the reduction dimension, weights per 128 x 128
 with its own float32 scale amax / 448 (floored, optionally a power of two); products accumulate
 in float32. Master weights, gradients and optimizer state stay in the parameters' dtype, and
 the embedding, output head, router, norms and attention core stay in higher precision.
+`FP8Config(dgrad_in_fp8=False, wgrad_in_fp8=False)` keeps the backward GEMMs out of FP8
+(docs/fp8.md measures what that buys on a small model).
 
 Where each part lives:
     fp8_quant.py       block quantisation numerics (pure functions)

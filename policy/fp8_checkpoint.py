@@ -42,11 +42,7 @@ def weight_block_size(model_config: Mapping) -> tuple[int, int] | None:
     if quant.get("fmt", "e4m3") != "e4m3":
         raise ValueError(f"quantization_config.fmt is {quant.get('fmt')!r}, only 'e4m3' is supported")
     block = quant.get("weight_block_size")
-    if not (
-        isinstance(block, list | tuple)
-        and len(block) == 2
-        and all(isinstance(b, int) and b > 0 for b in block)
-    ):
+    if not (isinstance(block, list | tuple) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
         raise ValueError(f"quantization_config.weight_block_size must be two positive ints, got {block!r}")
     return (block[0], block[1])
 

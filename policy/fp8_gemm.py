@@ -48,16 +48,26 @@ class FP8Config:
     backend: "auto" (CUDA kernels where the GPU and torch support them, emulation otherwise),
         "emulated" (exact quantise/dequantise emulation on any device) or "cuda" (error if the
         kernels are unavailable).
+    dgrad_in_fp8, wgrad_in_fp8: run the input-gradient (Dgrad) and weight-gradient (Wgrad) GEMMs
+        in FP8 (DeepSeek-V3: both True). False runs that GEMM as nn.Linear would, in the forward
+        pass's output dtype (the autocast dtype under autocast), trading speed for gradients
+        without E4M3 rounding (torchao's "rowwise_with_gw_hp" recipe keeps Wgrad high this way).
+        The forward GEMM is always FP8.
     """
 
     block_size: int = 128
     amax_floor: float = 1e-12
     power_of_two_scales: bool = False
     backend: str = "auto"
+    dgrad_in_fp8: bool = True
+    wgrad_in_fp8: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"FP8Config.block_size must be a positive int, got {self.block_size!r}")
+        for name in ("power_of_two_scales", "dgrad_in_fp8", "wgrad_in_fp8"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"FP8Config.{name} must be a bool, got {getattr(self, name)!r}")
         if not (math.isfinite(self.amax_floor) and self.amax_floor > 0):
             raise ValueError(f"FP8Config.amax_floor must be a positive finite float, got {self.amax_floor!r}")
         if self.backend not in BACKENDS:
@@ -126,9 +136,7 @@ def block_scaled_mm(a: BlockQuantized, b: BlockQuantized, out_dtype: torch.dtype
     return (a.dequantize() @ b.dequantize().transpose(-2, -1)).to(out_dtype)
 
 
-def activation_mm(
-    x: Tensor, w: BlockQuantized, config: FP8Config, out_dtype: torch.dtype, backend: str
-) -> Tensor:
+def activation_mm(x: Tensor, w: BlockQuantized, config: FP8Config, out_dtype: torch.dtype, backend: str) -> Tensor:
     """x @ w^T with x (..., M, K) quantised here in 1 x bs tiles along K, w (..., N, K) -> (..., M, N).
 
     Fprop (x times the weight) and Dgrad (dy times the transposed weight) are both this GEMM.
@@ -144,6 +152,12 @@ def weight_grad_mm(dy: Tensor, x: Tensor, config: FP8Config, backend: str) -> Te
     dy_t = quantize_activation(dy.transpose(-2, -1), config)  # (..., N, M)
     x_t = quantize_activation(x.transpose(-2, -1), config)  # (..., K, M)
     return block_scaled_mm(dy_t, x_t, torch.float32, backend)
+
+
+def high_precision_mm(a: Tensor, b: Tensor, compute_dtype: torch.dtype, out_dtype: torch.dtype) -> Tensor:
+    """a (..., M, K) @ b (..., N, K)^T without FP8, as nn.Linear computes it: both operands in
+    `compute_dtype` -> (..., M, N) of `out_dtype`. For the GEMMs a recipe keeps out of FP8."""
+    return (a.to(compute_dtype) @ b.to(compute_dtype).transpose(-2, -1)).to(out_dtype)
 
 
 def scaled_mm_arguments(a: BlockQuantized, b: BlockQuantized, out_dtype: torch.dtype) -> dict[str, Any]:
@@ -208,6 +222,7 @@ __all__ = [
     "block_scaled_mm",
     "cuda_block_scaled_mm_available",
     "gemm_output_dtype",
+    "high_precision_mm",
     "quantize_activation",
     "quantize_weight",
     "scaled_mm_arguments",

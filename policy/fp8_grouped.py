@@ -10,7 +10,9 @@ dense recipe of fp8_linear.py, expert by expert:
     Wgrad   dW_e  = dy_e^T x_e      dy_e^T (tokens of e)      x_e^T 1 x 128 tiles (tokens of e)
 
 Wgrad tiles run along the tokens of one expert: they start at the expert's first token and
-never straddle two experts; the last tile of an expert may be partial.
+never straddle two experts; the last tile of an expert may be partial. A backward GEMM that
+`FP8Config` keeps out of FP8 (`dgrad_in_fp8` / `wgrad_in_fp8` False) runs as a plain batched
+matmul over the zero-padded (E, T_max, .) layout below.
 
 Emulation, with no Python loop over experts: the rows are scattered into a zero-filled batch
 (E, T_max, .) with T_max the largest expert load, the GEMMs run as batched matmuls and the rows
@@ -35,6 +37,7 @@ from policy.fp8_gemm import (
     FP8Config,
     activation_mm,
     gemm_output_dtype,
+    high_precision_mm,
     quantize_weight,
     select_backend,
     weight_grad_mm,
@@ -43,7 +46,7 @@ from policy.fp8_quant import BlockQuantized
 
 
 @dataclass(frozen=True)
-class ExpertLayout:
+class ExpertSegments:
     """Where each row of an expert-sorted token batch lives.
 
     counts: tokens of each expert; expert: (T,) expert of each row; slot: (T,) index of each row
@@ -55,7 +58,7 @@ class ExpertLayout:
     slot: Tensor
 
     @classmethod
-    def from_counts(cls, tokens_per_expert: Tensor, num_rows: int) -> ExpertLayout:
+    def from_counts(cls, tokens_per_expert: Tensor, num_rows: int) -> ExpertSegments:
         """Layout of `num_rows` rows sorted by expert, `tokens_per_expert` (E,) of them per expert."""
         if tokens_per_expert.dim() != 1 or tokens_per_expert.is_floating_point():
             raise ValueError(
@@ -95,7 +98,7 @@ class ExpertLayout:
 def _expert_rows_mm(
     rows: Tensor,
     w: BlockQuantized,
-    layout: ExpertLayout,
+    layout: ExpertSegments,
     config: FP8Config,
     out_dtype: torch.dtype,
     backend: str,
@@ -110,9 +113,7 @@ def _expert_rows_mm(
     return layout.from_padded(activation_mm(layout.to_padded(rows), w, config, out_dtype, backend))
 
 
-def _expert_weight_grad(
-    dy: Tensor, x: Tensor, layout: ExpertLayout, config: FP8Config, backend: str
-) -> Tensor:
+def _expert_weight_grad(dy: Tensor, x: Tensor, layout: ExpertSegments, config: FP8Config, backend: str) -> Tensor:
     """dW_e = dy_e^T x_e for every expert in float32: dy (T, N), x (T, K) -> (E, N, K)."""
     if backend == "cuda":
         grad = dy.new_zeros(len(layout.counts), dy.shape[-1], x.shape[-1], dtype=torch.float32)
@@ -125,25 +126,33 @@ def _expert_weight_grad(
 class _FP8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, tokens_per_expert: Tensor, config: FP8Config) -> Tensor:
-        layout = ExpertLayout.from_counts(tokens_per_expert, x.shape[0])
+        layout = ExpertSegments.from_counts(tokens_per_expert, x.shape[0])
         out_dtype, backend = gemm_output_dtype(x), select_backend(config, x.device)
         with torch.autocast(x.device.type, enabled=False):
             y = _expert_rows_mm(x, quantize_weight(weight, config), layout, config, out_dtype, backend)
         ctx.save_for_backward(x, weight)
-        ctx.layout, ctx.config, ctx.backend = layout, config, backend
+        ctx.layout, ctx.config, ctx.backend, ctx.compute_dtype = layout, config, backend, out_dtype
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        layout, config, backend = ctx.layout, ctx.config, ctx.backend
+        layout, config, backend, compute = ctx.layout, ctx.config, ctx.backend, ctx.compute_dtype
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                w_t = quantize_weight(weight, config).transpose()  # (E, K, N)
-                dx = _expert_rows_mm(dy, w_t, layout, config, x.dtype, backend)
+                if config.dgrad_in_fp8:
+                    w_t = quantize_weight(weight, config).transpose()  # (E, K, N)
+                    dx = _expert_rows_mm(dy, w_t, layout, config, x.dtype, backend)
+                else:  # (E, T_max, N) @ (E, K, N)^T
+                    padded = high_precision_mm(layout.to_padded(dy), weight.transpose(-2, -1), compute, x.dtype)
+                    dx = layout.from_padded(padded)
             if ctx.needs_input_grad[1]:
-                dw = _expert_weight_grad(dy, x, layout, config, backend).to(weight.dtype)
+                if config.wgrad_in_fp8:
+                    dw = _expert_weight_grad(dy, x, layout, config, backend).to(weight.dtype)
+                else:  # (E, N, T_max) @ (E, K, T_max)^T
+                    dy_t, x_t = layout.to_padded(dy).transpose(-2, -1), layout.to_padded(x).transpose(-2, -1)
+                    dw = high_precision_mm(dy_t, x_t, compute, weight.dtype)
         return dx, dw, None, None
 
 
@@ -154,14 +163,10 @@ def fp8_grouped_linear(x: Tensor, weight: Tensor, tokens_per_expert: Tensor, con
     to T -> (T, N) in x's dtype (the autocast dtype under autocast). Reads the counts on the host.
     """
     if x.dim() != 2 or weight.dim() != 3 or x.shape[1] != weight.shape[2]:
-        raise ValueError(
-            f"expected x (T, K) and weight (E, N, K), got {tuple(x.shape)} and {tuple(weight.shape)}"
-        )
+        raise ValueError(f"expected x (T, K) and weight (E, N, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
     if tokens_per_expert.shape != (weight.shape[0],):
-        raise ValueError(
-            f"tokens_per_expert has shape {tuple(tokens_per_expert.shape)}, expected ({weight.shape[0]},)"
-        )
+        raise ValueError(f"tokens_per_expert has shape {tuple(tokens_per_expert.shape)}, expected ({weight.shape[0]},)")
     return _FP8GroupedLinearFunction.apply(x, weight, tokens_per_expert, config)
 
 
-__all__ = ["ExpertLayout", "fp8_grouped_linear"]
+__all__ = ["ExpertSegments", "fp8_grouped_linear"]

@@ -11,6 +11,8 @@ so every operand is tiled along the dimension the GEMM reduces over, as in DeepS
 (Section 3.3.2, Figure 7). Accumulation is float32; y and dx come out in the activation dtype
 (the autocast dtype under autocast), dW in float32 and then the parameter's dtype, so master
 weights, their gradients and the optimizer state never leave higher precision.
+`FP8Config.dgrad_in_fp8` / `wgrad_in_fp8` = False run that backward GEMM as nn.Linear would
+(no rounding, in the forward pass's output dtype); the forward GEMM is always FP8.
 
 Departure from the paper: DeepSeek-V3 caches the layer input in FP8 (1 x 128 tiles along K)
 and, for Wgrad, dequantises and re-quantises it along the tokens. We keep the input in its own
@@ -32,6 +34,7 @@ from policy.fp8_gemm import (
     FP8Config,
     activation_mm,
     gemm_output_dtype,
+    high_precision_mm,
     quantize_activation,
     quantize_weight,
     select_backend,
@@ -55,7 +58,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             if bias is not None:
                 y = y + bias.to(out_dtype)
         ctx.save_for_backward(x, weight, bias)
-        ctx.config, ctx.backend = config, backend
+        ctx.config, ctx.backend, ctx.compute_dtype = config, backend, out_dtype
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -66,11 +69,18 @@ class _FP8LinearFunction(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             dy2d = dy.reshape(-1, weight.shape[0])  # (M, N)
             if ctx.needs_input_grad[0]:
-                w_t = quantize_weight(weight, config).transpose()  # (K, N), blocks transposed
-                dx = activation_mm(dy2d, w_t, config, x.dtype, backend).reshape(x.shape)
+                if config.dgrad_in_fp8:
+                    w_t = quantize_weight(weight, config).transpose()  # (K, N), blocks transposed
+                    dx = activation_mm(dy2d, w_t, config, x.dtype, backend)
+                else:
+                    dx = high_precision_mm(dy2d, weight.t(), ctx.compute_dtype, x.dtype)
+                dx = dx.reshape(x.shape)
             if ctx.needs_input_grad[1]:
                 x2d = x.reshape(-1, x.shape[-1])  # (M, K)
-                dw = weight_grad_mm(dy2d, x2d, config, backend).to(weight.dtype)
+                if config.wgrad_in_fp8:
+                    dw = weight_grad_mm(dy2d, x2d, config, backend).to(weight.dtype)
+                else:
+                    dw = high_precision_mm(dy2d.t(), x2d.t(), ctx.compute_dtype, weight.dtype)
             if bias is not None and ctx.needs_input_grad[2]:
                 db = dy2d.float().sum(0).to(bias.dtype)
         return dx, dw, db, None
@@ -78,9 +88,7 @@ class _FP8LinearFunction(torch.autograd.Function):
 
 class _FrozenFP8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, w_data: Tensor, w_scale: Tensor, bias: Tensor | None, config: FP8Config
-    ) -> Tensor:
+    def forward(ctx: Any, x: Tensor, w_data: Tensor, w_scale: Tensor, bias: Tensor | None, config: FP8Config) -> Tensor:
         out_dtype, backend = gemm_output_dtype(x), select_backend(config, x.device)
         weight = BlockQuantized(w_data, w_scale, config.weight_block)
         with torch.autocast(x.device.type, enabled=False):
@@ -88,7 +96,7 @@ class _FrozenFP8LinearFunction(torch.autograd.Function):
             if bias is not None:
                 y = y + bias.to(out_dtype)
         ctx.save_for_backward(w_data, w_scale)
-        ctx.config, ctx.backend, ctx.x_dtype = config, backend, x.dtype
+        ctx.config, ctx.backend, ctx.x_dtype, ctx.compute_dtype = config, backend, x.dtype, out_dtype
         return y.reshape(*x.shape[:-1], w_data.shape[0])
 
     @staticmethod
@@ -99,8 +107,18 @@ class _FrozenFP8LinearFunction(torch.autograd.Function):
         weight_t = BlockQuantized(w_data, w_scale, ctx.config.weight_block).transpose()  # (K, N)
         with torch.autocast(dy.device.type, enabled=False):
             dy2d = dy.reshape(-1, w_data.shape[0])  # (M, N)
-            dx = activation_mm(dy2d, weight_t, ctx.config, ctx.x_dtype, ctx.backend)
+            if ctx.config.dgrad_in_fp8:
+                dx = activation_mm(dy2d, weight_t, ctx.config, ctx.x_dtype, ctx.backend)
+            else:  # the checkpoint's weight exactly, dy unrounded
+                dx = high_precision_mm(dy2d, weight_t.dequantize(), ctx.compute_dtype, ctx.x_dtype)
         return dx.reshape(*dy.shape[:-1], w_data.shape[1]), None, None, None, None
+
+
+def _straight_through(value: Tensor, rounded: Tensor) -> Tensor:
+    """`rounded` in the forward pass, bit for bit (value - value.detach() is exactly zero), and the
+    identity from `rounded` back to `value` in the backward pass (the straight-through estimator).
+    Differentiating the rounding itself would send gradient through each block's amax."""
+    return rounded + (value - value.detach())
 
 
 def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, config: FP8Config) -> Tensor:
@@ -148,14 +166,15 @@ class FP8Linear(nn.Linear):
     def rounded_weight(self) -> Tensor:
         """The weight as the FP8 GEMMs multiply by it: (N, K), each block rounded to E4M3 with its
         scale and dequantised, in the weight's dtype. For code that uses the weight outside this
-        layer's forward (MLA's absorbed decoding). The rounding passes gradients straight through.
+        layer's forward (MLA's absorbed decoding). Gradients pass straight through to the weight.
         """
-        return quantize_weight(self.weight, self.fp8_config).dequantize(self.weight.dtype)
+        weight = self.weight
+        return _straight_through(weight, quantize_weight(weight.detach(), self.fp8_config).dequantize(weight.dtype))
 
     def rounded_input(self, x: Tensor) -> Tensor:
         """x (..., K) as the Fprop GEMM sees it: rounded to E4M3 per 1 x block_size tile along K
-        and dequantised, in x's dtype. Gradients pass straight through."""
-        return quantize_activation(x, self.fp8_config).dequantize(x.dtype)
+        and dequantised, in x's dtype. Gradients pass straight through to x."""
+        return _straight_through(x, quantize_activation(x.detach(), self.fp8_config).dequantize(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8={self.fp8_config}"
@@ -190,17 +209,13 @@ class FrozenFP8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
-        return _FrozenFP8LinearFunction.apply(
-            x, self.weight, self.weight_scale_inv, self.bias, self.fp8_config
-        )
+        return _FrozenFP8LinearFunction.apply(x, self.weight, self.weight_scale_inv, self.bias, self.fp8_config)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8={self.fp8_config}"
 
 
-def convert_to_fp8(
-    model: nn.Module, config: FP8Config, *, skip: Sequence[str] = DEFAULT_SKIP_PATTERNS
-) -> nn.Module:
+def convert_to_fp8(model: nn.Module, config: FP8Config, *, skip: Sequence[str] = DEFAULT_SKIP_PATTERNS) -> nn.Module:
     """Swap, in place, every nn.Linear of `model` whose qualified name matches no `skip` pattern
     for an FP8Linear sharing its parameters. Subclasses of nn.Linear (e.g. the out-projection
     inside nn.MultiheadAttention, which never calls its forward) and `model` itself are left
@@ -216,9 +231,7 @@ def convert_to_fp8(
     return model
 
 
-def convert_to_frozen_fp8(
-    model: nn.Module, fp8_weights: Mapping[str, BlockQuantized], config: FP8Config
-) -> nn.Module:
+def convert_to_frozen_fp8(model: nn.Module, fp8_weights: Mapping[str, BlockQuantized], config: FP8Config) -> nn.Module:
     """Replace, in place, the nn.Linear owning each `"<module>.weight"` key of `fp8_weights` with a
     FrozenFP8Linear holding those FP8 data and scales (bias copied). Every key must name an
     nn.Linear of matching shape whose blocks match `config.weight_block`. Returns `model`.
@@ -235,9 +248,7 @@ def convert_to_frozen_fp8(
                 f"{(module.out_features, module.in_features)}"
             )
         if tuple(weight.block) != config.weight_block:
-            raise ValueError(
-                f"FP8 weight {key!r} uses {weight.block} blocks, config expects {config.weight_block}"
-            )
+            raise ValueError(f"FP8 weight {key!r} uses {weight.block} blocks, config expects {config.weight_block}")
         frozen = FrozenFP8Linear(
             module.in_features,
             module.out_features,

@@ -62,9 +62,7 @@ class BlockQuantized(NamedTuple):
 
     def transpose(self) -> BlockQuantized:
         """The same numbers for the transposed matrix (..., C, R); blocks transpose with it."""
-        return BlockQuantized(
-            self.data.transpose(-2, -1), self.scale.transpose(-2, -1), (self.block[1], self.block[0])
-        )
+        return BlockQuantized(self.data.transpose(-2, -1), self.scale.transpose(-2, -1), (self.block[1], self.block[0]))
 
 
 def block_scales(amax: Tensor, *, amax_floor: float, power_of_two: bool = False) -> Tensor:
@@ -123,9 +121,7 @@ def _untile(tiles: Tensor, rows: int, cols: int) -> Tensor:
 def quantize_tensorwise(x: Tensor, *, amax_floor: float, power_of_two: bool = False) -> BlockQuantized:
     """Per-tensor scaling of x (..., R, C): one block covering each whole matrix (the baseline)."""
     rows, cols = x.shape[-2:]
-    return quantize_blockwise(
-        x, (max(rows, 1), max(cols, 1)), amax_floor=amax_floor, power_of_two=power_of_two
-    )
+    return quantize_blockwise(x, (max(rows, 1), max(cols, 1)), amax_floor=amax_floor, power_of_two=power_of_two)
 
 
 def _check_quantizable(x: Tensor, block: tuple[int, int]) -> None:

@@ -49,13 +49,15 @@ def test_cuda_linear_matches_emulation(dtype, tolerance, tokens, n, k):
         assert relative_error(got, want) < tolerance
 
 
-def test_cuda_grouped_gemm_matches_emulation():
+@pytest.mark.parametrize("backward_in_fp8", [True, False])
+def test_cuda_grouped_gemm_matches_emulation(backward_in_fp8):
+    flags = {"dgrad_in_fp8": backward_in_fp8, "wgrad_in_fp8": backward_in_fp8}
     counts = torch.tensor([300, 0, 17, 129], device="cuda")
     x = torch.randn(int(counts.sum()), 2048, device="cuda", dtype=torch.bfloat16)
     weight = (torch.randn(4, 1024, 2048, device="cuda") * 0.02).requires_grad_()
     dy = torch.randn(x.shape[0], 1024, device="cuda", dtype=torch.bfloat16)
     results = []
-    for config in (CUDA, EMULATED):
+    for config in (FP8Config(backend="cuda", **flags), FP8Config(backend="emulated", **flags)):
         x_leaf = x.clone().requires_grad_()
         y = fp8_grouped_linear(x_leaf, weight, counts, config)
         results.append((y, *torch.autograd.grad(y, (x_leaf, weight), dy)))

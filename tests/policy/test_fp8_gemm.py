@@ -24,6 +24,9 @@ CONFIG = FP8Config()
         ("amax_floor", {"amax_floor": 0.0}),
         ("amax_floor", {"amax_floor": float("nan")}),
         ("backend", {"backend": "tpu"}),
+        ("dgrad_in_fp8", {"dgrad_in_fp8": "no"}),
+        ("wgrad_in_fp8", {"wgrad_in_fp8": 0}),
+        ("power_of_two_scales", {"power_of_two_scales": 1}),
     ],
 )
 def test_config_errors_name_the_field(field, kwargs):

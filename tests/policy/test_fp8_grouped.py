@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from policy.fp8_gemm import FP8Config
-from policy.fp8_grouped import ExpertLayout, fp8_grouped_linear
+from policy.fp8_grouped import ExpertSegments, fp8_grouped_linear
 from policy.fp8_linear import fp8_linear
 from policy.fp8_quant import quantize_blockwise
 
@@ -37,6 +37,22 @@ def test_grouped_gemm_equals_one_fp8_linear_per_expert():
     assert dw[1].abs().sum() == 0
 
 
+def test_backward_gemms_kept_out_of_fp8_are_plain_per_expert_gemms():
+    config = FP8Config(dgrad_in_fp8=False, wgrad_in_fp8=False)
+    counts = torch.tensor([5, 0, 9])
+    x = torch.randn(14, 300, requires_grad=True)
+    weight = torch.randn(3, 200, 300, requires_grad=True)
+    dy = torch.randn(14, 200)
+    y = fp8_grouped_linear(x, weight, counts, config)
+    dx, dw = torch.autograd.grad(y, (x, weight), dy)
+    assert torch.equal(y, fp8_grouped_linear(x, weight, counts, CONFIG))  # forward: still FP8
+    w, rows = weight.detach(), [(0, 0, 5), (2, 5, 14)]
+    for e, start, end in rows:
+        torch.testing.assert_close(dx[start:end], dy[start:end] @ w[e], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(dw[e], dy[start:end].t() @ x.detach()[start:end], rtol=1e-5, atol=1e-4)
+    assert dw[1].abs().sum() == 0
+
+
 def test_wgrad_tiles_restart_at_each_expert():
     # Expert 0 holds one huge token; if its tile leaked into expert 1's tokens, expert 1's small
     # gradients would be flushed by that tile's scale and its weight gradient would collapse.
@@ -65,9 +81,9 @@ def test_grouped_gemm_under_autocast_and_with_no_tokens():
     assert out.shape == (0, 64) and empty.grad.shape == (0, 256)
 
 
-def test_expert_layout_round_trip():
+def test_expert_segments_round_trip():
     counts = torch.tensor([2, 0, 3])
-    layout = ExpertLayout.from_counts(counts, 5)
+    layout = ExpertSegments.from_counts(counts, 5)
     rows = torch.arange(10.0).reshape(5, 2)
     padded = layout.to_padded(rows)
     assert padded.shape == (3, 3, 2)

@@ -46,6 +46,36 @@ def test_three_gemms_follow_the_tiling_recipe():
     assert torch.equal(db, dy2d.sum(0))
 
 
+@pytest.mark.parametrize(("dgrad_in_fp8", "wgrad_in_fp8"), [(False, True), (True, False), (False, False)])
+def test_backward_gemms_kept_out_of_fp8_are_plain_gemms(dgrad_in_fp8, wgrad_in_fp8):
+    config = FP8Config(dgrad_in_fp8=dgrad_in_fp8, wgrad_in_fp8=wgrad_in_fp8)
+    weight = nn.Linear(300, 200, bias=False).weight
+    x, dy = torch.randn(6, 300, requires_grad=True), torch.randn(6, 200)
+    y = fp8_linear(x, weight, None, config)
+    assert torch.equal(y, fp8_linear(x, weight, None, CONFIG))  # the forward GEMM stays FP8
+    grads = torch.autograd.grad(y, (x, weight), dy)
+    fp8_grads = torch.autograd.grad(fp8_linear(x, weight, None, CONFIG), (x, weight), dy)
+    exact_grads = (dy @ weight.detach(), dy.t() @ x.detach())
+    for got, in_fp8, fp8, exact in zip(grads, (dgrad_in_fp8, wgrad_in_fp8), fp8_grads, exact_grads, strict=True):
+        if in_fp8:
+            assert torch.equal(got, fp8) and relative_error(got, exact) > 0.01
+        else:
+            assert torch.equal(got, exact)
+
+
+def test_high_precision_backward_gemms_run_in_the_autocast_dtype():
+    layer = FP8Linear(256, 128, config=FP8Config(dgrad_in_fp8=False, wgrad_in_fp8=False))
+    x = torch.randn(8, 256, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    dy = torch.randn(8, 128, dtype=torch.bfloat16)
+    y.backward(dy)
+    w = layer.weight.detach()
+    assert x.grad.dtype == layer.weight.grad.dtype == torch.float32
+    assert torch.equal(x.grad, (dy @ w.bfloat16()).float())  # what nn.Linear computes under autocast
+    assert torch.equal(layer.weight.grad, (dy.t() @ x.detach().bfloat16()).float())
+
+
 def test_fp8_linear_tracks_the_fp32_layer():
     linear = nn.Linear(512, 384)
     layer = FP8Linear.from_linear(linear, CONFIG)
@@ -80,6 +110,18 @@ def test_drop_in_for_nn_linear():
     assert torch.equal(fresh.weight, linear.weight)
     with pytest.raises(ValueError, match="does not fit weight"):
         fp8_linear(torch.randn(2, 129), linear.weight, None, CONFIG)
+
+
+def test_rounded_operands_equal_the_gemm_operands_and_pass_gradients_straight_through():
+    layer = FP8Linear(300, 200, config=CONFIG)
+    x = torch.randn(5, 300, requires_grad=True)
+    weight, latent = layer.rounded_weight(), layer.rounded_input(x)
+    assert torch.equal(weight, fake_quant(layer.weight.detach(), (128, 128)))
+    assert torch.equal(latent, fake_quant(x.detach(), (1, 128)))
+    upstream_w, upstream_x = torch.randn(200, 300), torch.randn(5, 300)
+    ((weight * upstream_w).sum() + (latent * upstream_x).sum()).backward()
+    # differentiating the rounding would also send gradient through every block's amax
+    assert torch.equal(layer.weight.grad, upstream_w) and torch.equal(x.grad, upstream_x)
 
 
 def test_empty_batch():
@@ -131,6 +173,16 @@ def test_frozen_fp8_linear_uses_checkpoint_blocks_and_passes_input_gradients():
     (dx,) = torch.autograd.grad(y, x, dy)
     assert_same_gemm(y, fake_quant(x.detach(), (1, 128)) @ weight.dequantize().t() + layer.bias)
     assert_same_gemm(dx, fake_quant(dy, (1, 128)) @ weight.dequantize())
+
+
+def test_frozen_fp8_linear_dgrad_out_of_fp8_uses_the_checkpoint_weight_exactly():
+    weight = quantize_blockwise(torch.randn(200, 300) * 0.05, (128, 128), amax_floor=1e-4)
+    model = convert_to_frozen_fp8(
+        nn.Sequential(nn.Linear(300, 200, bias=False)), {"0.weight": weight}, FP8Config(dgrad_in_fp8=False)
+    )
+    x, dy = torch.randn(5, 300, requires_grad=True), torch.randn(5, 200)
+    (dx,) = torch.autograd.grad(model(x), x, dy)
+    torch.testing.assert_close(dx, dy @ weight.dequantize(), rtol=1e-6, atol=1e-6)
 
 
 def test_frozen_conversion_refuses_mismatches():

@@ -116,6 +116,8 @@ def test_projections_and_experts_run_in_fp8_and_the_rest_stays_in_high_precision
         "amax_floor": 1e-12,
         "power_of_two_scales": False,
         "backend": "emulated",
+        "dgrad_in_fp8": True,
+        "wgrad_in_fp8": True,
     }
 
 
