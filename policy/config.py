@@ -20,7 +20,8 @@ Our additions, all training-only:
     fp8                        FP8 training recipe (docs/fp8.md): None for
                                none, else the fields of `policy.fp8.FP8Config`
                                as a dict (block_size, amax_floor,
-                               power_of_two_scales, backend). `True` means the
+                               power_of_two_scales, backend, dgrad_in_fp8,
+                               wgrad_in_fp8). `True` means the
                                default recipe and is stored as its dict, so
                                config.json records the exact recipe.
 
