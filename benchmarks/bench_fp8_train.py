@@ -43,7 +43,7 @@ import torch
 
 from policy import DeepseekV3ForCausalLM, preset_config
 from policy.fp8_gemm import FP8Config, select_backend
-from recipes.embedded import train_bpe_tokenizer
+from recipes.embedded import task_tokenizer
 from recipes.tasks.arithmetic import arithmetic_splits
 
 IGNORE = -100
@@ -100,7 +100,7 @@ class Batch:
 def sft_batches(settings: TrainSettings) -> tuple[list[Batch], int]:
     """`settings.steps` batches of arithmetic problems in a seeded order, and the vocabulary size."""
     train, _ = arithmetic_splits(settings.problems, 1, seed=settings.seed)
-    tokenizer = train_bpe_tokenizer(p + c for p, c in zip(train["prompt"], train["completion"], strict=True))
+    tokenizer = task_tokenizer(train)
     rows = []
     for prompt, completion in zip(train["prompt"], train["completion"], strict=True):
         prompt_ids = tokenizer(prompt)["input_ids"]

@@ -27,8 +27,7 @@ import torch
 
 from grpo.config import GRPOConfig
 from grpo.trainer import GRPOTrainer
-from policy import DeepseekV3ForCausalLM, preset_config
-from recipes.embedded import train_bpe_tokenizer
+from recipes.embedded import embedded_policy, task_tokenizer
 from recipes.tasks.arithmetic import arithmetic_dataset
 from rewards import RewardSuite, RewardSuiteConfig
 from rollout.remote import RemoteRolloutEngine
@@ -66,10 +65,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     rows = arithmetic_dataset(2000, seed=0)
-    tokenizer = train_bpe_tokenizer(p + c for p, c in zip(rows["prompt"], rows["completion"], strict=True))
-    policy = DeepseekV3ForCausalLM(preset_config("tiny", vocab_size=len(tokenizer),
-                                                 pad_token_id=tokenizer.pad_token_id,
-                                                 eos_token_id=tokenizer.eos_token_id))  # fmt: skip
+    tokenizer = task_tokenizer(rows)
+    policy = embedded_policy(tokenizer)
     prompts = rows.remove_columns("completion")
     print(
         f"tiny DeepSeek-V3 ({sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters), "

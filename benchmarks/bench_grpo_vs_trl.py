@@ -67,8 +67,8 @@ from trl import GRPOTrainer as TRLTrainer
 
 from grpo.config import GRPOConfig
 from grpo.trainer import GRPOTrainer
-from policy import DeepseekV3ForCausalLM, load_policy, preset_config
-from recipes.embedded import train_bpe_tokenizer
+from policy import load_policy
+from recipes.embedded import embedded_policy, task_tokenizer
 from recipes.tasks.arithmetic import arithmetic_dataset
 from rewards import RewardSuite, RewardSuiteConfig, math_accuracy
 from rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
@@ -223,12 +223,10 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
     rows = arithmetic_dataset(2000, seed=0)
-    tokenizer = train_bpe_tokenizer(p + c for p, c in zip(rows["prompt"], rows["completion"], strict=True))
+    tokenizer = task_tokenizer(rows)
     prompts = rows.select(range(args.prompts)).remove_columns("completion")
     torch.manual_seed(0)
-    policy = DeepseekV3ForCausalLM(preset_config("tiny", vocab_size=len(tokenizer),
-                                                 pad_token_id=tokenizer.pad_token_id,
-                                                 eos_token_id=tokenizer.eos_token_id))  # fmt: skip
+    policy = embedded_policy(tokenizer)
     print(
         f"tiny DeepSeek-V3 ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, random init, fp32), "
         f"B={args.prompts} prompts x G={args.samples}, up to {args.max_new_tokens} new tokens, "

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from datasets import Dataset
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from policy import DeepseekV3ForCausalLM, preset_config
 
 PAD, EOS = "<|pad|>", "<|eos|>"
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -39,3 +42,16 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 600) -> PreTrain
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, model_max_length=512, padding_side="left"
     )
+
+
+def task_tokenizer(rows: Dataset) -> PreTrainedTokenizerFast:
+    """The embedded default's tokenizer: `train_bpe_tokenizer` on each row's prompt + completion."""
+    return train_bpe_tokenizer(p + c for p, c in zip(rows["prompt"], rows["completion"], strict=True))
+
+
+def embedded_policy(tokenizer: PreTrainedTokenizerFast, preset: str = "tiny") -> DeepseekV3ForCausalLM:
+    """Our DeepSeek-V3 at the `preset` size, random init, sized to `tokenizer` (vocabulary, pad and eos ids)."""
+    config = preset_config(
+        preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    return DeepseekV3ForCausalLM(config)

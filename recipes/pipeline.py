@@ -27,9 +27,9 @@ from grpo.config import GRPOConfig
 from grpo.evaluation import EvalResult, evaluate
 from grpo.options import ConfigError
 from grpo.trainer import GRPOTrainer
-from policy import PRESETS, DeepseekV3ForCausalLM, load_policy, preset_config
+from policy import PRESETS, DeepseekV3ForCausalLM, load_policy
 from recipes.arguments import RecipeArguments
-from recipes.embedded import train_bpe_tokenizer
+from recipes.embedded import embedded_policy, task_tokenizer
 from recipes.tasks.arithmetic import ArithmeticTaskConfig, arithmetic_splits
 from recipes.tasks.gsm8k import load_gsm8k
 from rewards import RewardSuite, RewardSuiteConfig, resolve
@@ -98,15 +98,8 @@ def warm_start(args: RecipeArguments, config: GRPOConfig, train: Dataset, accele
         accelerator.print(f"SFT warm start: cached at {target}")
         return str(target)
     if embedded:
-        tokenizer = train_bpe_tokenizer(p + c for p, c in zip(train["prompt"], train["completion"], strict=True))
-        policy = DeepseekV3ForCausalLM(
-            preset_config(
-                args.embedded_preset,
-                vocab_size=len(tokenizer),
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        )
+        tokenizer = task_tokenizer(train)
+        policy = embedded_policy(tokenizer, args.embedded_preset)
         learning_rate = args.sft_learning_rate or 2e-3
     else:
         tokenizer, policy = _load_tokenizer(args.model), load_policy(args.model, dtype=_dtype(args))

@@ -30,20 +30,15 @@ def _seed() -> None:
 @pytest.fixture(scope="session")
 def arithmetic_tokenizer():
     """The embedded default's BPE tokenizer, trained on a small arithmetic corpus (well under a second)."""
-    from recipes.embedded import train_bpe_tokenizer
+    from recipes.embedded import task_tokenizer
     from recipes.tasks.arithmetic import arithmetic_dataset
 
-    rows = arithmetic_dataset(300, seed=0)
-    return train_bpe_tokenizer(p + c for p, c in zip(rows["prompt"], rows["completion"], strict=True))
+    return task_tokenizer(arithmetic_dataset(300, seed=0))
 
 
 @pytest.fixture
 def debug_policy(arithmetic_tokenizer):
     """Our DeepSeek-V3 at the "tiny-debug" size, vocabulary of the arithmetic tokenizer, fp32, random init."""
-    from policy import DeepseekV3ForCausalLM, preset_config
+    from recipes.embedded import embedded_policy
 
-    tok = arithmetic_tokenizer
-    config = preset_config(
-        "tiny-debug", vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
-    )
-    return DeepseekV3ForCausalLM(config).eval()
+    return embedded_policy(arithmetic_tokenizer, "tiny-debug").eval()
