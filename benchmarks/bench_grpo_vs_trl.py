@@ -68,6 +68,7 @@ from trl import GRPOTrainer as TRLTrainer
 from grpo.config import GRPOConfig
 from grpo.trainer import GRPOTrainer
 from policy import load_policy
+from policy.transformers_compat import ACTIVATION_CHECKPOINTING
 from recipes.embedded import embedded_policy, task_tokenizer
 from recipes.tasks.arithmetic import arithmetic_dataset
 from rewards import RewardSuite, RewardSuiteConfig, math_accuracy
@@ -180,7 +181,7 @@ def run_trl(start: Path, tokenizer, prompts, args: argparse.Namespace, output_di
         loss_type="grpo", beta=args.beta, epsilon=0.2, use_bias_correction_kl=False, scale_rewards="group",
         learning_rate=args.lr, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0,
         lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-        bf16=False, activation_checkpointing=False,
+        bf16=False, **{ACTIVATION_CHECKPOINTING: False},
         logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, log_completions=False,
     )  # fmt: skip
     timings = Timings()

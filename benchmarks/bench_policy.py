@@ -34,6 +34,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE a
 
 from policy import DeepseekV3ForCausalLM, LatentCache, preset_config
 from policy.moe import ExpertLayout, MoE, MoEOutput, RoutedExperts, grouped_mm_linear, padded_bmm_linear
+from policy.transformers_compat import CACHE_NAME
 
 VOCAB = 512
 
@@ -67,8 +68,8 @@ def cache_bytes_per_token(batch: int = 4, seq: int = 64) -> None:
         )
     ).eval()
     with torch.no_grad():
-        latent = ours(ids, use_cache=True).past_key_values
-        mha = llama(ids, use_cache=True).past_key_values
+        latent = getattr(ours(ids, use_cache=True), CACHE_NAME)
+        mha = getattr(llama(ids, use_cache=True), CACHE_NAME)
     ours_bytes = sum(latent.layer_entries(i).nbytes for i in range(latent.num_layers)) / (batch * seq)
     mha_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in mha.layers) / (batch * seq)
     print("1. KV-cache bytes per token (all layers, fp32, measured after a prefill)")
@@ -182,12 +183,12 @@ def decode_speed(repeats: int, batch: int = 64, prompt: int = 256) -> None:
 
     def step(model: torch.nn.Module, make_cache: Callable[[], object]) -> Callable[[], None]:
         with torch.no_grad():
-            prefilled = model(ids, use_cache=True, past_key_values=make_cache()).past_key_values
+            prefilled = getattr(model(ids, use_cache=True, **{CACHE_NAME: make_cache()}), CACHE_NAME)
 
         def one_token() -> None:
             cache = copy.deepcopy(prefilled)
             with torch.no_grad():
-                model(new, position_ids=position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(new, position_ids=position, use_cache=True, logits_to_keep=1, **{CACHE_NAME: cache})
 
         return one_token
 

@@ -24,7 +24,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) 
     """Token ids of a prompt: plain text as is, a list of chat messages through the chat template."""
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
 
 
 class PromptSampler:

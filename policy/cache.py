@@ -23,9 +23,12 @@ import torch
 
 
 class LatentCache:
-    """Latent KV cache for `num_layers` MLA layers; pass it as `past_key_values`."""
+    """Latent KV cache for `num_layers` MLA layers; pass it to the policy's forward as `cache`."""
 
+    # What transformers' generate() reads off a cache to choose its path: an eager
+    # cache, full attention in every layer, and `crop` restores an earlier state exactly.
     is_compileable = False
+    is_croppable = True
 
     def __init__(self, num_layers: int, capacity: int = 0) -> None:
         if num_layers < 1:
@@ -53,6 +56,14 @@ class LatentCache:
         buffer[:, length:new_length] = entries
         self._buffers[layer_idx], self._lengths[layer_idx] = buffer, new_length
         return buffer[:, :new_length]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self.num_layers
 
     def layer_entries(self, layer_idx: int) -> torch.Tensor | None:
         """The cached entries (B, S, D) of one layer, or None before its first write."""

@@ -206,20 +206,29 @@ def _ranges(numbers: list[int]) -> str:
     return ",".join(spans)
 
 
-def check_keys(
-    state_dict: Mapping[str, torch.Tensor], expected: Iterable[str], *, allow_missing_mtp: bool = False
-) -> list[str]:
-    """Raises on unexpected keys and missing ones (MTP ones allowed when asked); returns missing MTP keys."""
+def check_keys(state_dict: Mapping[str, torch.Tensor], expected: Iterable[str]) -> list[str]:
+    """Raises on unexpected and missing tensors, except for whole MTP modules; returns those modules' keys.
+
+    A checkpoint without any tensor of MTP module k (transformers' DeepseekV3 never
+    saves MTP) leaves that module to be initialised fresh; one with some of its
+    tensors but not all is damaged and raises like any other missing tensor.
+    """
     expected = set(expected)
     unexpected = sorted(set(state_dict) - expected)
-    missing = sorted(expected - set(state_dict))
     if unexpected:
         raise ValueError(f"checkpoint has {len(unexpected)} unexpected tensors: {_preview(unexpected)}")
-    missing_mtp = [key for key in missing if key.startswith("mtp.")]
-    if missing and (not allow_missing_mtp or len(missing_mtp) < len(missing)):
-        hint = " (pass init_missing_mtp=True to initialise the MTP modules fresh)" if missing_mtp else ""
-        raise ValueError(f"checkpoint lacks {len(missing)} tensors: {_preview(missing)}{hint}")
-    return missing_mtp
+    missing = sorted(expected - set(state_dict))
+    saved_mtp_modules = {_mtp_module(key) for key in state_dict if _OUR_MTP.match(key)}
+    fresh = [key for key in missing if _OUR_MTP.match(key) and _mtp_module(key) not in saved_mtp_modules]
+    lacking = [key for key in missing if key not in fresh]
+    if lacking:
+        raise ValueError(f"checkpoint lacks {len(lacking)} tensors: {_preview(lacking)}")
+    return fresh
+
+
+def _mtp_module(key: str) -> int:
+    """The module index k of a key `mtp.{k}.<rest>`."""
+    return int(_OUR_MTP.match(key)[1])
 
 
 def _preview(keys: list[str], limit: int = 8) -> str:
@@ -232,15 +241,15 @@ def load_checkpoint(
     directory: str | os.PathLike,
     *,
     skip_extra_mtp: bool = False,
-    init_missing_mtp: bool = False,
     fp8_block: tuple[int, int] | None = None,
 ) -> None:
     """Fills our causal LM from a checkpoint directory: every tensor placed, or a ValueError naming it.
 
     fp8_block: the weight block of an FP8-quantised checkpoint (config.json's
     quantization_config.weight_block_size); its FP8 weights are dequantised to
-    the model's dtype. Dropped MTP layers (`skip_extra_mtp`) and freshly
-    initialised MTP modules (`init_missing_mtp`) are logged by name.
+    the model's dtype. Dropped MTP layers (`skip_extra_mtp`) are logged; MTP
+    modules the checkpoint has no weights for keep their fresh initialisation,
+    with one warning naming them.
     """
     config = model.config
     named = read_safetensors(directory)
@@ -253,9 +262,17 @@ def load_checkpoint(
     if skipped:
         logger.warning("MTP switched off: left %d checkpoint tensors unused (%s, ...)", len(skipped), skipped[0])
     expected = [k for k in model.state_dict() if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    initialised = check_keys(tensors, expected, allow_missing_mtp=init_missing_mtp)
+    initialised = check_keys(tensors, expected)
     if initialised:
-        logger.warning("initialised %d MTP tensors fresh: %s", len(initialised), ", ".join(initialised))
+        modules = sorted({_mtp_module(key) for key in initialised})
+        logger.warning(
+            "%s has no weights for MTP module(s) %s; initialised %d MTP tensors fresh: %s "
+            "(pass num_nextn_predict_layers=0 to build the model without MTP)",
+            directory,
+            ", ".join(map(str, modules)),
+            len(initialised),
+            ", ".join(initialised),
+        )
     model.load_state_dict(tensors, strict=False)
 
 

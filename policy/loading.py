@@ -40,8 +40,6 @@ def load_policy(
 
     fp8: True or an FP8Config to train in FP8, False to switch off a recipe our
     checkpoint's config.json carries, None to keep what the checkpoint says.
-    For DeepSeek-V3 checkpoints `init_missing_mtp=True` is also accepted (see
-    `DeepseekV3ForCausalLM.from_pretrained`).
     """
     directory = _local_checkpoint(name_or_path)
     if directory is None:

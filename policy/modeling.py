@@ -13,8 +13,10 @@ Counts are recorded here, outside the layers, only when the model is in
 training mode with gradients enabled (the tokens an optimizer step trains on),
 so activation checkpointing's recomputation never counts a token twice.
 
-`past_key_values` is a `LatentCache`; once it holds tokens, attention runs in
-the absorbed form. `save_pretrained` writes the released DeepSeek-V3 layout
+The decoding cache is a `LatentCache`; once it holds tokens, attention runs in
+the absorbed form. `forward` takes it as `cache` or `past_key_values` and model
+outputs carry it under the name the installed transformers' `generate()` uses
+(policy/transformers_compat.py). `save_pretrained` writes the released DeepSeek-V3 layout
 (policy/checkpoint.py) with model_type "deepseek_v3", which transformers and
 vLLM load directly; `from_pretrained` reads that layout, transformers' and ours,
 dequantises released FP8 (`weight_scale_inv`) weights, and refuses to drop or
@@ -49,6 +51,7 @@ from policy.layers import MLP, RMSNorm
 from policy.moe import MoE, RoutedExperts, Router
 from policy.mtp import MTPModule, mtp_loss
 from policy.rope import RotaryEmbedding
+from policy.transformers_compat import CACHE_NAME, pop_cache_argument, with_cache_field
 
 
 class DecoderLayer(GradientCheckpointingLayer):
@@ -66,11 +69,11 @@ class DecoderLayer(GradientCheckpointingLayer):
         hidden: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-        past_key_values: LatentCache | None = None,
+        cache: LatentCache | None = None,
         token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """hidden (B, T, H) -> (hidden, balance loss or None, expert load (E,) or None)."""
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, mask, past_key_values)
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, mask, cache)
         ffn_in = self.post_attention_layernorm(hidden)
         if isinstance(self.mlp, MoE):
             out = self.mlp(ffn_in, token_mask)
@@ -79,22 +82,23 @@ class DecoderLayer(GradientCheckpointingLayer):
 
 
 @dataclass
+@with_cache_field
 class DeepseekV3ModelOutput(ModelOutput):
     """last_hidden_state (B, T, H) after the final norm; aux_loss: alpha-weighted balance loss summed
-    over MoE layers (0 outside training); past_key_values: the latent cache when one is used."""
+    over MoE layers (0 outside training); the latent cache, when one is used, under `CACHE_NAME`."""
 
     last_hidden_state: torch.Tensor | None = None
-    past_key_values: LatentCache | None = None
     aux_loss: torch.Tensor | None = None
 
 
 @dataclass
+@with_cache_field
 class DeepseekV3CausalLMOutput(ModelOutput):
-    """loss = CE + aux_loss + mtp_loss when labels are given; logits (B, T or logits_to_keep, V)."""
+    """loss = CE + aux_loss + mtp_loss when labels are given; logits (B, T or logits_to_keep, V);
+    the latent cache, when one is used, under `CACHE_NAME`."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: LatentCache | None = None
     aux_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
 
@@ -184,17 +188,20 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: LatentCache | None = None,
+        cache: LatentCache | None = None,
         use_cache: bool = False,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> DeepseekV3ModelOutput:
-        """input_ids (B, T); attention_mask (B, past + T), 0 on padding; position_ids (B, T)."""
+        """input_ids (B, T); attention_mask (B, past + T), 0 on padding; position_ids (B, T).
+
+        The cache may also come as `past_key_values` (transformers before 5.24).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = hidden.shape[:2]
-        cache = self._cache(past_key_values, use_cache)
+        cache = self._cache(pop_cache_argument(cache, kwargs), use_cache)
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=hidden.device).expand(batch, -1)
@@ -204,22 +211,19 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         record_load = self.training and torch.is_grad_enabled()
         aux_loss = hidden.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            hidden, layer_aux, load = layer(hidden, rope, mask, past_key_values=cache, token_mask=token_mask)
+            hidden, layer_aux, load = layer(hidden, rope, mask, cache=cache, token_mask=token_mask)
             if layer_aux is not None:
                 aux_loss = aux_loss + layer_aux
             if load is not None and record_load:
                 layer.mlp.gate.record_load(load)
-        return DeepseekV3ModelOutput(self.norm(hidden), cache, aux_loss)
+        return DeepseekV3ModelOutput(last_hidden_state=self.norm(hidden), aux_loss=aux_loss, **{CACHE_NAME: cache})
 
-    def _cache(self, past_key_values: object, use_cache: bool) -> LatentCache | None:
-        if past_key_values is None:
+    def _cache(self, cache: object, use_cache: bool) -> LatentCache | None:
+        if cache is None:
             return LatentCache(self.config.num_hidden_layers) if use_cache else None
-        if not isinstance(past_key_values, LatentCache):
-            raise TypeError(
-                "past_key_values must be a policy.LatentCache (MLA caches latents), "
-                f"got {type(past_key_values).__name__}"
-            )
-        return past_key_values
+        if not isinstance(cache, LatentCache):
+            raise TypeError(f"the cache must be a policy.LatentCache (MLA caches latents), got {type(cache).__name__}")
+        return cache
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -253,15 +257,23 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values: LatentCache | None = None,
+        cache: LatentCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> DeepseekV3CausalLMOutput:
-        """HF causal-LM forward. labels (B, T) are unshifted token ids, -100 where ignored; extra
-        kwargs other than `num_items_in_batch` (used by the CE normalisation) are ignored."""
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, inputs_embeds)
+        """HF causal-LM forward. labels (B, T) are unshifted token ids, -100 where ignored; the cache
+        may also come as `past_key_values`; other extra kwargs than `num_items_in_batch` (used by
+        the CE normalisation) are ignored."""
+        out = self.model(
+            input_ids,
+            attention_mask,
+            position_ids,
+            pop_cache_argument(cache, kwargs),
+            use_cache,
+            inputs_embeds,
+        )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
@@ -280,7 +292,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             if input_ids is not None and len(self.mtp) > 0 and self.config.mtp_loss_weight > 0:
                 mtp = self.mtp_loss(hidden, input_ids, labels != -100, attention_mask, position_ids)
                 loss = loss + mtp
-        return DeepseekV3CausalLMOutput(loss, logits, out.past_key_values, out.aux_loss, mtp)
+        return DeepseekV3CausalLMOutput(
+            loss=loss, logits=logits, aux_loss=out.aux_loss, mtp_loss=mtp, **{CACHE_NAME: getattr(out, CACHE_NAME)}
+        )
 
     def mtp_loss(
         self,
@@ -324,8 +338,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
     ) -> None:
         """`generate()` hook: a latent cache preallocated for the whole generation."""
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = LatentCache(self.config.num_hidden_layers, capacity=max_cache_length)
+        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_NAME] = LatentCache(self.config.num_hidden_layers, capacity=max_cache_length)
             return
         super()._prepare_cache_for_generation(
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
@@ -368,7 +382,6 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         config: DeepseekV3Config | None = None,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
-        init_missing_mtp: bool = False,
         **config_overrides,
     ) -> DeepseekV3ForCausalLM:
         """Loads a local checkpoint directory in the released, transformers or our layout.
@@ -376,8 +389,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         config_overrides replace config.json fields (unknown names raise);
         `num_nextn_predict_layers=0` drops a checkpoint's MTP layers on purpose,
         `fp8=True` (or a dict of FP8Config fields) trains the loaded model in FP8.
-        Missing MTP weights raise unless `init_missing_mtp`, which initialises
-        them fresh and logs which ones. dtype defaults to config.json's.
+        MTP modules the checkpoint has no weights for (transformers' DeepseekV3
+        saves none) are initialised fresh, with one warning naming them; any
+        other missing tensor raises. dtype defaults to config.json's.
         A checkpoint whose config.json declares FP8 block quantisation (DeepSeek-V3's
         release) is dequantised (fp8 * weight_scale_inv) into the model's dtype; the
         loaded model's config drops `quantization_config`, since its weights are no
@@ -400,7 +414,6 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             model,
             directory,
             skip_extra_mtp="num_nextn_predict_layers" in config_overrides,
-            init_missing_mtp=init_missing_mtp,
             fp8_block=fp8_block,
         )
         model.config.name_or_path = str(directory)

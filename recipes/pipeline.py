@@ -28,6 +28,7 @@ from grpo.evaluation import EvalResult, evaluate
 from grpo.options import ConfigError
 from grpo.trainer import GRPOTrainer
 from policy import PRESETS, DeepseekV3ForCausalLM, load_policy
+from policy.transformers_compat import ACTIVATION_CHECKPOINTING
 from recipes.arguments import RecipeArguments
 from recipes.embedded import embedded_policy, task_tokenizer
 from recipes.tasks.arithmetic import ArithmeticTaskConfig, arithmetic_splits
@@ -120,7 +121,7 @@ def warm_start(args: RecipeArguments, config: GRPOConfig, train: Dataset, accele
         max_length=512,
         bf16=args.dtype == "bfloat16",
         use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=not embedded,  # the tiny model needs no memory savings
+        **{ACTIVATION_CHECKPOINTING: not embedded},  # the tiny model needs no memory savings
     )
     run_sft(policy, tokenizer, train, sft_args, target)
     return str(target)

@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor, nn
 
+from policy.transformers_compat import CACHE_NAME
 from rollout.engine import RolloutBatch, SamplingParams
 from rollout.kv_cache import make_decode_cache
 from rollout.sampling import sample_next_tokens
@@ -39,7 +40,8 @@ class TorchRolloutEngine:
     """RolloutEngine over an in-process torch model.
 
     model: a causal LM accepting (input_ids, attention_mask, position_ids,
-        past_key_values, use_cache, logits_to_keep).
+        use_cache, logits_to_keep) and its decoding cache under the name the
+        installed transformers uses (`cache`, or `past_key_values` before 5.24).
     tokenizer: decodes completions; its pad token id pads prompts.
     max_batch_rows: at most this many sequences are decoded together (a prompt's n
         samples always share a batch, so a batch holds max(1, max_batch_rows // n) prompts).
@@ -115,11 +117,11 @@ class TorchRolloutEngine:
             input_ids=input_ids,
             attention_mask=attention_mask[:, :width],
             position_ids=positions,
-            past_key_values=make_decode_cache(self.model, capacity),
             use_cache=True,
             logits_to_keep=1,
+            **{CACHE_NAME: make_decode_cache(self.model, capacity)},
         )
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = getattr(out, CACHE_NAME), out.logits[:, -1]
         rows = torch.arange(num_prompts, device=self.device).repeat_interleave(n)  # row i*n+j -> prompt i
         if n > 1:
             cache.reorder_cache(rows)
@@ -160,11 +162,11 @@ class TorchRolloutEngine:
                 input_ids=new_tokens.unsqueeze(-1),
                 attention_mask=attention_mask[:, : width + step + 1],
                 position_ids=next_position.unsqueeze(-1),
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{CACHE_NAME: cache},
             )
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            cache, logits = getattr(out, CACHE_NAME), out.logits[:, -1]
             next_position = next_position + 1
 
         lengths, tokens, token_logprobs = lengths.cpu(), tokens.cpu(), token_logprobs.cpu()

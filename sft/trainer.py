@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
+from policy.transformers_compat import ACTIVATION_CHECKPOINTING, disable_activation_checkpointing
 from sft.data import check_sft_dataset
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
@@ -57,8 +58,8 @@ def run_sft(
         model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks
     )
     trainer.train()
-    if args.activation_checkpointing:  # the model goes on to generate with a KV cache
-        model.activation_checkpointing_disable()
+    if getattr(args, ACTIVATION_CHECKPOINTING):  # the model goes on to generate with a KV cache
+        disable_activation_checkpointing(model)
     output_dir = Path(output_dir)
     trainer.save_model(str(output_dir))  # the main process writes; every process waits for it
     if trainer.is_world_process_zero():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -13,7 +14,7 @@ from grpo.batch import build_policy_batch
 from grpo.checkpoint import list_checkpoints, save_model_atomic
 from grpo.collector import select_groups
 from grpo.config import GRPOConfig
-from grpo.data import PromptSampler, check_prompt_dataset
+from grpo.data import PromptSampler, check_prompt_dataset, encode_prompt
 from grpo.options import ConfigError
 from grpo.plotting import plot_run
 from grpo.update import importance_weights
@@ -63,6 +64,20 @@ def test_prompt_data_errors_name_the_problem():
         check_prompt_dataset(Dataset.from_dict({"question": ["q"]}), "prompt")
     with pytest.raises(ConfigError, match="exceeds the dataset's 1 rows"):
         PromptSampler(Dataset.from_dict({"prompt": ["q"]}), batch_size=2, seed=0)
+
+
+def test_prompts_encode_to_token_ids_as_text_or_chat_messages(arithmetic_tokenizer):
+    tokenizer = copy.deepcopy(arithmetic_tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Question: 2 + 3?"}]
+    ids = encode_prompt(tokenizer, messages)
+    rendered = "system: Be brief.\nuser: Question: 2 + 3?\nassistant:"
+    assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert ids and all(isinstance(i, int) for i in ids)
+    assert encode_prompt(tokenizer, "Question: 2 + 3?\n") == tokenizer("Question: 2 + 3?\n")["input_ids"]
 
 
 def test_config_validation_names_the_field():

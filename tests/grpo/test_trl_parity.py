@@ -62,6 +62,7 @@ from grpo.advantages import compute_advantages
 from grpo.logprobs import TokenLogprobModel
 from grpo.loss import grpo_loss, k3_kl
 from policy import DeepseekV3ForCausalLM, load_policy, preset_config
+from policy.transformers_compat import ACTIVATION_CHECKPOINTING
 from recipes.tasks.arithmetic import arithmetic_dataset
 
 NUM_ROWS, MICRO_BATCH = 8, 4  # TRL: gradient_accumulation_steps = NUM_ROWS // MICRO_BATCH
@@ -96,7 +97,7 @@ def trl_trainer(policy_dir, tokenizer, tmp_path, reward=None, **settings) -> TRL
         epsilon_high=EPSILON_HIGH,
         use_bias_correction_kl=False,  # TRL's default weights the KL by the ratio; see the module docstring
         bf16=False,
-        activation_checkpointing=False,
+        **{ACTIVATION_CHECKPOINTING: False},
         use_cpu=True,
         use_vllm=False,
         report_to="none",

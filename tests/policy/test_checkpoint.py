@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import DeepseekV3Config as TransformersConfig
 from transformers import DeepseekV3ForCausalLM as TransformersDeepseekV3
 
 from policy import DeepseekV3ForCausalLM
@@ -80,16 +81,54 @@ def test_from_pretrained_in_bf16_keeps_routing_bias_fp32(model, tmp_path):
     assert bias.dtype == torch.float32 and torch.equal(bias, model.model.layers[1].mlp.gate.e_score_correction_bias)
 
 
-def test_transformers_checkpoint_without_mtp_needs_an_explicit_choice(model, twin, tmp_path, caplog):
+def test_transformers_checkpoint_without_mtp_loads_with_fresh_mtp_and_one_warning(model, twin, tmp_path, caplog):
     twin(model).save_pretrained(tmp_path)  # per-expert keys, no MTP layer
-    with pytest.raises(ValueError, match=r"lacks 20 tensors: mtp\.0\..*init_missing_mtp=True"):
-        DeepseekV3ForCausalLM.from_pretrained(tmp_path)
     with caplog.at_level(logging.WARNING, logger="policy.checkpoint"):
-        fresh = DeepseekV3ForCausalLM.from_pretrained(tmp_path, init_missing_mtp=True)
-    assert "initialised 20 MTP tensors fresh" in caplog.text
+        fresh = DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "policy.checkpoint"]
+    assert "no weights for MTP module(s) 0; initialised 20 MTP tensors fresh: mtp.0." in warning
     assert torch.equal(fresh.model.layers[1].mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj)
     no_mtp = DeepseekV3ForCausalLM.from_pretrained(tmp_path, num_nextn_predict_layers=0)
     assert len(no_mtp.mtp) == 0
+
+
+def test_checkpoint_of_transformers_default_config_loads_and_matches_its_logits(randomized, tmp_path, caplog):
+    # the installed transformers' own defaults, only shrunk: whatever it now says about MTP, it saves none
+    sizes = {
+        "vocab_size": 96,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "moe_intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 16,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 4,
+        "v_head_dim": 8,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+    }
+    theirs = TransformersDeepseekV3(TransformersConfig(**sizes)).eval()
+    randomized(theirs)
+    theirs.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="policy.checkpoint"):
+        ours = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    assert len(ours.mtp) == TransformersConfig().num_nextn_predict_layers
+    assert len(caplog.records) == (1 if len(ours.mtp) else 0)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_checkpoint_with_part_of_an_mtp_module_fails_naming_the_rest(model, tmp_path):
+    rewrite(tmp_path, model, lambda t: t.pop("model.layers.2.eh_proj.weight"))
+    with pytest.raises(ValueError, match=r"lacks 1 tensors: mtp\.0\.eh_proj\.weight"):
+        DeepseekV3ForCausalLM.from_pretrained(tmp_path)
 
 
 def test_dropping_mtp_is_explicit_and_logged(model, tmp_path, caplog):
@@ -149,6 +188,6 @@ def test_fused_expert_checkpoint_loads(model, twin, tmp_path):
     # a checkpoint holding transformers' in-memory names (3-D experts) and no MTP weights
     twin(model).config.save_pretrained(tmp_path)
     save_file({k: v.contiguous() for k, v in twin(model).state_dict().items()}, tmp_path / "model.safetensors")
-    loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path, init_missing_mtp=True)
+    loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path)
     for name, tensor in model.state_dict().items():
         assert name.startswith("mtp.") or torch.equal(loaded.state_dict()[name], tensor), name

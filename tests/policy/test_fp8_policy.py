@@ -15,6 +15,7 @@ from policy.fp8_linear import FP8Linear, fp8_linear
 from policy.fp8_policy import fp8_layer_names
 from policy.fp8_quant import quantize_blockwise
 from policy.moe import ExpertLayout, RoutedExperts, Router
+from policy.transformers_compat import CACHE_NAME
 
 # A 16-wide block makes the tiny model's weights span several blocks and its activations several
 # tiles, so block boundaries are exercised; the recipe is otherwise DeepSeek-V3's.
@@ -155,9 +156,9 @@ def test_the_fp8_model_differs_from_fp32_by_far_more_than_those_tolerances(fp8_m
 def decode_token_by_token(model: DeepseekV3ForCausalLM, ids: torch.Tensor, prompt: int) -> torch.Tensor:
     """Logits (B, T, V) from a prefill of `prompt` tokens, then one token per step (absorbed attention)."""
     cache = LatentCache(model.config.num_hidden_layers)
-    logits = [model(ids[:, :prompt], past_key_values=cache, use_cache=True).logits]
+    logits = [model(ids[:, :prompt], use_cache=True, **{CACHE_NAME: cache}).logits]
     for t in range(prompt, ids.shape[1]):
-        logits.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        logits.append(model(ids[:, t : t + 1], use_cache=True, **{CACHE_NAME: cache}).logits)
     return torch.cat(logits, dim=1)
 
 

@@ -7,6 +7,7 @@ import torch
 
 from policy import DeepseekV3ForCausalLM
 from policy.moe import ExpertLayout, _grouped_mm_applies, grouped_linear, padded_bmm_linear
+from policy.transformers_compat import CACHE_NAME
 
 pytestmark = pytest.mark.gpu
 
@@ -35,7 +36,7 @@ def test_bf16_latent_decoding_follows_the_full_forward(tiny_config, randomized):
         out = model(ids[:, :8], use_cache=True)
         steps = [out.logits[:, -1]]
         for t in range(8, 12):
-            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(ids[:, t : t + 1], use_cache=True, **{CACHE_NAME: getattr(out, CACHE_NAME)})
             steps.append(out.logits[:, -1])
     error = (torch.stack(steps, 1).float() - full[:, 7:]).abs().max() / full.abs().max()
     assert error < 0.05, error  # bf16 rounding differs between the paths; a wrong cache is off by O(1)

@@ -12,6 +12,7 @@ from transformers import DeepseekV3Config as TransformersConfig
 from transformers import DeepseekV3ForCausalLM as TransformersDeepseekV3
 
 from policy import DeepseekV3ForCausalLM, DeepseekV3Model, LatentCache
+from policy.transformers_compat import CACHE_NAME, LEGACY_CACHE_NAME, enable_activation_checkpointing
 
 
 def left_padded(pads: list[int], seq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,13 +82,50 @@ def test_latent_cache_decoding_reproduces_the_full_forward(tiny_config, yarn, ra
                 ids[:, t : t + 1],
                 attention_mask=mask[:, : t + 1],
                 position_ids=positions[:, t : t + 1],
-                past_key_values=out.past_key_values,
                 use_cache=True,
                 logits_to_keep=1,
+                **{CACHE_NAME: getattr(out, CACHE_NAME)},
             )
             steps.append(out.logits[:, -1])
-    assert isinstance(out.past_key_values, LatentCache) and out.past_key_values.get_seq_length() == 14
+    cache = getattr(out, CACHE_NAME)
+    assert isinstance(cache, LatentCache) and cache.get_seq_length() == 14
+    assert CACHE_NAME in out  # where generate() looks the cache up
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 7:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted({CACHE_NAME, LEGACY_CACHE_NAME}))
+def test_forward_takes_the_cache_under_either_name_and_never_drops_it(tiny_config, name):
+    model = DeepseekV3ForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 128, (2, 5))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = LatentCache(model.config.num_hidden_layers)
+        model(ids[:, :4], use_cache=True, **{name: cache})
+        assert cache.get_seq_length() == 4
+        last = model(ids[:, 4:], use_cache=True, **{name: cache})
+    assert getattr(last, CACHE_NAME) is cache and cache.get_seq_length() == 5
+    torch.testing.assert_close(last.logits[:, -1], full[:, -1], rtol=0, atol=1e-5)
+    with pytest.raises(TypeError, match="both"):
+        model(ids, cache=cache, past_key_values=LatentCache(model.config.num_hidden_layers))
+
+
+def test_greedy_generate_equals_step_by_step_decoding(tiny_config, randomized):
+    # generate() decodes through the latent cache; the reference reruns the whole sequence every step
+    model = DeepseekV3ForCausalLM(tiny_config()).eval()
+    randomized(model)
+    ids = torch.randint(2, 128, (2, 7))
+    mask, _ = left_padded([0, 3], 7)
+    with torch.no_grad():
+        generated = model.generate(
+            ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+        expected = ids
+        for _ in range(8):
+            full_mask = torch.cat([mask, mask.new_ones(2, expected.shape[1] - 7)], dim=1)
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(expected, attention_mask=full_mask, position_ids=positions).logits[:, -1]
+            expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, expected)
 
 
 def test_greedy_generate_matches_transformers(tiny_config, randomized, twin):
@@ -121,7 +159,7 @@ def test_logits_to_keep(tiny_config):
 def test_gradient_checkpointing_gives_the_same_gradients_and_counts(tiny_config):
     reference = DeepseekV3ForCausalLM(tiny_config()).train()
     checkpointed = copy.deepcopy(reference)
-    checkpointed.activation_checkpointing_enable()
+    enable_activation_checkpointing(checkpointed)
     assert all(layer.gradient_checkpointing for layer in checkpointed.model.layers)
     ids = torch.randint(0, 128, (2, 8))
     for model in (reference, checkpointed):
@@ -135,7 +173,7 @@ def test_foreign_cache_is_refused(tiny_config):
     from transformers import DynamicCache
 
     with pytest.raises(TypeError, match="LatentCache"):
-        DeepseekV3ForCausalLM(tiny_config())(torch.zeros(1, 2, dtype=torch.long), past_key_values=DynamicCache())
+        DeepseekV3ForCausalLM(tiny_config())(torch.zeros(1, 2, dtype=torch.long), **{CACHE_NAME: DynamicCache()})
 
 
 def test_auto_classes_pick_ours_for_our_config_only(tiny_config):

@@ -4,6 +4,7 @@ import torch
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 from policy import DeepseekV3ForCausalLM, LatentCache, preset_config
+from policy.transformers_compat import CACHE_NAME
 from rollout.kv_cache import PreallocatedLayer, make_decode_cache
 from tests.rollout.test_torch_engine import tiny_llama
 
@@ -12,15 +13,15 @@ def decode(model, cache, steps: int = 4) -> list[torch.Tensor]:
     """Prefill 3 rows, repeat row 0 and drop row 1 (as the engine does), then decode; returns every step's logits."""
     torch.manual_seed(0)
     ids = torch.randint(2, 128, (3, 5))
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-    cache, logits = out.past_key_values, [out.logits[:, -1]]
+    out = model(input_ids=ids, use_cache=True, **{CACHE_NAME: cache})
+    cache, logits = getattr(out, CACHE_NAME), [out.logits[:, -1]]
     rows = torch.tensor([0, 0, 2])
     cache.reorder_cache(rows)
     tokens = ids[rows, -1:]
     for step in range(steps):
         positions = torch.full((3, 1), 5 + step)
-        out = model(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=tokens, position_ids=positions, use_cache=True, **{CACHE_NAME: cache})
+        cache = getattr(out, CACHE_NAME)
         logits.append(out.logits[:, -1])
         tokens = out.logits[:, -1:].argmax(-1)
     return logits

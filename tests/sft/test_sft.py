@@ -12,6 +12,7 @@ from trl import SFTConfig
 
 from grpo.options import ConfigError
 from policy import load_policy
+from policy.transformers_compat import ACTIVATION_CHECKPOINTING
 from recipes.tasks.arithmetic import arithmetic_dataset
 from sft.data import check_sft_dataset
 from sft.trainer import PolicySFTTrainer, run_sft
@@ -20,7 +21,7 @@ from sft.trainer import PolicySFTTrainer, run_sft
 def sft_args(tmp_path, steps=6) -> SFTConfig:
     return SFTConfig(output_dir=str(tmp_path / "run"), max_steps=steps, per_device_train_batch_size=8,
                      learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-                     max_length=128, disable_tqdm=True, activation_checkpointing=False)  # fmt: skip
+                     max_length=128, disable_tqdm=True, **{ACTIVATION_CHECKPOINTING: False})  # fmt: skip
 
 
 def test_our_policy_trains_on_its_own_loss_and_updates_routing_biases(debug_policy, arithmetic_tokenizer, tmp_path):
