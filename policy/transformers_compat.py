@@ -19,9 +19,8 @@ off the installed API, not off version numbers.
 from __future__ import annotations
 
 import inspect
-from dataclasses import fields
 
-from transformers import GenerationMixin, PreTrainedModel, TrainingArguments
+from transformers import GenerationMixin, PreTrainedModel
 
 CACHE_NAME: str = (
     "cache"
@@ -32,9 +31,10 @@ CACHE_NAME: str = (
 
 LEGACY_CACHE_NAME = "past_key_values"
 
+# Read off the model class: TrainingArguments would pull the Trainer stack into every rollout worker.
 ACTIVATION_CHECKPOINTING: str = (
     "activation_checkpointing"
-    if any(field.name == "activation_checkpointing" for field in fields(TrainingArguments))
+    if hasattr(PreTrainedModel, "activation_checkpointing_enable")
     else "gradient_checkpointing"
 )
 """TrainingArguments' (and so SFTConfig's and TRL's GRPOConfig's) switch for activation checkpointing."""
@@ -64,15 +64,9 @@ def pop_cache_argument(cache: object, kwargs: dict) -> object:
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Recompute each decoder layer's activations in backward instead of storing them."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable()
-    else:
-        model.gradient_checkpointing_enable()
+    getattr(model, f"{ACTIVATION_CHECKPOINTING}_enable")()
 
 
 def disable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Store activations again (a model about to decode with a KV cache needs this)."""
-    if hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
-    else:
-        model.gradient_checkpointing_disable()
+    getattr(model, f"{ACTIVATION_CHECKPOINTING}_disable")()
