@@ -54,7 +54,12 @@ class RecipeArguments:
     )
     rollout_workers: int = option(1, "Worker processes to launch (worker and vllm).")
     rollout_connect: list[str] = option([], "host:port of workers started by hand with `python -m rollout.serve`.")
-    rollout_threads: int | None = option(None, "CPU threads of each torch worker (default: torch's).")
+    rollout_threads: int | None = option(None, "CPU threads of each torch worker (default: as --cpu_threads).")
+    cpu_threads: int | None = option(
+        None,
+        "torch threads of each training process on CPU (default: this machine's cores divided among its training "
+        "processes; `accelerate launch` without a config would leave one).",
+    )
     dtype: str = option("float32", "Training dtype: float32 | bfloat16.")
     fp8: bool = option(
         False, "Train the policy's projections and experts in FP8 with block scaling (docs/fp8.md; emulated on CPU)."
@@ -80,6 +85,9 @@ class RecipeArguments:
             raise ConfigError(f"--rollout must be worker, local, vllm or vllm-colocated, got {self.rollout!r}")
         if self.rollout_workers < 1:
             raise ConfigError(f"--rollout_workers must be >= 1, got {self.rollout_workers}")
+        for name in ("cpu_threads", "rollout_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.lora_r < 0:
             raise ConfigError(f"--lora_r must be >= 0, got {self.lora_r}")
         if self.num_eval_problems < 1 or self.eval_samples_per_prompt < 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -127,6 +128,18 @@ def warm_start(args: RecipeArguments, config: GRPOConfig, train: Dataset, accele
     return str(target)
 
 
+def cpu_threads(requested: int | None, processes_on_machine: int) -> int:
+    """torch threads for one training process on CPU: `requested`, else its share of the cores it may use.
+
+    `accelerate launch` without a config exports OMP_NUM_THREADS=1, which would
+    leave every core but one idle in a single-process run.
+    """
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // processes_on_machine)
+
+
 def _dtype(args: RecipeArguments) -> torch.dtype:
     return torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
 
@@ -147,6 +160,9 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | 
     """
     check_inputs(args)
     accelerator = Accelerator(log_with=args.report_to or None, project_dir=config.output_dir)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(args.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        accelerator.print(f"training on CPU with {torch.get_num_threads()} torch threads per process")
     train, held_out = load_task(args)
     start = warm_start(args, config, train, accelerator)
     accelerator.wait_for_everyone()
@@ -199,8 +215,9 @@ def _rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedToke
     if args.rollout_connect:
         return RemoteRolloutEngine.connect(args.rollout_connect)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = args.rollout_threads or (torch.get_num_threads() if device == "cpu" else None)  # as the trainer's
     options = WorkerOptions(engine="vllm" if args.rollout == "vllm" else "torch", device=device, dtype=args.dtype,
-                            num_threads=args.rollout_threads)  # fmt: skip
+                            num_threads=threads)  # fmt: skip
     return RemoteRolloutEngine.launch(start, args.rollout_workers, options=options)
 
 

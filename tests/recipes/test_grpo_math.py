@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from recipes.launch import main
+from recipes.pipeline import cpu_threads
 
 SMALL = [
     "--embedded_preset", "tiny-debug", "--num_train_problems", "200", "--num_eval_problems", "6",
@@ -18,9 +21,21 @@ SMALL = [
 ]  # fmt: skip
 
 
-def test_embedded_default_end_to_end(tmp_path, capsys):
+@pytest.fixture
+def launched_single_threaded(monkeypatch):
+    """What `accelerate launch` without a config does to a CPU run: OMP_NUM_THREADS=1, one torch thread."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_embedded_default_end_to_end(tmp_path, capsys, launched_single_threaded):
     main("grpo_math", [*SMALL, "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
+    cores = len(os.sched_getaffinity(0))
+    assert torch.get_num_threads() == cores and f"training on CPU with {cores} torch threads per process" in out
     assert "SFT  checkpoint:" in out and "GRPO checkpoint:" in out
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
@@ -33,6 +48,14 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     assert f"cached at {cached}" in capsys.readouterr().out
 
 
+def test_cpu_threads_share_the_cores_among_the_processes_unless_asked():
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(None, 1) == cores
+    assert cpu_threads(None, 2) == max(1, cores // 2)
+    assert cpu_threads(None, 4 * cores) == 1
+    assert cpu_threads(3, 2) == 3
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -42,6 +65,7 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
         (["--num_generations", "1"], r"num_generations \(G\) must be >= 2"),
         (["--embedded_preset", "huge"], "--embedded_preset huge: not one of"),
         (["--config", "nope.yaml"], "--config nope.yaml: no such file"),
+        (["--cpu_threads", "0"], "--cpu_threads must be >= 1, got 0"),
     ],
 )
 def test_bad_input_is_one_clear_line(flags, message, tmp_path):
