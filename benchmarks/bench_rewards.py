@@ -9,7 +9,9 @@ Measures, in one run and on the same data:
   - a training-step load: repeated score() calls of `--step-size` completions with
     math_accuracy + format, the per-call latency a trainer pays every step;
   - TRL's `accuracy_reward` (math-verify on the whole text) as the peer, with its
-    agreement with the same labels.
+    agreement with the same labels;
+  - the same rows on the hand-labelled competition-style answers in
+    tests/rewards/data (tuples, sets, intervals, matrices, text, several boxes).
 
     python benchmarks/bench_rewards.py --workers 1 2
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rewards import RewardSuite, RewardSuiteConfig, math_accuracy
+from tests.rewards.competition_data import labelled_answers
 
 MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +63,12 @@ def load(directory: Path) -> tuple[list[str], list[str], list[str], list[bool]]:
     return questions, solutions, refs, labels
 
 
+def load_competition() -> tuple[list[str], list[str], list[str], list[bool]]:
+    """(questions, completions, gold answers, labels) of the hand-labelled competition set."""
+    answers = labelled_answers()
+    return [""] * len(answers), [a.completion for a in answers], [a.gold for a in answers], [a.label for a in answers]
+
+
 def as_latex_fractions(data: tuple) -> tuple:
     """The same data with each final "A: N" re-written as \\boxed{\\frac{N}{1}}."""
     questions, solutions, refs, labels = data
@@ -73,7 +82,7 @@ def agreement(scores: list[float | None], labels: list[bool]) -> float:
 
 def report(name: str, n: int, seconds: float, agree: float | None = None, extra: str = "") -> None:
     agree_text = f"{agree:8.2%}" if agree is not None else " " * 8
-    print(f"{name:<38} {n / seconds:>10,.0f} /s {seconds:>8.2f} s {agree_text}  {extra}")
+    print(f"{name:<48} {n / seconds:>10,.0f} /s {seconds:>8.2f} s {agree_text}  {extra}")
 
 
 def bench_direct(data: tuple, label: str) -> None:
@@ -111,7 +120,7 @@ def bench_training_step(data: tuple, workers: int, step_size: int, steps: int) -
     report(name, step_size, median, None, f"(median of {steps} calls: {median * 1e3:.0f} ms per step)")
 
 
-def bench_trl(data: tuple) -> None:
+def bench_trl(data: tuple, label: str = "") -> None:
     try:
         from trl.rewards import accuracy_reward
     except ImportError:
@@ -119,11 +128,11 @@ def bench_trl(data: tuple) -> None:
         return
     _, solutions, refs, labels = data
     completions = [[{"role": "assistant", "content": s}] for s in solutions]
-    gold = [r.rsplit("####", 1)[1].strip() for r in refs]
+    gold = [r.rsplit("####", 1)[1].strip() if "####" in r else r for r in refs]
     start = time.perf_counter()
     scores = accuracy_reward(completions, gold)
     report(
-        "TRL accuracy_reward, in-process",
+        f"TRL accuracy_reward{label}, in-process",
         len(solutions),
         time.perf_counter() - start,
         agreement(scores, labels),
@@ -140,13 +149,19 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     data = load(find_data(args.data))
     print(f"{len(data[1])} GSM8K solutions, {os.cpu_count()} CPU cores, python {sys.version.split()[0]}")
-    print(f"{'what':<38} {'throughput':>13} {'time':>10} {'agreement':>9}")
+    print(f"{'what':<48} {'throughput':>13} {'time':>10} {'agreement':>9}")
     for label, workload in (("", data), (" (LaTeX)", as_latex_fractions(data))):
         bench_direct(workload, label)
         for workers in args.workers:
             bench_suite(workload, workers, label)
     bench_training_step(data, max(args.workers), args.step_size, args.steps)
     bench_trl(data)
+    competition = load_competition()
+    print(f"\n{len(competition[1])} hand-labelled competition-style answers")
+    bench_direct(competition, " (competition)")
+    for workers in args.workers:
+        bench_suite(competition, workers, " (competition)")
+    bench_trl(competition, " (competition)")
 
 
 if __name__ == "__main__":

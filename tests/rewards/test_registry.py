@@ -41,7 +41,7 @@ def test_register_decorator_and_duplicates():
         ("no_such_reward", ValueError, "unknown reward 'no_such_reward'"),
         ("no_such_pkg.mod:fn", ValueError, "cannot import module 'no_such_pkg.mod'"),
         ("rewards.registry:missing", ValueError, "has no attribute 'missing'"),
-        ("rewards.rules.math_accuracy:MAX_NESTING", TypeError, "names a int, which is not callable"),
+        ("rewards.rules.math_equivalence:MAX_NESTING", TypeError, "names a int, which is not callable"),
         ("rewards.registry:", ValueError, "must look like 'package.module:function'"),
         (3, TypeError, "a reward spec must be"),
     ],
