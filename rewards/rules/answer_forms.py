@@ -36,7 +36,7 @@ _DEGREES_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree\b|\bdegrees?\b")
 _ELEMENT_OF_RE = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*\\in\s+")
 # "x = 5", "f(2) = 5", "9 * 2 = 18": a name or arithmetic on the left, a number on the right
 _ASSIGNED_NUMBER_RE = re.compile(
-    rf"^(?:[A-Za-z](?:_\{{?\w+\}}?)?(?:\([^()=]*\))?|[\d\s.,+\-*/×·()]+|[\d\s.+\-*/()]*\\(?:cdot|times)[\d\s.+\-*/()\\cdotimes]*)"
+    rf"^(?:[A-Za-z](?:_\{{?\w+\}}?)?(?:\([^()=]*\))?|(?:[\d\s.,+\-*/×·()]|\\cdot|\\times)+)"
     rf"\s*=\s*(?P<value>(?:{_NUMBER})\s*(?:%|\\%)?)\s*$"
 )
 _EQUALS_RE = re.compile(r"(?<![<>!\\])=")
@@ -47,10 +47,6 @@ _REPLACEMENTS = (
     ("\\tfrac", "\\frac"),
     ("\\varnothing", "\\emptyset"),
     ("\\displaystyle", ""),
-    ("\\le ", "\\leq "),
-    ("\\ge ", "\\geq "),
-    ("\\leqslant", "\\leq"),
-    ("\\geqslant", "\\geq"),
 )
 _CURRENCY = "$€£¥₹"
 _DELIMITERS = ("\\(", "\\)", "\\[", "\\]", "\\$", "$", "**", "__", "`")
@@ -63,7 +59,7 @@ _FIRST_WORD_RE = re.compile(r"[A-Za-z]+")
 def _clean_latex(span: str) -> str:
     """`span` without wrappers, spacing and typographic variants that do not change its value."""
     span = _QUALIFIER_RE.sub("", _TRAILING_UNIT_RE.sub("", span.strip()))  # "9\pi\text{ cm}^2" -> "9\pi"
-    span = _TEXT_COMMAND_RE.sub(r" \1 ", _TEXT_COMMAND_RE.sub(r" \1 ", span))
+    span = _TEXT_COMMAND_RE.sub(r" \1 ", _TEXT_COMMAND_RE.sub(r" \1 ", span))  # two levels: \textbf{\text{x}}
     for delimiter in _DELIMITERS:
         span = span.replace(delimiter, " ")
     for old, new in _REPLACEMENTS:

@@ -148,12 +148,11 @@ def _union_of_relations(parsed: Any) -> Any:
     """A set of relations in one shared variable as the union of their solution sets."""
     if not isinstance(parsed, FiniteSet) or len(parsed) < 2:
         return parsed
-    relations = list(parsed.args)
-    symbols = {frozenset(relation.free_symbols) for relation in relations}
-    if not all(isinstance(relation, Rel) for relation in relations) or len(symbols) != 1:
+    relations = parsed.args
+    if not all(isinstance(relation, Rel) for relation in relations):
         return parsed
-    if len(next(iter(symbols))) != 1:
-        return parsed
+    if len(set().union(*(relation.free_symbols for relation in relations))) != 1:
+        return parsed  # "x = 3, y = -1" is a system, not a set
     try:
         return Or(*relations).as_set()
     except (NotImplementedError, TypeError, ValueError):
