@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from grpo.advantages import ADVANTAGE_ESTIMATORS
 from grpo.loss import AGGREGATIONS, OBJECTIVES
+from grpo.lr_schedules import DEFAULT_MILESTONES, LR_SCHEDULES, Milestones, check_milestones
 from grpo.options import ConfigError, option
 
 
@@ -61,7 +62,16 @@ class GRPOConfig:
     adam_beta1: float = option(0.9, "AdamW beta1.")
     adam_beta2: float = option(0.99, "AdamW beta2.")
     warmup_steps: int = option(0, "Linear learning-rate warm-up, in optimizer steps.")
-    lr_schedule: str = option("constant", "Learning rate after warm-up: constant | cosine.")
+    lr_schedule: str = option(
+        "constant",
+        "Learning rate after warm-up, in grpo.lr_schedules.LR_SCHEDULES: constant | cosine | multi_step "
+        "(DeepSeek LLM's: the peak rate, then lr_milestones' drops).",
+    )
+    lr_milestones: list[float] = option(
+        [value for milestone in DEFAULT_MILESTONES for value in milestone],
+        "multi_step: (fraction, multiplier) pairs, flattened; from step fraction * total steps on, the rate is "
+        "multiplier * peak. Default DeepSeek LLM's: 0.8 0.316 0.9 0.1.",
+    )
     max_grad_norm: float = option(1.0, "Gradient clipping norm.")
     num_iterations: int = option(1, "mu: optimizer updates per rollout batch (old log-probs cached when > 1).")
     micro_batch_size: int = option(32, "Completions per forward/backward; a step's completions are accumulated.")
@@ -105,14 +115,24 @@ class GRPOConfig:
             raise ConfigError(f"tis_cap must be > 0, got {self.tis_cap}")
         if self.mismatch_mask is not None and self.mismatch_mask <= 1:
             raise ConfigError(f"mismatch_mask must be > 1, got {self.mismatch_mask}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if len(self.lr_milestones) % 2:
+            raise ConfigError(f"lr_milestones must be (fraction, multiplier) pairs, got {self.lr_milestones}")
+        try:
+            check_milestones(self.lr_milestone_pairs)
+        except ValueError as error:
+            raise ConfigError(f"lr_milestones: {error}") from None
         for value, registry in (
             (self.objective, OBJECTIVES),
             (self.aggregation, AGGREGATIONS),
             (self.advantage_estimator, ADVANTAGE_ESTIMATORS),
+            (self.lr_schedule, LR_SCHEDULES),
         ):
             registry[value]  # raises a ValueError listing the known names
+
+    @property
+    def lr_milestone_pairs(self) -> Milestones:
+        """lr_milestones as ((fraction, multiplier), ...)."""
+        return tuple(zip(self.lr_milestones[::2], self.lr_milestones[1::2], strict=True))
 
     @property
     def upper_epsilon(self) -> float:

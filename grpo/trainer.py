@@ -23,7 +23,7 @@ from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedTokenizerBase
 
 from grpo.adapters import AdapterDisabledReference, engine_weights, is_peft_model
 from grpo.batch import build_policy_batch
@@ -32,6 +32,7 @@ from grpo.collector import RewardScorer, RolloutCollector, ScoredRollout
 from grpo.config import GRPOConfig
 from grpo.data import PromptSampler, check_prompt_dataset
 from grpo.logprobs import TokenLogprobModel
+from grpo.lr_schedules import LR_SCHEDULES
 from grpo.metrics import MetricsLogger
 from grpo.options import ConfigError
 from grpo.plotting import plot_run
@@ -102,13 +103,15 @@ class GRPOTrainer:
             betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay,
         )
-        scheduler = get_scheduler(
-            "constant_with_warmup" if config.lr_schedule == "constant" else "cosine",
+        # Not through accelerator.prepare, which steps a scheduler once per process per optimizer step:
+        # every process takes each optimizer step of max_steps together, so the schedule steps once.
+        self.scheduler = LR_SCHEDULES[config.lr_schedule](
             optimizer,
-            num_warmup_steps=config.warmup_steps,
-            num_training_steps=config.max_steps * config.num_iterations,
+            total_steps=config.max_steps * config.num_iterations,
+            warmup_steps=config.warmup_steps,
+            milestones=config.lr_milestone_pairs,
         )
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.update = PolicyUpdate(config, self.model, policy, self.optimizer, self.scheduler, self.accelerator,
                                    self._reference_model(policy, reference))  # fmt: skip
         sampler = PromptSampler(train_dataset, config.prompts_per_step, config.seed)

@@ -45,6 +45,10 @@ class RecipeArguments:
     sft_max_steps: int = option(600, "SFT optimizer steps.")
     sft_learning_rate: float | None = option(None, "SFT learning rate (default 2e-3 from scratch, 1e-5 otherwise).")
     sft_batch_size: int = option(32, "SFT sequences per optimizer step.")
+    sft_lr_schedule: str = option(
+        "cosine",
+        "SFT learning rate after warm-up: cosine | constant | multi_step (DeepSeek LLM's, with --lr_milestones).",
+    )
     cache_dir: str = option("outputs/cache", "Where the embedded default's SFT warm start is cached.")
     eval_samples_per_prompt: int = option(4, "Completions sampled per held-out problem (accuracy = their mean).")
     rollout: str = option(
@@ -77,6 +81,8 @@ class RecipeArguments:
     def __post_init__(self) -> None:
         if self.sft not in ("auto", "always", "never"):
             raise ConfigError(f"--sft must be auto, always or never, got {self.sft!r}")
+        if self.sft_lr_schedule not in ("cosine", "constant", "multi_step"):
+            raise ConfigError(f"--sft_lr_schedule must be cosine, constant or multi_step, got {self.sft_lr_schedule!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):

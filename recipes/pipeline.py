@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import SFTConfig
 
@@ -78,9 +79,11 @@ def load_task(args: RecipeArguments) -> tuple[Dataset, Dataset]:
     return train, test.select(range(min(args.num_eval_problems, len(test))))
 
 
-def _embedded_cache_key(args: RecipeArguments, seed: int) -> str:
+def _embedded_cache_key(args: RecipeArguments, config: GRPOConfig) -> str:
     fields = {k: v for k, v in asdict(args).items() if k.startswith(("task_", "sft_", "num_train"))}
-    payload = json.dumps({**fields, "seed": seed, "preset": args.embedded_preset}, sort_keys=True)
+    if args.sft_lr_schedule == "multi_step":
+        fields["lr_milestones"] = config.lr_milestones
+    payload = json.dumps({**fields, "seed": config.seed, "preset": args.embedded_preset}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -93,7 +96,7 @@ def warm_start(args: RecipeArguments, config: GRPOConfig, train: Dataset, accele
             raise ConfigError("the embedded default is untrained: it needs --sft auto or always")
         return args.model
     if embedded:
-        target = Path(args.cache_dir) / f"embedded-sft-{_embedded_cache_key(args, config.seed)}"
+        target = Path(args.cache_dir) / f"embedded-sft-{_embedded_cache_key(args, config)}"
     else:
         target = Path(config.output_dir) / "sft"
     if embedded and (target / "config.json").exists():
@@ -102,17 +105,22 @@ def warm_start(args: RecipeArguments, config: GRPOConfig, train: Dataset, accele
     if embedded:
         tokenizer = task_tokenizer(train)
         policy = embedded_policy(tokenizer, args.embedded_preset)
-        learning_rate = args.sft_learning_rate or 2e-3
     else:
-        tokenizer, policy = _load_tokenizer(args.model), load_policy(args.model, dtype=_dtype(args))
-        learning_rate = args.sft_learning_rate or 1e-5
+        tokenizer, policy = load_tokenizer(args.model), load_policy(args.model, dtype=_dtype(args))
     accelerator.print(f"SFT warm start: {args.sft_max_steps} steps -> {target}")
+    train_sft(args, config, policy, tokenizer, train, target, from_scratch=embedded)
+    return str(target)
+
+
+def train_sft(args: RecipeArguments, config: GRPOConfig, policy: nn.Module, tokenizer: PreTrainedTokenizerBase,
+              data: Dataset, target: str | Path, *, from_scratch: bool) -> Path:  # fmt: skip
+    """SFT of `policy` on prompt/completion `data` with the recipe's SFT settings; saved to `target`."""
     sft_args = SFTConfig(
         output_dir=str(target) + ".run",
         max_steps=args.sft_max_steps,
         per_device_train_batch_size=args.sft_batch_size,
-        learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
+        learning_rate=args.sft_learning_rate or (2e-3 if from_scratch else 1e-5),
+        lr_scheduler_type="cosine" if args.sft_lr_schedule == "cosine" else "constant_with_warmup",
         warmup_steps=min(20, args.sft_max_steps // 10),
         weight_decay=0.0,
         logging_steps=50,
@@ -122,10 +130,19 @@ def warm_start(args: RecipeArguments, config: GRPOConfig, train: Dataset, accele
         max_length=512,
         bf16=args.dtype == "bfloat16",
         use_cpu=not torch.cuda.is_available(),
-        **{ACTIVATION_CHECKPOINTING: not embedded},  # the tiny model needs no memory savings
+        **{ACTIVATION_CHECKPOINTING: not from_scratch},  # the tiny model needs no memory savings
     )
-    run_sft(policy, tokenizer, train, sft_args, target)
-    return str(target)
+    # multi_step: run_sft swaps constant_with_warmup for the multi-step schedule, which has the same warm-up
+    lr_milestones = config.lr_milestone_pairs if args.sft_lr_schedule == "multi_step" else None
+    return run_sft(policy, tokenizer, data, sft_args, target, lr_milestones=lr_milestones)
+
+
+def use_cpu_threads(args: RecipeArguments) -> None:
+    """On CPU, give torch this process's share of the cores (see `cpu_threads`) and say so."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cpu_threads(args.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"training on CPU with {torch.get_num_threads()} torch threads per process")
 
 
 def cpu_threads(requested: int | None, processes_on_machine: int) -> int:
@@ -144,7 +161,7 @@ def _dtype(args: RecipeArguments) -> torch.dtype:
     return torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
 
 
-def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -160,25 +177,23 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | 
     """
     check_inputs(args)
     accelerator = Accelerator(log_with=args.report_to or None, project_dir=config.output_dir)
-    if accelerator.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(args.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-        accelerator.print(f"training on CPU with {torch.get_num_threads()} torch threads per process")
+    use_cpu_threads(args)
     train, held_out = load_task(args)
     start = warm_start(args, config, train, accelerator)
     accelerator.wait_for_everyone()
     checkpoints = list_checkpoints(config.output_dir) if args.resume else []
-    tokenizer, dtype = _load_tokenizer(start), _dtype(args)
+    tokenizer, dtype = load_tokenizer(start), _dtype(args)
     policy = _trainable_policy(args, start, checkpoints[-1] if checkpoints else None, accelerator)
     reference = load_policy(start, dtype=dtype) if config.beta > 0 else None
     held_out_prompts = held_out.remove_columns("completion")
     with contextlib.ExitStack() as stack:
         engine = suite = accuracy = None
         if accelerator.is_main_process:
-            engine = _rollout_engine(args, start, tokenizer, accelerator)
+            engine = rollout_engine(args, start, tokenizer, accelerator.device, accelerator.num_processes)
             stack.callback(engine.close)
             suite_config = RewardSuiteConfig(timeout_s=args.reward_timeout_s, num_workers=args.reward_workers)
             suite = stack.enter_context(RewardSuite(args.reward, args.reward_weights, suite_config))
-            accuracy = _held_out_accuracy(args, config, engine, tokenizer, held_out_prompts, suite)
+            accuracy = held_out_accuracy(args, config, engine, tokenizer, held_out_prompts, suite)
             sft_result = accuracy()
             print(f"held-out accuracy before GRPO: {sft_result.accuracy:.3f}")
         trainer = GRPOTrainer(
@@ -201,13 +216,16 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | 
     return result
 
 
-def _rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedTokenizerBase,
-                    accelerator: Accelerator) -> RolloutEngine:  # fmt: skip
-    """The engine the main process samples with, holding the weights of `start` until the first sync."""
+def rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedTokenizerBase,
+                   device: torch.device, num_processes: int = 1) -> RolloutEngine:  # fmt: skip
+    """The engine the main process samples with, holding the weights of `start` until the first sync.
+
+    `device` is the training process's (for --rollout local), `num_processes` how many train.
+    """
     if args.rollout == "local":
-        return TorchRolloutEngine(load_policy(start, dtype=_dtype(args), device=accelerator.device), tokenizer)
+        return TorchRolloutEngine(load_policy(start, dtype=_dtype(args), device=device), tokenizer)
     if args.rollout == "vllm-colocated":
-        if accelerator.num_processes > 1:
+        if num_processes > 1:
             raise ConfigError("--rollout vllm-colocated runs with one training process; use --rollout vllm")
         from rollout.vllm_engine import VLLMRolloutEngine
 
@@ -237,7 +255,7 @@ def _trainable_policy(args: RecipeArguments, start: str, checkpoint: Path | None
     return get_peft_model(base, lora)
 
 
-def _held_out_accuracy(
+def held_out_accuracy(
     args: RecipeArguments,
     config: GRPOConfig,
     engine: RolloutEngine,

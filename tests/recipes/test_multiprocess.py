@@ -16,7 +16,7 @@ FLAGS = [
     "--embedded_preset", "tiny-debug", "--num_train_problems", "200", "--num_eval_problems", "4",
     "--sft_max_steps", "20", "--sft_batch_size", "8", "--max_steps", "2", "--prompts_per_step", "4",
     "--num_generations", "4", "--max_completion_length", "16", "--eval_samples_per_prompt", "1",
-    "--reward_workers", "0", "--micro_batch_size", "4",
+    "--reward_workers", "0", "--micro_batch_size", "4", "--lr_schedule", "cosine",
 ]  # fmt: skip
 
 
@@ -39,3 +39,4 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     assert first_two["loss"] == pytest.approx(first_one["loss"], rel=1e-4, abs=1e-7)
     assert first_two["grad_norm"] == pytest.approx(first_one["grad_norm"], rel=1e-5)
     assert first_two["entropy"] == pytest.approx(first_one["entropy"], rel=1e-5)
+    assert [m["lr"] for m in two] == pytest.approx([m["lr"] for m in one])  # one schedule step per optimizer step
