@@ -176,13 +176,13 @@ def _run_stage(stage: Stage, shared: dict[str, Any], start: str, data: str | Non
     args, config, own = _recipe_arguments(shared, stage)
     args.model = None if start == BASE else start
     config.output_dir = str(directory)
-    check_inputs(args)
-    use_cpu_threads(args)
-    train, held_out = load_task(args)
-    if stage.kind == "grpo":
+    if stage.kind == "grpo":  # the SFT-then-GRPO pipeline with the SFT part done
         args.sft = "never"
         result = run_pipeline(args, config)
         return result.final_model, result.grpo.accuracy, asdict(result.grpo)
+    check_inputs(args)
+    use_cpu_threads(args)
+    train, held_out = load_task(args)
     if stage.kind == "sft":
         rows = train if data is None else load_rejection_samples(data)
         model = _sft_stage(args, config, rows, train, directory)
