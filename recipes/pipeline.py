@@ -102,14 +102,18 @@ def warm_start(args: RecipeArguments, config: GRPOConfig, train: Dataset, accele
     if embedded and (target / "config.json").exists():
         accelerator.print(f"SFT warm start: cached at {target}")
         return str(target)
-    if embedded:
-        tokenizer = task_tokenizer(train)
-        policy = embedded_policy(tokenizer, args.embedded_preset)
-    else:
-        tokenizer, policy = load_tokenizer(args.model), load_policy(args.model, dtype=_dtype(args))
+    tokenizer, policy = sft_start(args, train)
     accelerator.print(f"SFT warm start: {args.sft_max_steps} steps -> {target}")
     train_sft(args, config, policy, tokenizer, train, target, from_scratch=embedded)
     return str(target)
+
+
+def sft_start(args: RecipeArguments, train: Dataset) -> tuple[PreTrainedTokenizerBase, nn.Module]:
+    """(tokenizer, policy) SFT starts from: `args.model`, or the untrained embedded default and a task tokenizer."""
+    if args.model is None:
+        tokenizer = task_tokenizer(train)
+        return tokenizer, embedded_policy(tokenizer, args.embedded_preset)
+    return load_tokenizer(args.model), load_policy(args.model, dtype=_dtype(args))
 
 
 def train_sft(args: RecipeArguments, config: GRPOConfig, policy: nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -137,9 +141,9 @@ def train_sft(args: RecipeArguments, config: GRPOConfig, policy: nn.Module, toke
     return run_sft(policy, tokenizer, data, sft_args, target, lr_milestones=lr_milestones)
 
 
-def use_cpu_threads(args: RecipeArguments) -> None:
-    """On CPU, give torch this process's share of the cores (see `cpu_threads`) and say so."""
-    if not torch.cuda.is_available():
+def use_cpu_threads(args: RecipeArguments, device: torch.device) -> None:
+    """Training on CPU: give torch this process's share of the cores (see `cpu_threads`) and say so."""
+    if device.type == "cpu":
         torch.set_num_threads(cpu_threads(args.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"training on CPU with {torch.get_num_threads()} torch threads per process")
@@ -177,7 +181,7 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | 
     """
     check_inputs(args)
     accelerator = Accelerator(log_with=args.report_to or None, project_dir=config.output_dir)
-    use_cpu_threads(args)
+    use_cpu_threads(args, accelerator.device)
     train, held_out = load_task(args)
     start = warm_start(args, config, train, accelerator)
     accelerator.wait_for_everyone()
@@ -191,8 +195,7 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | 
         if accelerator.is_main_process:
             engine = rollout_engine(args, start, tokenizer, accelerator.device, accelerator.num_processes)
             stack.callback(engine.close)
-            suite_config = RewardSuiteConfig(timeout_s=args.reward_timeout_s, num_workers=args.reward_workers)
-            suite = stack.enter_context(RewardSuite(args.reward, args.reward_weights, suite_config))
+            suite = stack.enter_context(reward_suite(args))
             accuracy = held_out_accuracy(args, config, engine, tokenizer, held_out_prompts, suite)
             sft_result = accuracy()
             print(f"held-out accuracy before GRPO: {sft_result.accuracy:.3f}")
@@ -237,6 +240,12 @@ def rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedToken
     options = WorkerOptions(engine="vllm" if args.rollout == "vllm" else "torch", device=device, dtype=args.dtype,
                             num_threads=threads)  # fmt: skip
     return RemoteRolloutEngine.launch(start, args.rollout_workers, options=options)
+
+
+def reward_suite(args: RecipeArguments) -> RewardSuite:
+    """The recipe's rewards, weights, time limit and worker processes as a RewardSuite."""
+    config = RewardSuiteConfig(timeout_s=args.reward_timeout_s, num_workers=args.reward_workers)
+    return RewardSuite(args.reward, args.reward_weights, config)
 
 
 def _trainable_policy(args: RecipeArguments, start: str, checkpoint: Path | None, accelerator: Accelerator):

@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -38,27 +39,29 @@ from typing import Any
 import torch
 import yaml
 from datasets import Dataset
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, PreTrainedTokenizerBase
 
 from grpo.config import GRPOConfig
 from grpo.evaluation import EvalResult
 from grpo.options import ConfigError
-from policy import load_policy
 from recipes.arguments import RecipeArguments
-from recipes.embedded import embedded_policy, task_tokenizer
 from recipes.pipeline import (
     check_inputs,
     held_out_accuracy,
     load_task,
     load_tokenizer,
+    reward_suite,
     rollout_engine,
     run_pipeline,
+    sft_start,
     train_sft,
     use_cpu_threads,
 )
-from rewards import RewardSuite, RewardSuiteConfig
+from rewards import RewardSuite
+from rollout.engine import RolloutEngine
 from sft.rejection_sampling import RejectionSamplingConfig, load_rejection_samples, rejection_sample
 
+Tokenizer = PreTrainedTokenizerBase
 KINDS = ("sft", "grpo", "rejection_sampling")
 STAGE_KEYS = ("name", "kind", "start", "data")
 RS_KEYS = {f.name for f in fields(RejectionSamplingConfig)} | {"num_prompts"}
@@ -181,7 +184,7 @@ def _run_stage(stage: Stage, shared: dict[str, Any], start: str, data: str | Non
         result = run_pipeline(args, config)
         return result.final_model, result.grpo.accuracy, asdict(result.grpo)
     check_inputs(args)
-    use_cpu_threads(args)
+    use_cpu_threads(args, _device())
     train, held_out = load_task(args)
     if stage.kind == "sft":
         rows = train if data is None else load_rejection_samples(data)
@@ -193,11 +196,7 @@ def _run_stage(stage: Stage, shared: dict[str, Any], start: str, data: str | Non
     rs_config = RejectionSamplingConfig(**{k: v for k, v in own.items() if k != "num_prompts"})
     prompts = train.remove_columns("completion")
     prompts = prompts.select(range(min(own.get("num_prompts", len(prompts)), len(prompts))))
-    tokenizer = load_tokenizer(args.model)
-    with contextlib.ExitStack() as stack:
-        engine = rollout_engine(args, args.model, tokenizer, _device())
-        stack.callback(engine.close)
-        suite = stack.enter_context(RewardSuite(args.reward, args.reward_weights, _suite_config(args)))
+    with _sampling(args, args.model) as (engine, tokenizer, suite):
         stats = rejection_sample(engine, tokenizer, prompts, suite, rs_config, directory, checkpoint=args.model)
     summary = stats.summary()
     print(f"rejection sampling: kept {stats.kept} of {stats.samples} samples "
@@ -207,11 +206,7 @@ def _run_stage(stage: Stage, shared: dict[str, Any], start: str, data: str | Non
 
 def _sft_stage(args: RecipeArguments, config: GRPOConfig, data: Dataset, train: Dataset, directory: Path) -> str:
     """SFT from the stage's start model on `data`; returns the saved model directory."""
-    if args.model is None:  # the embedded default from scratch, with the task's tokenizer
-        tokenizer = task_tokenizer(train)
-        model = embedded_policy(tokenizer, args.embedded_preset)
-    else:
-        tokenizer, model = load_tokenizer(args.model), load_policy(args.model)
+    tokenizer, model = sft_start(args, train)
     target = directory / "model"
     train_sft(args, config, model, tokenizer, data, target, from_scratch=args.model is None)
     return str(target)
@@ -219,19 +214,25 @@ def _sft_stage(args: RecipeArguments, config: GRPOConfig, data: Dataset, train: 
 
 def _evaluate(args: RecipeArguments, config: GRPOConfig, model: str, held_out: Dataset) -> EvalResult:
     """Held-out accuracy of `model` with the same problems and sampling settings as the GRPO stages."""
-    tokenizer = load_tokenizer(model)
-    with contextlib.ExitStack() as stack:
-        engine = rollout_engine(args, model, tokenizer, _device())
-        stack.callback(engine.close)
-        suite = stack.enter_context(RewardSuite(args.reward, args.reward_weights, _suite_config(args)))
+    with _sampling(args, model) as (engine, tokenizer, suite):
         prompts = held_out.remove_columns("completion")
         result = held_out_accuracy(args, config, engine, tokenizer, prompts, suite)()
     print(f"held-out accuracy of {model}: {result.accuracy:.3f}")
     return result
 
 
-def _suite_config(args: RecipeArguments) -> RewardSuiteConfig:
-    return RewardSuiteConfig(timeout_s=args.reward_timeout_s, num_workers=args.reward_workers)
+@contextlib.contextmanager
+def _sampling(
+    args: RecipeArguments, model: str
+) -> Iterator[tuple[RolloutEngine, PreTrainedTokenizerBase, RewardSuite]]:
+    """A rollout engine holding `model`, its tokenizer and the recipe's reward suite; both closed after."""
+    tokenizer = load_tokenizer(model)
+    engine = rollout_engine(args, model, tokenizer, _device())
+    try:
+        with reward_suite(args) as suite:
+            yield engine, tokenizer, suite
+    finally:
+        engine.close()
 
 
 def _report(results: list[StageResult], output_dir: Path) -> None:
