@@ -59,7 +59,7 @@ from recipes.pipeline import (
 )
 from rewards import RewardSuite
 from rollout.engine import RolloutEngine
-from sft.rejection_sampling import RejectionSamplingConfig, load_rejection_samples, rejection_sample
+from sft.rejection_sampling import RejectionSamplingConfig, load_rejection_samples, rejection_sample, write_json
 
 Tokenizer = PreTrainedTokenizerBase
 KINDS = ("sft", "grpo", "rejection_sampling")
@@ -162,7 +162,7 @@ def run_stages(document: dict[str, Any], *, announce: bool = True) -> list[Stage
             data = samples.get(stage.data) if stage.data else None
             output, accuracy, summary = _run_stage(stage, shared, models[start], data, directory)
             result = StageResult(stage.name, stage.kind, output, accuracy, time.perf_counter() - began, summary)
-            marker.write_text(json.dumps({"fingerprint": fingerprint, "result": asdict(result)}, indent=2) + "\n")
+            write_json(marker, {"fingerprint": fingerprint, "result": asdict(result)})  # atomic: a stop leaves none
         fingerprints[stage.name] = fingerprint
         if stage.kind == "rejection_sampling":
             samples[stage.name] = result.output

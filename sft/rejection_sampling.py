@@ -177,7 +177,7 @@ class _ShardWriter:
             self.rows_written += len(chunk)
 
 
-def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
+def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     """Write `payload` to `path` atomically (a stopped run never leaves half a file)."""
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -212,7 +212,7 @@ def rejection_sample(
         "prompts": len(dataset),
     }
     stats, done = _resume_state(output_dir, provenance)
-    _write_json(output_dir / "provenance.json", provenance)
+    write_json(output_dir / "provenance.json", provenance)
     writer = _ShardWriter(output_dir, config.rows_per_shard, stats.kept)
     params = config.sampling_params(tuple(t for t in (tokenizer.eos_token_id,) if t is not None))
     extra_columns = [c for c in dataset.column_names if c not in (config.prompt_column, "completion", "messages")]
@@ -221,11 +221,11 @@ def rejection_sample(
         rows = dataset[start : start + config.prompts_per_batch]
         writer.write(_sample_batch(engine, tokenizer, suite, config, params, rows, extra_columns, stats))
         done = start + len(rows[config.prompt_column])
-        _write_json(output_dir / "progress.json", {"prompts_done": done, "stats": asdict(stats)})
+        write_json(output_dir / "progress.json", {"prompts_done": done, "stats": asdict(stats)})
         bar.update(len(rows[config.prompt_column]))
         bar.set_postfix(accepted=f"{stats.acceptance_rate():.1%}", kept=stats.kept)
     bar.close()
-    _write_json(output_dir / "stats.json", stats.summary())
+    write_json(output_dir / "stats.json", stats.summary())
     return stats
 
 

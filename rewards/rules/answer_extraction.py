@@ -26,10 +26,11 @@ from __future__ import annotations
 import re
 from collections import deque
 
+from rewards.rules.answer_forms import NUMBER
+
 MAX_SCAN_CHARS = 20_000  # only the tail of a completion can hold its final answer
 
-_NUMBER = r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+−]?\.\d+"
-_NUMBER_RE = re.compile(_NUMBER)
+_NUMBER_RE = re.compile(NUMBER)
 _CALCULATOR_RE = re.compile(r"<<[^<>\n]{0,200}>>")
 _HASHES_RE = re.compile(r"####\s*([^\n]*)")
 _THE_ANSWER_IS_RE = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*:?\s*([^\n]*)", re.IGNORECASE)

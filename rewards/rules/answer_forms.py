@@ -19,9 +19,9 @@ import re
 
 MAX_ANSWER_CHARS = 400  # a longer "final answer" is not an answer
 
-_NUMBER = r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+−]?\.\d+"
+NUMBER = r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+−]?\.\d+"  # "1,234.5", "-3", ".5"
 _LEADING_NUMBER_RE = re.compile(
-    rf"^(?P<number>{_NUMBER})(?:\s*/\s*(?P<denominator>\d+)(?![\d.]))?\s*(?P<percent>%|\\%|percent\b)?"
+    rf"^(?P<number>{NUMBER})(?:\s*/\s*(?P<denominator>\d+)(?![\d.]))?\s*(?P<percent>%|\\%|percent\b)?"
 )
 # "2\sqrt{2}", "3 + 4", "5!", "2x": not a number plus a unit
 _MATH_CONTINUES_RE = re.compile(r"\s*[\\^_{*/+\-=×·(\[\d!]|[A-Za-z](?![A-Za-z])")
@@ -37,7 +37,7 @@ _ELEMENT_OF_RE = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*\\in\s+")
 # "x = 5", "f(2) = 5", "9 * 2 = 18": a name or arithmetic on the left, a number on the right
 _ASSIGNED_NUMBER_RE = re.compile(
     rf"^(?:[A-Za-z](?:_\{{?\w+\}}?)?(?:\([^()=]*\))?|(?:[\d\s.,+\-*/×·()]|\\cdot|\\times)+)"
-    rf"\s*=\s*(?P<value>(?:{_NUMBER})\s*(?:%|\\%)?)\s*$"
+    rf"\s*=\s*(?P<value>(?:{NUMBER})\s*(?:%|\\%)?)\s*$"
 )
 _EQUALS_RE = re.compile(r"(?<![<>!\\])=")
 _LIST_RE = re.compile(r"[,;]|\b(?:and|or)\b")
