@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from policy.fp8_quant import BlockQuantized, quantize_blockwise, quantize_tensorwise
+from r1kit.policy.fp8_quant import BlockQuantized, quantize_blockwise, quantize_tensorwise
 
 FLOOR = 1e-12
 

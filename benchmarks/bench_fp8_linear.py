@@ -22,10 +22,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from policy import DeepseekV3ForCausalLM, preset_config
-from policy.fp8_gemm import FP8Config, select_backend
-from policy.fp8_grouped import fp8_grouped_linear
-from policy.fp8_linear import FP8Linear
+from r1kit.policy import DeepseekV3ForCausalLM, preset_config
+from r1kit.policy.fp8_gemm import FP8Config, select_backend
+from r1kit.policy.fp8_grouped import fp8_grouped_linear
+from r1kit.policy.fp8_linear import FP8Linear
 
 # (name, in_features, out_features) of DeepSeek-V3 projections (d = 7168, q/kv LoRA ranks 1536/512,
 # 128 heads of 128 value dims, MoE intermediate size 2048).

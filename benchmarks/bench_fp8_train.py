@@ -41,10 +41,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from policy import DeepseekV3ForCausalLM, preset_config
-from policy.fp8_gemm import FP8Config, select_backend
-from recipes.embedded import task_tokenizer
-from recipes.tasks.arithmetic import arithmetic_splits
+from r1kit.policy import DeepseekV3ForCausalLM, preset_config
+from r1kit.policy.fp8_gemm import FP8Config, select_backend
+from r1kit.recipes.embedded import task_tokenizer
+from r1kit.recipes.tasks.arithmetic import arithmetic_splits
 
 IGNORE = -100
 

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from grpo.config import GRPOConfig
-from grpo.trainer import GRPOTrainer
-from recipes.embedded import embedded_policy, task_tokenizer
-from recipes.tasks.arithmetic import arithmetic_dataset
-from rewards import RewardSuite, RewardSuiteConfig
-from rollout.remote import RemoteRolloutEngine
-from rollout.serve import WorkerOptions
+from r1kit.grpo.config import GRPOConfig
+from r1kit.grpo.trainer import GRPOTrainer
+from r1kit.recipes.embedded import embedded_policy, task_tokenizer
+from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
+from r1kit.rewards import RewardSuite, RewardSuiteConfig
+from r1kit.rollout.remote import RemoteRolloutEngine
+from r1kit.rollout.serve import WorkerOptions
 
 
 def run(policy, tokenizer, prompts, checkpoint: str, overlap: bool, args, output_dir: Path) -> list[dict]:

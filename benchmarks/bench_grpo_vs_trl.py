@@ -65,15 +65,15 @@ from transformers import PrinterCallback, TrainerCallback
 from trl import GRPOConfig as TRLConfig
 from trl import GRPOTrainer as TRLTrainer
 
-from grpo.config import GRPOConfig
-from grpo.trainer import GRPOTrainer
-from policy import load_policy
-from policy.transformers_compat import ACTIVATION_CHECKPOINTING
-from recipes.embedded import embedded_policy, task_tokenizer
-from recipes.tasks.arithmetic import arithmetic_dataset
-from rewards import RewardSuite, RewardSuiteConfig, math_accuracy
-from rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
-from rollout.torch_engine import TorchRolloutEngine
+from r1kit.grpo.config import GRPOConfig
+from r1kit.grpo.trainer import GRPOTrainer
+from r1kit.policy import load_policy
+from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING
+from r1kit.recipes.embedded import embedded_policy, task_tokenizer
+from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
+from r1kit.rewards import RewardSuite, RewardSuiteConfig, math_accuracy
+from r1kit.rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
+from r1kit.rollout.torch_engine import TorchRolloutEngine
 
 
 @dataclass

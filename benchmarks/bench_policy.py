@@ -32,9 +32,9 @@ from transformers import DeepseekV3ForCausalLM as HFDeepseekV3ForCausalLM
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as HFMoE
 
-from policy import DeepseekV3ForCausalLM, LatentCache, preset_config
-from policy.moe import ExpertLayout, MoE, MoEOutput, RoutedExperts, grouped_mm_linear, padded_bmm_linear
-from policy.transformers_compat import CACHE_NAME
+from r1kit.policy import DeepseekV3ForCausalLM, LatentCache, preset_config
+from r1kit.policy.moe import ExpertLayout, MoE, MoEOutput, RoutedExperts, grouped_mm_linear, padded_bmm_linear
+from r1kit.policy.transformers_compat import CACHE_NAME
 
 VOCAB = 512
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rewards import RewardSuite, RewardSuiteConfig, math_accuracy
+from r1kit.rewards import RewardSuite, RewardSuiteConfig, math_accuracy
 from tests.rewards.competition_data import labelled_answers
 
 MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")

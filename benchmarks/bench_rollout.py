@@ -34,13 +34,13 @@ from collections.abc import Callable
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from policy import DeepseekV3ForCausalLM, preset_config
-from recipes.embedded import train_bpe_tokenizer
-from recipes.tasks.arithmetic import arithmetic_dataset
-from rollout.engine import RolloutBatch, SamplingParams
-from rollout.remote import RemoteRolloutEngine
-from rollout.serve import WorkerOptions
-from rollout.torch_engine import TorchRolloutEngine
+from r1kit.policy import DeepseekV3ForCausalLM, preset_config
+from r1kit.recipes.embedded import train_bpe_tokenizer
+from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
+from r1kit.rollout.engine import RolloutBatch, SamplingParams
+from r1kit.rollout.remote import RemoteRolloutEngine
+from r1kit.rollout.serve import WorkerOptions
+from r1kit.rollout.torch_engine import TorchRolloutEngine
 
 SPREAD_STOPS = 6  # EOS plus the 5 lowest ordinary token ids
 
@@ -180,7 +180,7 @@ def vllm_section(models, prompts, tokenizer, args) -> None:
     if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
         print("3. vLLM: not measured (vLLM is CUDA-only and is not installed on this machine)")
         return
-    from rollout.vllm_engine import VLLMRolloutEngine
+    from r1kit.rollout.vllm_engine import VLLMRolloutEngine
 
     name, model = next((n, m) for n, m in models.items() if n.startswith("Llama"))
     stops = (tokenizer.eos_token_id, *range(2, 2 + SPREAD_STOPS - 1))

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from grpo.logprobs import TokenLogprobs
+from r1kit.grpo.logprobs import TokenLogprobs
 
 # LoRA targets for our DeepSeek-V3 policy: the MLA projections. The router and the routed experts stay full
 # rank. MLP projections are left out on purpose: for deepseek_v3 configs peft 0.21 rewrites any gate_proj /

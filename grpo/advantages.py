@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from grpo.registry import Registry
+from r1kit.grpo.registry import Registry
 
 # fn(rewards (B, G), *, eps) -> advantages (B, G)
 ADVANTAGE_ESTIMATORS: Registry[Callable[..., Tensor]] = Registry("advantage estimator")

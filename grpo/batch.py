@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rollout.engine import RolloutBatch
+from r1kit.rollout.engine import RolloutBatch
 
 
 @dataclass

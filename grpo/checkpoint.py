@@ -1,7 +1,7 @@
 """Checkpoints that are never half-written and resume a run exactly.
 
 A checkpoint directory `checkpoint-{step}` holds the policy and tokenizer in
-Hugging Face format (loadable by `policy.load_policy`, transformers and vLLM),
+Hugging Face format (loadable by `r1kit.policy.load_policy`, transformers and vLLM),
 plus `training_state.pt`: optimizer, scheduler, RNG states and the trainer's own
 state (step, prompt position, policy version). Everything is written into a
 temporary sibling directory first and renamed into place, so a crash leaves

@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from grpo.advantages import compute_advantages, zero_std_groups
-from grpo.config import GRPOConfig
-from grpo.data import PromptSampler, encode_prompt
-from grpo.metrics import nan_mean_std
-from rollout.engine import RolloutBatch, RolloutEngine, SamplingParams, concat_rollouts
+from r1kit.grpo.advantages import compute_advantages, zero_std_groups
+from r1kit.grpo.config import GRPOConfig
+from r1kit.grpo.data import PromptSampler, encode_prompt
+from r1kit.grpo.metrics import nan_mean_std
+from r1kit.rollout.engine import RolloutBatch, RolloutEngine, SamplingParams, concat_rollouts
 
 
 class RewardScores(Protocol):

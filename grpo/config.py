@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from grpo.advantages import ADVANTAGE_ESTIMATORS
-from grpo.loss import AGGREGATIONS, OBJECTIVES
-from grpo.lr_schedules import DEFAULT_MILESTONES, LR_SCHEDULES, Milestones, check_milestones
-from grpo.options import ConfigError, option
+from r1kit.grpo.advantages import ADVANTAGE_ESTIMATORS
+from r1kit.grpo.loss import AGGREGATIONS, OBJECTIVES
+from r1kit.grpo.lr_schedules import DEFAULT_MILESTONES, LR_SCHEDULES, Milestones, check_milestones
+from r1kit.grpo.options import ConfigError, option
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from grpo.options import ConfigError
+from r1kit.grpo.options import ConfigError
 
 
 def check_prompt_dataset(dataset: Dataset, prompt_column: str, required: tuple[str, ...] = ()) -> None:

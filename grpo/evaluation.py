@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from grpo.data import encode_prompt
-from rollout.engine import RolloutEngine, SamplingParams
+from r1kit.grpo.data import encode_prompt
+from r1kit.rollout.engine import RolloutEngine, SamplingParams
 
 # scorer(prompts, completions, columns) -> one score in [0, 1] (or None) per completion
 Scorer = Callable[[list[str], list[str], dict[str, list]], Sequence[float | None]]

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grpo.registry import Registry
+from r1kit.grpo.registry import Registry
 
 # fn(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high) -> (per-token loss, ratio), (N, T) each
 OBJECTIVES: Registry[Callable[..., tuple[Tensor, Tensor]]] = Registry("objective")

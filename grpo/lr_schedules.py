@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from grpo.registry import Registry
+from r1kit.grpo.registry import Registry
 
 Milestones = tuple[tuple[float, float], ...]  # (fraction of total_steps, multiplier of the peak rate)
 DEFAULT_MILESTONES: Milestones = ((0.8, 0.316), (0.9, 0.1))

@@ -1,4 +1,8 @@
-"""Run metrics: one JSON line per logged step, mirrored to accelerate's trackers."""
+"""Run metrics: one JSON line per logged step, mirrored to accelerate's trackers.
+
+Sample completions go to samples.jsonl and, as a table, to the trackers that
+draw one (W&B and ClearML through accelerate, TensorBoard as Markdown text).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+MAX_TABLE_TEXT = 2000  # characters of a prompt or completion shown in a tracker's table
 
 
 def nan_mean_std(values: Tensor) -> tuple[float, float]:
@@ -44,6 +50,12 @@ class MetricsLogger:
             for sample in samples:
                 record = {k: _jsonable(v) if isinstance(v, float) else v for k, v in sample.items()}
                 f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.accelerator.trackers:
+            log_samples_table(self.accelerator, step, samples)
+
+    def reset(self) -> None:
+        """Start empty metrics and samples files (a new run in a reused output directory)."""
+        self.truncate_after(-1)
 
     def truncate_after(self, step: int) -> None:
         """Drop metrics and samples logged after `step` (a resumed run logs them again)."""
@@ -53,6 +65,32 @@ class MetricsLogger:
             if path.exists():
                 kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
                 path.write_text("".join(line + "\n" for line in kept))
+
+
+def log_samples_table(accelerator, step: int, samples: list[dict]) -> None:
+    """Send `samples` (one dict per completion, same keys) to every tracker of `accelerator` that shows tables."""
+    columns = list(samples[0])
+    rows = [[_table_cell(sample.get(column)) for column in columns] for sample in samples]
+    for tracker in accelerator.trackers:
+        if hasattr(tracker, "log_table"):
+            tracker.log_table("samples", columns=columns, data=rows, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.tracker.add_text("samples", markdown_table(columns, rows), global_step=step)
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    """A Markdown table; pipes and newlines in cells are escaped so that each row stays one line."""
+    cell = lambda value: str(value).replace("|", "\\|").replace("\n", "<br>")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows])
+
+
+def _table_cell(value):
+    """Numbers stay numbers; anything else (text, chat messages) becomes text of at most MAX_TABLE_TEXT characters."""
+    if isinstance(value, int | float) or value is None:
+        return value
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= MAX_TABLE_TEXT else text[:MAX_TABLE_TEXT] + " ..."
 
 
 def _jsonable(value: float) -> float | None:

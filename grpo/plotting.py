@@ -1,4 +1,4 @@
-"""The PNG report of a run: one panel per quantity, raw points and a moving average."""
+"""The PNG report of a run: one panel per quantity that varies, raw points and a moving average."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from grpo.metrics import read_metrics
+from r1kit.grpo.metrics import read_metrics
 
 SKIPPED_SUFFIXES = ("/std", "/errors", "/timeouts", "/not_applicable", "/total/mean")
+ACCURACY_PANEL = "accuracy"
 # (title, metric-name prefixes drawn in the panel)
 PANELS = (
     ("reward (mean over completions)", ("reward", "rewards/")),
-    ("accuracy", ("accuracy", "eval/accuracy")),
+    (ACCURACY_PANEL, ("accuracy", "eval/accuracy")),
     ("KL to reference (k3)", ("kl",)),
     ("completion length (tokens)", ("completion_length/mean",)),
     ("entropy (nats/token)", ("entropy",)),
@@ -24,6 +26,8 @@ PANELS = (
     ("sampler vs trainer: mean |log-prob difference|", ("mismatch/abs_logp_diff",)),
     ("generation throughput (tokens/s)", ("tokens_per_second",)),
 )
+
+LABELS = {"accuracy": "training batches", "eval/accuracy": "held-out"}
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
@@ -48,35 +52,64 @@ def _series(records: list[dict], prefixes: tuple[str, ...]) -> dict[str, tuple[l
     return series
 
 
-def plot_run(metrics_path: str | Path, png_path: str | Path, title: str = "GRPO run") -> Path:
-    """Draw every panel that has data from `metrics.jsonl` into `png_path`; returns the path."""
+def _is_constant(series: dict[str, tuple[list[int], list[float]]]) -> bool:
+    """Whether every line of a panel stays at one value (e.g. clip fractions at mu = 1): nothing to show."""
+    return all(max(values) - min(values) <= 1e-12 * max(1.0, abs(max(values))) for _, values in series.values())
+
+
+def _tick_label(value: float, _position: int) -> str:
+    """Each tick written in full ("2e-07", "0.35", "1200"), so no shared offset text crowds the panel title."""
+    return f"{value:.3g}"
+
+
+def plot_run(metrics_path: str | Path, png_path: str | Path, title: str = "GRPO run",
+             held_out: dict[str, tuple[int, float]] | None = None) -> Path:  # fmt: skip
+    """Draw a panel for every quantity that varies in `metrics.jsonl` into `png_path`; returns the path.
+
+    held_out: {label: (step, accuracy)}, e.g. {"SFT": (0, 0.43), "GRPO": (200, 0.68)}: marked and
+        labelled on the accuracy panel.
+    """
     records = read_metrics(metrics_path)
-    panels = [(name, s) for name, prefixes in PANELS if (s := _series(records, prefixes))]
-    if not panels:
+    with_data = [(name, s) for name, prefixes in PANELS if (s := _series(records, prefixes))]
+    if not with_data:
         raise ValueError(f"{metrics_path} has no metrics to plot")
+    panels = [(name, s) for name, s in with_data if not _is_constant(s)] or with_data  # a 1-step run: all constant
+    if held_out and not any(name == ACCURACY_PANEL for name, _ in panels):
+        panels.insert(1, (ACCURACY_PANEL, {}))
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, 3.8 * rows), squeeze=False)
     for ax, (name, series) in zip(axes.flat, panels, strict=False):
         for i, (key, (steps, values)) in enumerate(sorted(series.items())):
-            color = f"C{i}"
+            color, label = f"C{i}", LABELS.get(key, key)
             if len(values) > 10:
                 ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-                ax.plot(steps, _moving_average(values, max(len(values) // 20, 3)), color=color, label=key)
+                ax.plot(steps, _moving_average(values, max(len(values) // 20, 3)), color=color, label=label)
             else:
-                ax.plot(steps, values, color=color, marker="o", label=key)
-        if not any(any(values) for _, values in series.values()):
-            ax.text(0.5, 0.75, "0 at every step", transform=ax.transAxes, ha="center", color="0.4")
-        ax.set_title(name)
+                ax.plot(steps, values, color=color, marker="o", label=label)
+        if name == ACCURACY_PANEL and held_out:
+            _mark_held_out(ax, held_out)
+        ax.set_title(name, fontsize=11)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_formatter(FuncFormatter(_tick_label))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
+
+
+def _mark_held_out(ax, held_out: dict[str, tuple[int, float]]) -> None:
+    """Large markers with "LABEL 43.5%" beside them, for the held-out accuracies."""
+    for label, (step, accuracy) in held_out.items():
+        ax.plot([step], [accuracy], marker="*", markersize=13, color="black", linestyle="none")
+        ax.annotate(f"{label} held-out: {accuracy:.1%}", (step, accuracy), textcoords="offset points",
+                    xytext=(6, 6), fontsize=9, fontweight="bold")  # fmt: skip
+    ax.margins(x=0.12, y=0.15)

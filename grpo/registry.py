@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from grpo.options import ConfigError
+from r1kit.grpo.options import ConfigError
 
 F = TypeVar("F", bound=Callable)
 

@@ -25,19 +25,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from grpo.adapters import AdapterDisabledReference, engine_weights, is_peft_model
-from grpo.batch import build_policy_batch
-from grpo.checkpoint import list_checkpoints, load_training_state, save_checkpoint, save_model_atomic
-from grpo.collector import RewardScorer, RolloutCollector, ScoredRollout
-from grpo.config import GRPOConfig
-from grpo.data import PromptSampler, check_prompt_dataset
-from grpo.logprobs import TokenLogprobModel
-from grpo.lr_schedules import LR_SCHEDULES
-from grpo.metrics import MetricsLogger
-from grpo.options import ConfigError
-from grpo.plotting import plot_run
-from grpo.update import PolicyUpdate
-from rollout.engine import RolloutEngine
+from r1kit.grpo.adapters import AdapterDisabledReference, engine_weights, is_peft_model
+from r1kit.grpo.batch import build_policy_batch
+from r1kit.grpo.checkpoint import list_checkpoints, load_training_state, save_checkpoint, save_model_atomic
+from r1kit.grpo.collector import RewardScorer, RolloutCollector, ScoredRollout
+from r1kit.grpo.config import GRPOConfig
+from r1kit.grpo.data import PromptSampler, check_prompt_dataset
+from r1kit.grpo.logprobs import TokenLogprobModel
+from r1kit.grpo.lr_schedules import LR_SCHEDULES
+from r1kit.grpo.metrics import MetricsLogger
+from r1kit.grpo.options import ConfigError
+from r1kit.grpo.plotting import plot_run
+from r1kit.grpo.update import PolicyUpdate
+from r1kit.rollout.engine import RolloutEngine
 
 # evaluate(step) -> metrics such as {"eval/accuracy": 0.5}
 EvalHook = Callable[[int], dict[str, float]]

@@ -28,10 +28,10 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from grpo.adapters import is_peft_model
-from grpo.batch import PolicyBatch
-from grpo.config import GRPOConfig
-from grpo.loss import grpo_loss, k3_kl, masked_mean
+from r1kit.grpo.adapters import is_peft_model
+from r1kit.grpo.batch import PolicyBatch
+from r1kit.grpo.config import GRPOConfig
+from r1kit.grpo.loss import grpo_loss, k3_kl, masked_mean
 
 
 def importance_weights(

@@ -1,10 +1,10 @@
 """The policy model: DeepSeek-V3 (MLA, DeepSeekMoE, MTP) as a transformers model, presets, load_policy."""
 
-from policy.cache import LatentCache
-from policy.config import DeepseekV3Config
-from policy.loading import load_policy
-from policy.modeling import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
-from policy.presets import PRESETS, preset_config
+from r1kit.policy.cache import LatentCache
+from r1kit.policy.config import DeepseekV3Config
+from r1kit.policy.loading import load_policy
+from r1kit.policy.modeling import DeepseekV3ForCausalLM, DeepseekV3Model, DeepseekV3PreTrainedModel
+from r1kit.policy.presets import PRESETS, preset_config
 
 __all__ = [
     "PRESETS",
@@ -22,7 +22,7 @@ __all__ = [
 def __getattr__(name: str):
     # The Trainer callback pulls in transformers' Trainer stack (and peft); rollout workers never need it.
     if name == "RoutingBiasCallback":
-        from policy.callbacks import RoutingBiasCallback
+        from r1kit.policy.callbacks import RoutingBiasCallback
 
         return RoutingBiasCallback
     raise AttributeError(f"module 'policy' has no attribute {name!r}")

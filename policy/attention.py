@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policy.cache import LatentCache
-from policy.config import DeepseekV3Config
-from policy.fp8_linear import FP8Linear
-from policy.layers import RMSNorm
-from policy.rope import apply_rope, softmax_scale
+from r1kit.policy.cache import LatentCache
+from r1kit.policy.config import DeepseekV3Config
+from r1kit.policy.fp8_linear import FP8Linear
+from r1kit.policy.layers import RMSNorm
+from r1kit.policy.rope import apply_rope, softmax_scale
 
 
 def build_attention_mask(

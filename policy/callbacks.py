@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 
-from policy.modeling import DeepseekV3PreTrainedModel
+from r1kit.policy.modeling import DeepseekV3PreTrainedModel
 
 
 def find_routed_model(model: nn.Module) -> DeepseekV3PreTrainedModel:

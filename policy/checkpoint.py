@@ -47,8 +47,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from policy.config import DeepseekV3Config
-from policy.fp8_checkpoint import dequantize_fp8_tensors
+from r1kit.policy.config import DeepseekV3Config
+from r1kit.policy.fp8_checkpoint import dequantize_fp8_tensors
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"

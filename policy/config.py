@@ -18,7 +18,7 @@ Our additions, all training-only:
     mtp_loss_weight            lambda of the multi-token-prediction loss
                                (lambda / D) * sum_k CE_k (0.3, later 0.1).
     fp8                        FP8 training recipe (docs/fp8.md): None for
-                               none, else the fields of `policy.fp8.FP8Config`
+                               none, else the fields of `r1kit.policy.fp8.FP8Config`
                                as a dict (block_size, amax_floor,
                                power_of_two_scales, backend, dgrad_in_fp8,
                                wgrad_in_fp8). `True` means the
@@ -35,7 +35,7 @@ from dataclasses import asdict, fields
 
 from transformers import DeepseekV3Config as _TransformersDeepseekV3Config
 
-from policy.fp8_gemm import FP8Config
+from r1kit.policy.fp8_gemm import FP8Config
 
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
 
@@ -44,7 +44,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
     """transformers' `DeepseekV3Config` plus routing-bias, balance-loss and MTP-loss options.
 
     Defaults of the inherited fields are transformers' (the 671B model without
-    YaRN); use `policy.presets.preset_config` for named sizes.
+    YaRN); use `r1kit.policy.presets.preset_config` for named sizes.
     """
 
     router_bias_update_speed: float = 0.001

@@ -23,15 +23,15 @@ Typical use:
     y = fp8_grouped_linear(x_sorted, w_experts, tokens_per_expert, config)   # experts
 """
 
-from policy.fp8_checkpoint import (
+from r1kit.policy.fp8_checkpoint import (
     dequantize_fp8_state_dict,
     dequantize_fp8_tensors,
     split_fp8_state_dict,
     weight_block_size,
 )
-from policy.fp8_gemm import FP8Config, cuda_block_scaled_mm_available
-from policy.fp8_grouped import fp8_grouped_linear
-from policy.fp8_linear import (
+from r1kit.policy.fp8_gemm import FP8Config, cuda_block_scaled_mm_available
+from r1kit.policy.fp8_grouped import fp8_grouped_linear
+from r1kit.policy.fp8_linear import (
     DEFAULT_SKIP_PATTERNS,
     FP8Linear,
     FrozenFP8Linear,
@@ -39,7 +39,7 @@ from policy.fp8_linear import (
     convert_to_frozen_fp8,
     fp8_linear,
 )
-from policy.fp8_quant import BlockQuantized, dequantize_blockwise, quantize_blockwise, quantize_tensorwise
+from r1kit.policy.fp8_quant import BlockQuantized, dequantize_blockwise, quantize_blockwise, quantize_tensorwise
 
 __all__ = [
     "DEFAULT_SKIP_PATTERNS",

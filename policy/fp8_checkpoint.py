@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from policy.fp8_quant import FP8_DTYPE, BlockQuantized
+from r1kit.policy.fp8_quant import FP8_DTYPE, BlockQuantized
 
 SCALE_SUFFIX = "_scale_inv"
 DEEPSEEK_BLOCK = (128, 128)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from policy.fp8_quant import BlockQuantized, quantize_blockwise
+from r1kit.policy.fp8_quant import BlockQuantized, quantize_blockwise
 
 BACKENDS = ("auto", "emulated", "cuda")
 CUDA_BLOCK = 128  # the only block size cuBLASLt's DeepSeek-style kernels accept

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from policy.fp8_gemm import (
+from r1kit.policy.fp8_gemm import (
     FP8Config,
     activation_mm,
     gemm_output_dtype,
@@ -42,7 +42,7 @@ from policy.fp8_gemm import (
     select_backend,
     weight_grad_mm,
 )
-from policy.fp8_quant import BlockQuantized
+from r1kit.policy.fp8_quant import BlockQuantized
 
 
 @dataclass(frozen=True)

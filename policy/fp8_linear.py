@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from policy.fp8_gemm import (
+from r1kit.policy.fp8_gemm import (
     FP8Config,
     activation_mm,
     gemm_output_dtype,
@@ -40,7 +40,7 @@ from policy.fp8_gemm import (
     select_backend,
     weight_grad_mm,
 )
-from policy.fp8_quant import FP8_DTYPE, BlockQuantized
+from r1kit.policy.fp8_quant import FP8_DTYPE, BlockQuantized
 
 # Layers DeepSeek-V3 keeps in higher precision that are nn.Linear in HF-style models: the output
 # head (and the MTP module's shared head) and the MoE router. Embeddings, norms and the attention

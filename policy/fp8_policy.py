@@ -29,9 +29,9 @@ from dataclasses import asdict
 
 from torch import nn
 
-from policy.fp8_gemm import FP8Config
-from policy.fp8_linear import FP8Linear, convert_to_fp8
-from policy.moe import RoutedExperts
+from r1kit.policy.fp8_gemm import FP8Config
+from r1kit.policy.fp8_linear import FP8Linear, convert_to_fp8
+from r1kit.policy.moe import RoutedExperts
 
 # nn.Linear modules of our model that DeepSeek-V3 keeps in higher precision (fnmatch on module names).
 HIGH_PRECISION_LINEARS: tuple[str, ...] = ("lm_head", "mtp.*.eh_proj")

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from policy.config import fp8_recipe_fields
-from policy.fp8_gemm import FP8Config
-from policy.fp8_linear import convert_to_fp8
-from policy.modeling import DeepseekV3ForCausalLM
+from r1kit.policy.config import fp8_recipe_fields
+from r1kit.policy.fp8_gemm import FP8Config
+from r1kit.policy.fp8_linear import convert_to_fp8
+from r1kit.policy.modeling import DeepseekV3ForCausalLM
 
 DEEPSEEK_V3_MODEL_TYPE = "deepseek_v3"
 

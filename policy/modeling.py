@@ -40,18 +40,18 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from policy import checkpoint
-from policy.attention import MultiheadLatentAttention, build_attention_mask
-from policy.cache import LatentCache
-from policy.config import DeepseekV3Config
-from policy.fp8_checkpoint import weight_block_size
-from policy.fp8_gemm import FP8Config
-from policy.fp8_policy import enable_fp8
-from policy.layers import MLP, RMSNorm
-from policy.moe import MoE, RoutedExperts, Router
-from policy.mtp import MTPModule, mtp_loss
-from policy.rope import RotaryEmbedding
-from policy.transformers_compat import CACHE_NAME, pop_cache_argument, with_cache_field
+from r1kit.policy import checkpoint
+from r1kit.policy.attention import MultiheadLatentAttention, build_attention_mask
+from r1kit.policy.cache import LatentCache
+from r1kit.policy.config import DeepseekV3Config
+from r1kit.policy.fp8_checkpoint import weight_block_size
+from r1kit.policy.fp8_gemm import FP8Config
+from r1kit.policy.fp8_policy import enable_fp8
+from r1kit.policy.layers import MLP, RMSNorm
+from r1kit.policy.moe import MoE, RoutedExperts, Router
+from r1kit.policy.mtp import MTPModule, mtp_loss
+from r1kit.policy.rope import RotaryEmbedding
+from r1kit.policy.transformers_compat import CACHE_NAME, pop_cache_argument, with_cache_field
 
 
 class DecoderLayer(GradientCheckpointingLayer):

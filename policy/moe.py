@@ -52,10 +52,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from policy.config import DeepseekV3Config
-from policy.fp8_gemm import FP8Config
-from policy.fp8_grouped import fp8_grouped_linear
-from policy.layers import MLP
+from r1kit.policy.config import DeepseekV3Config
+from r1kit.policy.fp8_gemm import FP8Config
+from r1kit.policy.fp8_grouped import fp8_grouped_linear
+from r1kit.policy.layers import MLP
 
 
 def group_limited_topk(scores_for_choice: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:

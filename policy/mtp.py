@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policy.config import DeepseekV3Config
-from policy.layers import RMSNorm
+from r1kit.policy.config import DeepseekV3Config
+from r1kit.policy.layers import RMSNorm
 
 
 class MTPModule(nn.Module):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from policy.config import DeepseekV3Config
+from r1kit.policy.config import DeepseekV3Config
 
 _TINY_DEBUG: dict[str, Any] = dict(
     vocab_size=128,

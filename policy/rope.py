@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from policy.config import DeepseekV3Config
+from r1kit.policy.config import DeepseekV3Config
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

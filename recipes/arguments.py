@@ -14,10 +14,15 @@ from pathlib import Path
 import yaml
 from trl import TrlParser
 
-from grpo.config import GRPOConfig
-from grpo.options import ConfigError, option
+from r1kit.grpo.config import GRPOConfig
+from r1kit.grpo.options import ConfigError, option
+from r1kit.recipes.hub import check_repo_id
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_HELP = (
+    "YAML file of option values, keyed by these flags' names (a run's OUTPUT_DIR/config.yaml holds all of them); "
+    "flags given beside it override it."
+)
 
 
 @dataclass
@@ -57,7 +62,9 @@ class RecipeArguments:
         "| vllm (vLLM workers on their own GPUs) | vllm-colocated (vLLM on the trainer's GPU, asleep while it trains)",
     )
     rollout_workers: int = option(1, "Worker processes to launch (worker and vllm).")
-    rollout_connect: list[str] = option([], "host:port of workers started by hand with `python -m rollout.serve`.")
+    rollout_connect: list[str] = option(
+        [], "host:port of workers started by hand with `r1kit serve-rollout` (python -m r1kit.rollout.serve)."
+    )
     rollout_threads: int | None = option(None, "CPU threads of each torch worker (default: as --cpu_threads).")
     cpu_threads: int | None = option(
         None,
@@ -74,9 +81,17 @@ class RecipeArguments:
     lora_target_modules: list[str] | None = option(
         None, "Modules that get adapters (default: MLA projections for DeepSeek-V3, all linear layers otherwise)."
     )
-    resume: bool = option(False, "Resume from the newest checkpoint in output_dir.")
-    report_to: list[str] = option([], "Experiment trackers accelerate supports: tensorboard, wandb, trackio, ...")
-    run_name: str = option("r1kit", "Project / run name shown by the trackers.")
+    resume: bool = option(
+        False, "Resume from the newest checkpoint in output_dir (sft-then-grpo: skip an SFT stage that finished)."
+    )
+    report_to: list[str] = option(
+        [], "Experiment trackers for SFT and GRPO: tensorboard, wandb, trackio, mlflow, ... (any accelerate supports)."
+    )
+    tracker_project: str = option("r1kit", "The trackers' project, which groups runs.")
+    run_name: str | None = option(None, "This run's name in the trackers and the model card (default: output_dir's).")
+    push_to_hub: bool = option(False, "Push final/ (model, config, model card, report) to the Hugging Face Hub.")
+    hub_model_id: str | None = option(None, "Hub repository for --push_to_hub: 'name' or 'owner/name'.")
+    hub_private_repo: bool = option(False, "Create the hub repository as private.")
 
     def __post_init__(self) -> None:
         if self.sft not in ("auto", "always", "never"):
@@ -98,12 +113,21 @@ class RecipeArguments:
             raise ConfigError(f"--lora_r must be >= 0, got {self.lora_r}")
         if self.num_eval_problems < 1 or self.eval_samples_per_prompt < 1:
             raise ConfigError("num_eval_problems and eval_samples_per_prompt must be >= 1")
+        if self.push_to_hub and self.hub_model_id is None:
+            raise ConfigError("--push_to_hub needs --hub_model_id ('name' or 'owner/name')")
+        if self.hub_model_id is not None:
+            try:
+                check_repo_id(self.hub_model_id)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
 
 
 def parse_arguments(recipe: str, argv: list[str] | None = None) -> tuple[RecipeArguments, GRPOConfig]:
     """Parse the recipe's YAML defaults, an optional --config file and the flags in `argv`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = TrlParser([RecipeArguments, GRPOConfig])
+    # read by TrlParser before the dataclasses are parsed; declared here so that --help lists it
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     recipe_defaults = CONFIG_DIR / f"{recipe}.yaml"
     if recipe_defaults.exists():
         unknown = parser.set_defaults_with_config(**yaml.safe_load(recipe_defaults.read_text()))
@@ -113,5 +137,11 @@ def parse_arguments(recipe: str, argv: list[str] | None = None) -> tuple[RecipeA
         path = Path(argv[argv.index("--config") + 1])
         if not path.exists():
             raise FileNotFoundError(f"--config {path}: no such file")
-    recipe_args, grpo_config = parser.parse_args_and_config(argv)
+    recipe_args, grpo_config, *_ = parser.parse_args_and_config(argv)  # then the --config namespace, unused
+    recipe_args.run_name = resolved_run_name(recipe_args, grpo_config)
     return recipe_args, grpo_config
+
+
+def resolved_run_name(args: RecipeArguments, config: GRPOConfig) -> str:
+    """--run_name, or by default the name of the output directory."""
+    return args.run_name or Path(config.output_dir).resolve().name

@@ -15,7 +15,7 @@ from datasets import Dataset
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from policy import DeepseekV3ForCausalLM, preset_config
+from r1kit.policy import DeepseekV3ForCausalLM, preset_config
 
 PAD, EOS = "<|pad|>", "<|eos|>"
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")

@@ -8,7 +8,12 @@
 Defaults: recipes/configs/grpo_math.yaml; `--help` lists every option.
 """
 
-from recipes.launch import main
+from r1kit.recipes.launch import run_recipe
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_recipe("grpo_math", argv)
+
 
 if __name__ == "__main__":
-    main("grpo_math")
+    main()

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from grpo.options import ConfigError
-from recipes.arguments import parse_arguments
+from r1kit.grpo.options import ConfigError
+from r1kit.recipes.arguments import parse_arguments
 
 
-def main(recipe: str, argv: list[str] | None = None) -> None:
+def run_recipe(recipe: str, argv: list[str] | None = None) -> None:
     """Run `recipe` (a YAML name in recipes/configs) with command-line `argv`."""
     try:
         args, config = parse_arguments(recipe, argv)
-        from recipes.pipeline import run_pipeline  # heavy imports after --help
+        from r1kit.recipes.pipeline import run_pipeline  # heavy imports after --help
 
-        run_pipeline(args, config)
+        run_pipeline(args, config, recipe)
     except (ConfigError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")

@@ -2,12 +2,14 @@
 
 data  -> tokenizer + policy -> SFT warm start (cached for the embedded default)
       -> held-out accuracy of the SFT checkpoint -> GRPO -> held-out accuracy of the GRPO
-         checkpoint, with the same problems and sampling settings -> results.json
+         checkpoint, with the same problems and sampling settings
+      -> the run's record: config.yaml, results.json, report.png, final/ with a model card
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,24 +25,30 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import SFTConfig
 
-from grpo.adapters import DEEPSEEK_V3_LORA_TARGETS
-from grpo.checkpoint import list_checkpoints
-from grpo.config import GRPOConfig
-from grpo.evaluation import EvalResult, evaluate
-from grpo.options import ConfigError
-from grpo.trainer import GRPOTrainer
-from policy import PRESETS, DeepseekV3ForCausalLM, load_policy
-from policy.transformers_compat import ACTIVATION_CHECKPOINTING
-from recipes.arguments import RecipeArguments
-from recipes.embedded import embedded_policy, task_tokenizer
-from recipes.tasks.arithmetic import ArithmeticTaskConfig, arithmetic_splits
-from recipes.tasks.gsm8k import load_gsm8k
-from rewards import RewardSuite, RewardSuiteConfig, resolve
-from rollout.engine import RolloutEngine, SamplingParams
-from rollout.remote import RemoteRolloutEngine
-from rollout.serve import WorkerOptions
-from rollout.torch_engine import TorchRolloutEngine
-from sft.trainer import run_sft
+from r1kit.grpo.adapters import DEEPSEEK_V3_LORA_TARGETS
+from r1kit.grpo.checkpoint import list_checkpoints
+from r1kit.grpo.config import GRPOConfig
+from r1kit.grpo.evaluation import EvalResult, evaluate
+from r1kit.grpo.options import ConfigError
+from r1kit.grpo.trainer import GRPOTrainer
+from r1kit.policy import PRESETS, DeepseekV3ForCausalLM, load_policy
+from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING
+from r1kit.recipes.arguments import RecipeArguments, resolved_run_name
+from r1kit.recipes.embedded import embedded_policy, task_tokenizer
+from r1kit.recipes.publish import finish_run, push_final
+from r1kit.recipes.run_record import resolved_options, write_run_config
+from r1kit.recipes.tasks.arithmetic import ArithmeticTaskConfig, arithmetic_splits
+from r1kit.recipes.tasks.gsm8k import load_gsm8k
+from r1kit.recipes.tracking import grpo_trackers, sft_run_name, sft_tracker_environment, start_trackers
+from r1kit.rewards import RewardSuite, RewardSuiteConfig, resolve
+from r1kit.rollout.engine import RolloutEngine, SamplingParams
+from r1kit.rollout.remote import RemoteRolloutEngine
+from r1kit.rollout.serve import WorkerOptions
+from r1kit.rollout.torch_engine import TorchRolloutEngine
+from r1kit.sft.rejection_sampling import write_json
+from r1kit.sft.trainer import run_sft
+
+SFT_MARKER = "r1kit_sft.json"  # written into the SFT checkpoint once it is saved
 
 
 @dataclass(frozen=True)
@@ -79,32 +87,48 @@ def load_task(args: RecipeArguments) -> tuple[Dataset, Dataset]:
     return train, test.select(range(min(args.num_eval_problems, len(test))))
 
 
-def _embedded_cache_key(args: RecipeArguments, config: GRPOConfig) -> str:
+def sft_fingerprint(args: RecipeArguments, config: GRPOConfig) -> str:
+    """A short hash of everything that shapes the SFT warm start: model, data, SFT settings and seed."""
     fields = {k: v for k, v in asdict(args).items() if k.startswith(("task_", "sft_", "num_train"))}
     if args.sft_lr_schedule == "multi_step":
         fields["lr_milestones"] = config.lr_milestones
-    payload = json.dumps({**fields, "seed": config.seed, "preset": args.embedded_preset}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+    fields.update(model=args.model, dataset=args.dataset, dtype=args.dtype, seed=config.seed,
+                  preset=args.embedded_preset if args.model is None else None)  # fmt: skip
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def warm_start(args: RecipeArguments, config: GRPOConfig, train: Dataset, accelerator: Accelerator) -> str:
-    """The checkpoint GRPO starts from: an SFT run's output, a cached one, or the given model."""
+    """The checkpoint GRPO starts from: an SFT run's output, a cached or finished one, or the given model.
+
+    The embedded default's SFT is cached under `cache_dir` by its settings. Any
+    other SFT writes OUTPUT_DIR/sft and, once saved, the marker SFT_MARKER with
+    its settings' fingerprint; `--resume` reuses it when the settings match.
+    """
     embedded = args.model is None
     run_sft_now = args.sft == "always" or (args.sft == "auto" and embedded)
     if not run_sft_now:
         if embedded:
             raise ConfigError("the embedded default is untrained: it needs --sft auto or always")
         return args.model
-    if embedded:
-        target = Path(args.cache_dir) / f"embedded-sft-{_embedded_cache_key(args, config)}"
-    else:
-        target = Path(config.output_dir) / "sft"
+    fingerprint = sft_fingerprint(args, config)
+    target = Path(args.cache_dir) / f"embedded-sft-{fingerprint}" if embedded else Path(config.output_dir) / "sft"
+    marker = target / SFT_MARKER
     if embedded and (target / "config.json").exists():
         accelerator.print(f"SFT warm start: cached at {target}")
+        return str(target)
+    if args.resume and marker.exists():
+        if json.loads(marker.read_text())["fingerprint"] != fingerprint:
+            raise ConfigError(f"--resume: the SFT stage in {target} ran with other settings; resume with the same "
+                              "model, data and SFT options, or start a new output_dir")  # fmt: skip
+        accelerator.print(f"SFT warm start: finished earlier, skipped ({target})")
         return str(target)
     tokenizer, policy = sft_start(args, train)
     accelerator.print(f"SFT warm start: {args.sft_max_steps} steps -> {target}")
     train_sft(args, config, policy, tokenizer, train, target, from_scratch=embedded)
+    if accelerator.is_main_process:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {"fingerprint": fingerprint, "steps": args.sft_max_steps})
+    accelerator.wait_for_everyone()
     return str(target)
 
 
@@ -127,9 +151,11 @@ def train_sft(args: RecipeArguments, config: GRPOConfig, policy: nn.Module, toke
         lr_scheduler_type="cosine" if args.sft_lr_schedule == "cosine" else "constant_with_warmup",
         warmup_steps=min(20, args.sft_max_steps // 10),
         weight_decay=0.0,
-        logging_steps=50,
+        logging_steps=max(1, min(50, args.sft_max_steps // 20)),
         save_strategy="no",
-        report_to="none",
+        report_to=args.report_to or "none",
+        run_name=sft_run_name(resolved_run_name(args, config)),
+        project=args.tracker_project,
         seed=config.seed,
         max_length=512,
         bf16=args.dtype == "bfloat16",
@@ -138,7 +164,8 @@ def train_sft(args: RecipeArguments, config: GRPOConfig, policy: nn.Module, toke
     )
     # multi_step: run_sft swaps constant_with_warmup for the multi-step schedule, which has the same warm-up
     lr_milestones = config.lr_milestone_pairs if args.sft_lr_schedule == "multi_step" else None
-    return run_sft(policy, tokenizer, data, sft_args, target, lr_milestones=lr_milestones)
+    with sft_tracker_environment(config.output_dir, args.tracker_project, resolved_run_name(args, config)):
+        return run_sft(policy, tokenizer, data, sft_args, target, lr_milestones=lr_milestones)
 
 
 def use_cpu_threads(args: RecipeArguments, device: torch.device) -> None:
@@ -172,16 +199,21 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | None:
+def run_pipeline(args: RecipeArguments, config: GRPOConfig, recipe: str = "grpo_math") -> PipelineResult | None:
     """SFT warm start (as configured), GRPO, and held-out accuracy before and after.
 
     Under `accelerate launch` with several processes every process trains; the
     main process also holds the rollout engine and the reward suite, evaluates,
-    and returns the result (the others return None).
+    writes the run's record (config.yaml first, then results, report and model
+    card), pushes to the hub when asked, and returns the result (the others return None).
     """
     check_inputs(args)
-    accelerator = Accelerator(log_with=args.report_to or None, project_dir=config.output_dir)
+    args = dataclasses.replace(args, run_name=resolved_run_name(args, config))
+    accelerator = Accelerator(log_with=grpo_trackers(args.report_to, config.output_dir, args.run_name) or None,
+                              project_dir=config.output_dir)  # fmt: skip
     use_cpu_threads(args, accelerator.device)
+    if accelerator.is_main_process:
+        write_run_config(config.output_dir, recipe, args, config)
     train, held_out = load_task(args)
     start = warm_start(args, config, train, accelerator)
     accelerator.wait_for_everyone()
@@ -190,6 +222,8 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | 
     policy = _trainable_policy(args, start, checkpoints[-1] if checkpoints else None, accelerator)
     reference = load_policy(start, dtype=dtype) if config.beta > 0 else None
     held_out_prompts = held_out.remove_columns("completion")
+    if args.report_to:
+        start_trackers(accelerator, args.tracker_project, args.run_name, resolved_options(args, config))
     with contextlib.ExitStack() as stack:
         engine = suite = accuracy = None
         if accelerator.is_main_process:
@@ -204,18 +238,20 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig) -> PipelineResult | 
             accelerator=accelerator, accuracy_reward=args.accuracy_reward,
             evaluate=lambda step: accuracy().as_metrics(),
         )  # fmt: skip
-        if args.report_to:
-            settings = {**asdict(args), **config.to_dict()}  # trackers take scalars only
-            scalars = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in settings.items()}
-            accelerator.init_trackers(args.run_name, config=scalars)
         if checkpoints:
             accelerator.print(f"resumed from {checkpoints[-1]} at step {trainer.resume(checkpoints[-1])}")
+        elif accelerator.is_main_process:
+            trainer.logger.reset()
+            trainer.logger.log(0, sft_result.as_metrics())  # the held-out accuracy GRPO starts from
         final = trainer.train()
+        if accelerator.is_main_process:
+            grpo_result = accuracy()
+            trainer.logger.log(config.max_steps, grpo_result.as_metrics())
         accelerator.end_training()
         if not accelerator.is_main_process:
             return None
-        result = PipelineResult(sft=sft_result, grpo=accuracy(), final_model=str(final))
-    _report(result, config)
+        result = PipelineResult(sft=sft_result, grpo=grpo_result, final_model=str(final))
+    _report(result, args, config, recipe)
     return result
 
 
@@ -230,7 +266,7 @@ def rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedToken
     if args.rollout == "vllm-colocated":
         if num_processes > 1:
             raise ConfigError("--rollout vllm-colocated runs with one training process; use --rollout vllm")
-        from rollout.vllm_engine import VLLMRolloutEngine
+        from r1kit.rollout.vllm_engine import VLLMRolloutEngine
 
         return VLLMRolloutEngine(start, dtype=args.dtype, colocate=True, sleep_level=1)
     if args.rollout_connect:
@@ -281,13 +317,17 @@ def held_out_accuracy(
     return lambda: evaluate(engine, tokenizer, prompts, accuracy, params)
 
 
-def _report(result: PipelineResult, config: GRPOConfig) -> None:
-    summary = {"sft": asdict(result.sft), "grpo": asdict(result.grpo), "final_model": result.final_model}
-    (Path(config.output_dir) / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+def _report(result: PipelineResult, args: RecipeArguments, config: GRPOConfig, recipe: str) -> None:
+    """Write the run's record (results, report, model card in final/), print the summary, push if asked."""
+    output_dir = Path(config.output_dir)
+    held_out = {"sft": asdict(result.sft), "grpo": asdict(result.grpo)}
+    finish_run(output_dir, recipe, args, config, held_out, final_model=result.final_model)
     n, k = result.sft.num_prompts, result.sft.samples_per_prompt
     gain = 100 * (result.grpo.accuracy - result.sft.accuracy)
     print(f"\nHeld-out accuracy ({n} problems x {k} samples, temperature {config.temperature}):")
     print(f"  SFT  checkpoint: {result.sft.accuracy:6.1%}")
     print(f"  GRPO checkpoint: {result.grpo.accuracy:6.1%}  ({gain:+.1f} points)")
-    print(f"Model: {result.final_model}")
-    print(f"Metrics: {config.output_dir}/metrics.jsonl   Plot: {config.output_dir}/report.png")
+    print(f"Model: {result.final_model}  (with its config.yaml and model card, README.md)")
+    print(f"Metrics: {output_dir}/metrics.jsonl   Plot: {output_dir}/report.png")
+    if args.push_to_hub:
+        print(f"Pushed to {push_final(result.final_model, args)}")

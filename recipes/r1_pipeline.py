@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from grpo.options import ConfigError
+from r1kit.grpo.options import ConfigError
 
 DEFAULT_RECIPE = Path(__file__).parent / "configs" / "r1_tiny.yaml"
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("the multi-stage pipeline runs in one process; launch it without --num_processes")
         recipe, overrides = parse_command_line(argv)
-        from recipes.stages import load_recipe, run_stages  # heavy imports after --help
+        from r1kit.recipes.stages import load_recipe, run_stages  # heavy imports after --help
 
         run_stages(load_recipe(recipe, overrides))
     except (ConfigError, FileNotFoundError) as error:

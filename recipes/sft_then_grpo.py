@@ -8,7 +8,12 @@ accuracy of both checkpoints is printed at the end. Defaults:
 recipes/configs/sft_then_grpo.yaml; `--help` lists every option.
 """
 
-from recipes.launch import main
+from r1kit.recipes.launch import run_recipe
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_recipe("sft_then_grpo", argv)
+
 
 if __name__ == "__main__":
-    main("sft_then_grpo")
+    main()

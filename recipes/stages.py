@@ -41,11 +41,11 @@ import yaml
 from datasets import Dataset
 from transformers import HfArgumentParser, PreTrainedTokenizerBase
 
-from grpo.config import GRPOConfig
-from grpo.evaluation import EvalResult
-from grpo.options import ConfigError
-from recipes.arguments import RecipeArguments
-from recipes.pipeline import (
+from r1kit.grpo.config import GRPOConfig
+from r1kit.grpo.evaluation import EvalResult
+from r1kit.grpo.options import ConfigError
+from r1kit.recipes.arguments import RecipeArguments
+from r1kit.recipes.pipeline import (
     check_inputs,
     held_out_accuracy,
     load_task,
@@ -57,9 +57,9 @@ from recipes.pipeline import (
     train_sft,
     use_cpu_threads,
 )
-from rewards import RewardSuite
-from rollout.engine import RolloutEngine
-from sft.rejection_sampling import RejectionSamplingConfig, load_rejection_samples, rejection_sample, write_json
+from r1kit.rewards import RewardSuite
+from r1kit.rollout.engine import RolloutEngine
+from r1kit.sft.rejection_sampling import RejectionSamplingConfig, load_rejection_samples, rejection_sample, write_json
 
 Tokenizer = PreTrainedTokenizerBase
 KINDS = ("sft", "grpo", "rejection_sampling")

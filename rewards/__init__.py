@@ -1,13 +1,13 @@
 """Rewards for GRPO: the reward contract, a registry of reward functions, and the suite that runs them.
 
-    from rewards import RewardSuite, RewardSuiteConfig, register, resolve
+    from r1kit.rewards import RewardSuite, RewardSuiteConfig, register, resolve
 
     with RewardSuite(["math_accuracy", "format"], weights=[1.0, 0.2]) as suite:
         result = suite.score(prompts, completions, {"answer": answers})
 
-Rule-based rewards live in `rewards.rules` and are registered by name on import;
+Rule-based rewards live in `r1kit.rewards.rules` and are registered by name on import;
 model-based rewards (a reward model, a generative judge) live in
-`rewards.models`, which imports torch and transformers only when used.
+`r1kit.rewards.models`, which imports torch and transformers only when used.
 `IsolatedReward` runs one batched reward in a process of its own.
 
 The suite and its result are imported lazily: reward worker processes import
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rewards.isolated import IsolatedReward
-from rewards.protocol import RewardFn, RewardOutputError, call_reward, completion_text, reward_name
-from rewards.registry import register, registered_names, resolve
-from rewards.rules import (
+from r1kit.rewards.isolated import IsolatedReward
+from r1kit.rewards.protocol import RewardFn, RewardOutputError, call_reward, completion_text, reward_name
+from r1kit.rewards.registry import register, registered_names, resolve
+from r1kit.rewards.rules import (
     CodeExecution,
     FormatReward,
     LanguageConsistency,
@@ -35,7 +35,7 @@ from rewards.rules import (
 )
 
 if TYPE_CHECKING:
-    from rewards.suite import RewardError, RewardFailure, RewardResult, RewardSuite, RewardSuiteConfig
+    from r1kit.rewards.suite import RewardError, RewardFailure, RewardResult, RewardSuite, RewardSuiteConfig
 
 _LAZY = {"RewardError", "RewardFailure", "RewardResult", "RewardSuite", "RewardSuiteConfig"}
 
@@ -69,7 +69,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from rewards import suite
+        from r1kit.rewards import suite
 
         return getattr(suite, name)
     raise AttributeError(f"module 'rewards' has no attribute {name!r}")

@@ -23,8 +23,8 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
-from rewards.protocol import RewardFn, call_reward
-from rewards.worker_pool import Outcome
+from r1kit.rewards.protocol import RewardFn, call_reward
+from r1kit.rewards.worker_pool import Outcome
 
 T = TypeVar("T")
 

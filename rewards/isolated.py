@@ -4,7 +4,7 @@
                         env={"CUDA_VISIBLE_DEVICES": "1"}, timeout_s=120)
     suite = RewardSuite([rm, "math_accuracy"])
 
-`factory` is pickled to a dedicated worker process (`rewards.worker_main`) and
+`factory` is pickled to a dedicated worker process (`r1kit.rewards.worker_main`) and
 called there once, so the reward (a reward model, a judge with its client) is
 built in that process, on the device and with the environment given, and never
 pickled itself. Each call sends the whole batch and waits at most `timeout_s`;
@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from rewards.protocol import RewardFn, check_scores, completion_text, reward_name
-from rewards.worker_pool import WorkerProcess, WorkerStartError, worker_command, worker_env
+from r1kit.rewards.protocol import RewardFn, check_scores, completion_text, reward_name
+from r1kit.rewards.worker_pool import WorkerProcess, WorkerStartError, worker_command, worker_env
 
 
 def _factory_name(factory: Callable[[], RewardFn]) -> str:

@@ -20,7 +20,7 @@ import importlib
 from collections.abc import Callable
 from typing import TypeVar
 
-from rewards.protocol import RewardFn
+from r1kit.rewards.protocol import RewardFn
 
 _REGISTRY: dict[str, RewardFn] = {}
 F = TypeVar("F", bound=RewardFn)

@@ -44,10 +44,10 @@ from typing import Any, Literal
 
 import torch
 
-from rewards.in_process import score_in_process
-from rewards.protocol import RewardFn, completion_text, is_async_reward, reward_name
-from rewards.registry import resolve
-from rewards.worker_pool import Outcome, Task, WorkerPool
+from r1kit.rewards.in_process import score_in_process
+from r1kit.rewards.protocol import RewardFn, completion_text, is_async_reward, reward_name
+from r1kit.rewards.registry import resolve
+from r1kit.rewards.worker_pool import Outcome, Task, WorkerPool
 
 logger = logging.getLogger(__name__)
 ErrorPolicy = Literal["zero", "none", "raise"]

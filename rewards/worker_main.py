@@ -1,6 +1,6 @@
-"""The reward worker process: `python -m rewards.worker_main`, started by `rewards.worker_pool`.
+"""The reward worker process: `python -m r1kit.rewards.worker_main`, started by `r1kit.rewards.worker_pool`.
 
-It reads framed messages (`rewards.channel`) on stdin and writes framed replies
+It reads framed messages (`r1kit.rewards.channel`) on stdin and writes framed replies
 on stdout:
 
     parent -> worker   ("load", functions_pickle, build)   once, first
@@ -28,8 +28,8 @@ import sys
 import traceback
 from typing import Any, BinaryIO
 
-from rewards.channel import encode_frame, read_frame
-from rewards.protocol import call_reward
+from r1kit.rewards.channel import encode_frame, read_frame
+from r1kit.rewards.protocol import call_reward
 
 
 def _private_channel() -> tuple[BinaryIO, BinaryIO]:

@@ -1,6 +1,6 @@
 """Persistent reward worker processes with a hard time limit on every completion.
 
-Workers are plain subprocesses (`python -m rewards.worker_main`), not
+Workers are plain subprocesses (`python -m r1kit.rewards.worker_main`), not
 multiprocessing children: they start the same way from the main thread, from
 any other thread, and from inside processes that torch.multiprocessing,
 accelerate or a daemonic multiprocessing pool started, and they never re-import
@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rewards.channel import encode_frame, split_frames
+from r1kit.rewards.channel import encode_frame, split_frames
 
 _POLL_S = 0.5  # longest wait between checks of the deadlines
 
@@ -61,7 +61,7 @@ class WorkerStartError(RuntimeError):
 
 def worker_command(memory_mb: int | None) -> list[str]:
     """Command line that starts a reward worker with an optional address-space limit in MiB."""
-    return [sys.executable, "-m", "rewards.worker_main", str(memory_mb or 0)]
+    return [sys.executable, "-m", "r1kit.rewards.worker_main", str(memory_mb or 0)]
 
 
 class WorkerProcess:

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from policy.cache import LatentCache
-from policy.modeling import DeepseekV3PreTrainedModel
+from r1kit.policy.cache import LatentCache
+from r1kit.policy.modeling import DeepseekV3PreTrainedModel
 
 
 class PreallocatedLayer(DynamicLayer):

@@ -1,9 +1,9 @@
 """Starting worker processes on this machine, and making sure none outlives the trainer.
 
-Each worker runs `python -m rollout.serve` in its own session (so it and
+Each worker runs `python -m r1kit.rollout.serve` in its own session (so it and
 everything it spawns, e.g. vLLM's GPU processes, form one process group that
-`kill` ends at once), with the same r1kit code as the trainer on its
-PYTHONPATH, the authkey in its environment (never on the command line, which
+`kill` ends at once), under the trainer's interpreter (so with the same
+installed r1kit), the authkey in its environment (never on the command line, which
 other users can read), and `--parent_pid` so it exits if the trainer dies
 without closing it. It binds port 0 and reports the port it got through a
 file; `start` waits for that file, the process's exit, or the timeout,
@@ -21,10 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import rollout
-from rollout.errors import RolloutWorkerDied, RolloutWorkerTimeout
-from rollout.messages import AUTHKEY_ENV
-from rollout.serve import WorkerOptions, worker_command
+from r1kit.rollout.errors import RolloutWorkerDied, RolloutWorkerTimeout
+from r1kit.rollout.messages import AUTHKEY_ENV
+from r1kit.rollout.serve import WorkerOptions, worker_command
 
 
 class WorkerProcess:
@@ -93,8 +92,6 @@ class WorkerProcess:
 def _worker_env(authkey: bytes, visible_devices: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env[AUTHKEY_ENV] = authkey.decode()
-    code_root = str(Path(rollout.__file__).resolve().parent.parent)  # the r1kit this trainer runs
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (code_root, env.get("PYTHONPATH", "")) if p)
     if visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible_devices
     return env

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rollout.buckets import Bucket
-from rollout.engine import FinishReason, RolloutBatch, SamplingParams
-from rollout.sync_group import Rendezvous
+from r1kit.rollout.buckets import Bucket
+from r1kit.rollout.engine import FinishReason, RolloutBatch, SamplingParams
+from r1kit.rollout.sync_group import Rendezvous
 
 AUTHKEY_ENV = "R1KIT_ROLLOUT_AUTHKEY"
 

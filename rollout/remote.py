@@ -48,14 +48,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rollout.buckets import Bucket, pack_bucket, plan_buckets
-from rollout.engine import RolloutBatch, SamplingParams, concat_rollouts
-from rollout.errors import RolloutWorkerDied, RolloutWorkerError, RolloutWorkerTimeout
-from rollout.launch import WorkerProcess
-from rollout.messages import AUTHKEY_ENV, Generate, JoinSyncGroup, ReceiveWeights, WeightsLoaded
-from rollout.serve import WorkerOptions
-from rollout.sync_group import Rendezvous, SyncStore, WeightSyncGroup, local_address
-from rollout.worker_handle import WorkerHandle
+from r1kit.rollout.buckets import Bucket, pack_bucket, plan_buckets
+from r1kit.rollout.engine import RolloutBatch, SamplingParams, concat_rollouts
+from r1kit.rollout.errors import RolloutWorkerDied, RolloutWorkerError, RolloutWorkerTimeout
+from r1kit.rollout.launch import WorkerProcess
+from r1kit.rollout.messages import AUTHKEY_ENV, Generate, JoinSyncGroup, ReceiveWeights, WeightsLoaded
+from r1kit.rollout.serve import WorkerOptions
+from r1kit.rollout.sync_group import Rendezvous, SyncStore, WeightSyncGroup, local_address
+from r1kit.rollout.worker_handle import WorkerHandle
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class RemoteRolloutEngine:
         authkey: str | bytes | None = None,
         config: RemoteEngineConfig | None = None,
     ) -> RemoteRolloutEngine:
-        """Connects to workers started by hand (`python -m rollout.serve`), given as "host:port".
+        """Connects to workers started by hand (`python -m r1kit.rollout.serve`), given as "host:port".
 
         authkey defaults to the R1KIT_ROLLOUT_AUTHKEY environment variable.
         """

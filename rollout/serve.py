@@ -1,8 +1,8 @@
-"""`python -m rollout.serve`: start a rollout worker, by hand or from a trainer.
+"""`python -m r1kit.rollout.serve`: start a rollout worker, by hand or from a trainer.
 
     export R1KIT_ROLLOUT_AUTHKEY=<a shared secret>
-    CUDA_VISIBLE_DEVICES=1 python -m rollout.serve --model out/checkpoint --port 7301 --device cuda
-    CUDA_VISIBLE_DEVICES=2,3 python -m rollout.serve --model out/checkpoint --port 7302 \\
+    CUDA_VISIBLE_DEVICES=1 python -m r1kit.rollout.serve --model out/checkpoint --port 7301 --device cuda
+    CUDA_VISIBLE_DEVICES=2,3 python -m r1kit.rollout.serve --model out/checkpoint --port 7302 \\
         --engine vllm --tensor_parallel_size 2 --host 0.0.0.0
 
 The worker loads the checkpoint directory (config.json, safetensors and the
@@ -29,12 +29,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-from rollout.messages import AUTHKEY_ENV
+from r1kit.rollout.messages import AUTHKEY_ENV
 
 
 @dataclass
 class WorkerOptions:
-    """How a worker runs its engine (the worker-side flags of `python -m rollout.serve`)."""
+    """How a worker runs its engine (the worker-side flags of `python -m r1kit.rollout.serve`)."""
 
     engine: Literal["torch", "vllm"] = field(default="torch", metadata={"help": "torch: built-in engine; vllm"})
     device: str = field(default="cpu", metadata={"help": "torch engine: cpu, cuda or cuda:N (vLLM uses its GPUs)"})
@@ -95,7 +95,7 @@ def worker_command(
     return [
         sys.executable,
         "-m",
-        "rollout.serve",
+        "r1kit.rollout.serve",
         "--model",
         model,
         "--host",
@@ -113,9 +113,9 @@ def worker_command(
 
 
 def build_host(model: str, options: WorkerOptions):
-    """Loads the engine a worker serves (a `rollout.worker.HostedEngine`)."""
+    """Loads the engine a worker serves (a `r1kit.rollout.worker.HostedEngine`)."""
     if options.engine == "vllm":
-        from rollout.vllm_engine import VLLMRolloutEngine
+        from r1kit.rollout.vllm_engine import VLLMRolloutEngine
 
         return VLLMRolloutEngine(
             model,
@@ -130,9 +130,9 @@ def build_host(model: str, options: WorkerOptions):
     import torch
     from transformers import AutoTokenizer
 
-    from policy.loading import load_policy
-    from rollout.torch_engine import TorchRolloutEngine
-    from rollout.worker import TorchHost
+    from r1kit.policy.loading import load_policy
+    from r1kit.rollout.torch_engine import TorchRolloutEngine
+    from r1kit.rollout.worker import TorchHost
 
     dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
     policy = load_policy(model, dtype=dtype, device=options.device)
@@ -163,14 +163,14 @@ def main(argv: list[str] | None = None) -> None:
     serve_args, options = HfArgumentParser((ServeArguments, WorkerOptions)).parse_args_into_dataclasses(argv)
     authkey = os.environ.get(AUTHKEY_ENV)
     if not authkey:
-        sys.exit(f"rollout.serve: set {AUTHKEY_ENV} to the secret the trainer uses (the same on both sides)")
+        sys.exit(f"r1kit.rollout.serve: set {AUTHKEY_ENV} to the secret the trainer uses (the same on both sides)")
     if serve_args.parent_pid is not None:
         threading.Thread(target=_exit_when_orphaned, args=(serve_args.parent_pid,), daemon=True).start()
     if options.num_threads is not None:
         import torch
 
         torch.set_num_threads(options.num_threads)
-    from rollout.worker import RolloutWorker
+    from r1kit.rollout.worker import RolloutWorker
 
     host = build_host(serve_args.model, options)
     worker = RolloutWorker(

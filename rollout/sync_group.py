@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rollout.buckets import Bucket, unpack_bucket
+from r1kit.rollout.buckets import Bucket, unpack_bucket
 
 Backend = Literal["gloo", "nccl"]
 

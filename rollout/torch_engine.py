@@ -30,10 +30,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor, nn
 
-from policy.transformers_compat import CACHE_NAME
-from rollout.engine import RolloutBatch, SamplingParams
-from rollout.kv_cache import make_decode_cache
-from rollout.sampling import sample_next_tokens
+from r1kit.policy.transformers_compat import CACHE_NAME
+from r1kit.rollout.engine import RolloutBatch, SamplingParams
+from r1kit.rollout.kv_cache import make_decode_cache
+from r1kit.rollout.sampling import sample_next_tokens
 
 
 class TorchRolloutEngine:

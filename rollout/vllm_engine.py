@@ -3,7 +3,7 @@
 vLLM is an optional extra (`pip install 'r1kit[vllm]'`, CUDA only) imported
 when an engine is built, never when rollout/ is imported.
 
-Server mode (`python -m rollout.serve --engine vllm --tensor_parallel_size K`):
+Server mode (`python -m r1kit.rollout.serve --engine vllm --tensor_parallel_size K`):
 vLLM owns K dedicated GPUs in a worker process; its K GPU workers join the
 trainer's weight-sync group (NCCL) as K receiver ranks and load each bucket
 in place (rollout/vllm_extension.py). No restart, no file on disk.
@@ -49,13 +49,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rollout.buckets import Bucket
-from rollout.engine import RolloutBatch, SamplingParams
-from rollout.sync_group import Rendezvous
+from r1kit.rollout.buckets import Bucket
+from r1kit.rollout.engine import RolloutBatch, SamplingParams
+from r1kit.rollout.sync_group import Rendezvous
 
 logger = logging.getLogger(__name__)
 
-EXTENSION = "rollout.vllm_extension.WeightSyncExtension"
+EXTENSION = "r1kit.rollout.vllm_extension.WeightSyncExtension"
 
 
 def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:

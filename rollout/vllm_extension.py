@@ -1,4 +1,4 @@
-"""Weight loading inside vLLM's GPU workers (`LLM(worker_extension_cls="rollout.vllm_extension.WeightSyncExtension")`).
+"""Weight loading inside vLLM's GPU workers (`worker_extension_cls="r1kit.rollout.vllm_extension.WeightSyncExtension"`).
 
 vLLM mixes this class into each of its workers (one per tensor-parallel rank);
 `LLM.collective_rpc("r1kit_...")` runs a method on all of them at once. Each
@@ -23,9 +23,9 @@ from collections.abc import Iterable
 
 from torch import Tensor
 
-from rollout.buckets import Bucket
-from rollout.sync_group import Rendezvous, WeightSyncGroup, receive_buckets
-from rollout.vllm_weights import vllm_named_weights
+from r1kit.rollout.buckets import Bucket
+from r1kit.rollout.sync_group import Rendezvous, WeightSyncGroup, receive_buckets
+from r1kit.rollout.vllm_weights import vllm_named_weights
 
 
 class WeightSyncExtension:

@@ -7,7 +7,7 @@ two ways, and vLLM's `DeepseekV3ForCausalLM` reads the released layout:
 
 - routed experts are fused 3-D tensors (`mlp.experts.gate_up_proj` (E, 2I, H),
   `mlp.experts.down_proj` (E, H, I)); vLLM wants them one expert at a time
-  (`mlp.experts.{e}.{gate,up,down}_proj.weight`): `policy.checkpoint.to_released`
+  (`mlp.experts.{e}.{gate,up,down}_proj.weight`): `r1kit.policy.checkpoint.to_released`
   splits them into views, no copy;
 - the MTP modules (`mtp.*`) are not part of vLLM's main model (vLLM runs them
   only as a separate speculative-decoding draft model), so they are not sent.
@@ -27,7 +27,7 @@ def vllm_named_weights(named_tensors: Iterable[tuple[str, Tensor]], config) -> I
     if getattr(config, "model_type", None) != DEEPSEEK_V3:
         yield from named_tensors
         return
-    from policy.checkpoint import to_released
+    from r1kit.policy.checkpoint import to_released
 
     for name, tensor in named_tensors:
         if name.startswith("mtp."):

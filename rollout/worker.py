@@ -9,7 +9,7 @@ generate until a complete update arrives, so it never serves a mix of two
 versions.
 
 The same server hosts every engine through `HostedEngine`: the built-in torch
-engine (`TorchHost`, one receiver rank) and vLLM (`rollout.vllm_engine`, one
+engine (`TorchHost`, one receiver rank) and vLLM (`r1kit.rollout.vllm_engine`, one
 receiver rank per tensor-parallel rank).
 """
 
@@ -26,9 +26,9 @@ from typing import Protocol
 
 import torch
 
-from rollout.buckets import Bucket
-from rollout.engine import RolloutBatch, SamplingParams
-from rollout.messages import (
+from r1kit.rollout.buckets import Bucket
+from r1kit.rollout.engine import RolloutBatch, SamplingParams
+from r1kit.rollout.messages import (
     Done,
     Failure,
     Generate,
@@ -39,8 +39,8 @@ from rollout.messages import (
     WeightsLoaded,
     WorkerInfo,
 )
-from rollout.sync_group import Rendezvous, WeightSyncGroup, local_address, receive_buckets
-from rollout.torch_engine import TorchRolloutEngine
+from r1kit.rollout.sync_group import Rendezvous, WeightSyncGroup, local_address, receive_buckets
+from r1kit.rollout.torch_engine import TorchRolloutEngine
 
 HANDOVER_S = 2.0  # how long a new trainer waits for the previous one to disconnect
 

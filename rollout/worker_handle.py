@@ -14,9 +14,9 @@ import signal
 import time
 from multiprocessing.connection import Client, Connection
 
-from rollout.errors import RolloutWorkerDied, RolloutWorkerError, RolloutWorkerTimeout
-from rollout.launch import WorkerProcess
-from rollout.messages import Failure, Hello, WorkerInfo
+from r1kit.rollout.errors import RolloutWorkerDied, RolloutWorkerError, RolloutWorkerTimeout
+from r1kit.rollout.launch import WorkerProcess
+from r1kit.rollout.messages import Failure, Hello, WorkerInfo
 
 
 class WorkerHandle:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from grpo.options import ConfigError
+from r1kit.grpo.options import ConfigError
 
 
 def check_sft_dataset(dataset: Dataset, prompt_column: str = "prompt", completion_column: str = "completion") -> None:

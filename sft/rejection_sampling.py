@@ -38,10 +38,10 @@ from datasets import Dataset, load_dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from grpo.data import encode_prompt
-from grpo.options import ConfigError
-from rewards import RewardSuite
-from rollout.engine import RolloutEngine, SamplingParams
+from r1kit.grpo.data import encode_prompt
+from r1kit.grpo.options import ConfigError
+from r1kit.rewards import RewardSuite
+from r1kit.rollout.engine import RolloutEngine, SamplingParams
 
 
 @dataclass(frozen=True)

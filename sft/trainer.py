@@ -25,9 +25,9 @@ from torch.optim.lr_scheduler import LRScheduler
 from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
-from grpo.lr_schedules import Milestones, multi_step_schedule
-from policy.transformers_compat import ACTIVATION_CHECKPOINTING, disable_activation_checkpointing
-from sft.data import check_sft_dataset
+from r1kit.grpo.lr_schedules import Milestones, multi_step_schedule
+from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING, disable_activation_checkpointing
+from r1kit.sft.data import check_sft_dataset
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 
@@ -77,12 +77,12 @@ def run_sft(
 
     lr_milestones: train on DeepSeek LLM's multi-step schedule with these (fraction, multiplier)
         milestones instead of `args.lr_scheduler_type`.
-    Returns the checkpoint directory, which `policy.load_policy` and the GRPO recipes accept.
+    Returns the checkpoint directory, which `r1kit.policy.load_policy` and the GRPO recipes accept.
     """
     check_sft_dataset(train_dataset)
     trainer_class, callbacks = ScheduledSFTTrainer, []
     if hasattr(model, "update_routing_bias"):
-        from policy import RoutingBiasCallback
+        from r1kit.policy import RoutingBiasCallback
 
         trainer_class, callbacks = PolicySFTTrainer, [RoutingBiasCallback()]
     trainer = trainer_class(

@@ -30,8 +30,8 @@ def _seed() -> None:
 @pytest.fixture(scope="session")
 def arithmetic_tokenizer():
     """The embedded default's BPE tokenizer, trained on a small arithmetic corpus (well under a second)."""
-    from recipes.embedded import task_tokenizer
-    from recipes.tasks.arithmetic import arithmetic_dataset
+    from r1kit.recipes.embedded import task_tokenizer
+    from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
 
     return task_tokenizer(arithmetic_dataset(300, seed=0))
 
@@ -39,6 +39,6 @@ def arithmetic_tokenizer():
 @pytest.fixture
 def debug_policy(arithmetic_tokenizer):
     """Our DeepSeek-V3 at the "tiny-debug" size, vocabulary of the arithmetic tokenizer, fp32, random init."""
-    from recipes.embedded import embedded_policy
+    from r1kit.recipes.embedded import embedded_policy
 
     return embedded_policy(arithmetic_tokenizer, "tiny-debug").eval()

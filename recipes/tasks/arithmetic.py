@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-from grpo.options import ConfigError
+from r1kit.grpo.options import ConfigError
 
 NAMES = ("Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max", "Eli", "Ada", "Ben", "Kai")
 ITEMS = ("apples", "books", "coins", "cards", "pens", "shells", "stamps", "eggs", "marbles", "stickers")

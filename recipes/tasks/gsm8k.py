@@ -15,8 +15,8 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from grpo.options import ConfigError
-from recipes.tasks.arithmetic import format_prompt
+from r1kit.grpo.options import ConfigError
+from r1kit.recipes.tasks.arithmetic import format_prompt
 
 HUB_ID = "openai/gsm8k"
 CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")

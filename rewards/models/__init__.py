@@ -3,9 +3,9 @@
 Importing this package imports torch and transformers; `rewards` itself does not.
 """
 
-from rewards.models.generators import EngineGenerator, OpenAIGenerator, TextGenerator
-from rewards.models.judge import JUDGE_TEMPLATE, GenerativeJudge, parse_verdict
-from rewards.models.reward_model import RewardModelReward
+from r1kit.rewards.models.generators import EngineGenerator, OpenAIGenerator, TextGenerator
+from r1kit.rewards.models.judge import JUDGE_TEMPLATE, GenerativeJudge, parse_verdict
+from r1kit.rewards.models.reward_model import RewardModelReward
 
 __all__ = [
     "JUDGE_TEMPLATE",

@@ -4,7 +4,7 @@ A `TextGenerator` turns prompts into one completion each:
 
     generate(prompts: list[str]) -> list[str]
 
-`EngineGenerator` adapts any `rollout.engine.RolloutEngine` (the built-in torch
+`EngineGenerator` adapts any `r1kit.rollout.engine.RolloutEngine` (the built-in torch
 engine, the vLLM engine, a worker-process client) plus its tokenizer: prompts
 are rendered with the tokenizer's chat template when it has one, tokenised, and
 sampled with `SamplingParams` (greedy by default). `OpenAIGenerator` posts each
@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from rollout.engine import RolloutEngine, SamplingParams
+from r1kit.rollout.engine import RolloutEngine, SamplingParams
 
 
 @runtime_checkable

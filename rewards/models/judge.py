@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from rewards.models.generators import TextGenerator
-from rewards.protocol import completion_text
+from r1kit.rewards.models.generators import TextGenerator
+from r1kit.rewards.protocol import completion_text
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from rewards.protocol import completion_text
+from r1kit.rewards.protocol import completion_text
 
 
 class RewardModelReward:

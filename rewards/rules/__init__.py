@@ -2,12 +2,12 @@
 language_consistency, code_execution. Each is a frozen dataclass instance whose
 class can be built with other settings (another answer column, other tags, ...)."""
 
-from rewards.rules.code import CodeExecution, code_execution
-from rewards.rules.format import FormatReward, format_reward
-from rewards.rules.language import LanguageConsistency, language_consistency
-from rewards.rules.length import OverlongPenalty, length_penalty
-from rewards.rules.math_accuracy import MathAccuracy, math_accuracy
-from rewards.rules.sandbox import SandboxLimits, SandboxReport, run_python_tests
+from r1kit.rewards.rules.code import CodeExecution, code_execution
+from r1kit.rewards.rules.format import FormatReward, format_reward
+from r1kit.rewards.rules.language import LanguageConsistency, language_consistency
+from r1kit.rewards.rules.length import OverlongPenalty, length_penalty
+from r1kit.rewards.rules.math_accuracy import MathAccuracy, math_accuracy
+from r1kit.rewards.rules.sandbox import SandboxLimits, SandboxReport, run_python_tests
 
 __all__ = [
     "CodeExecution",

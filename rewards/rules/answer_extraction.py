@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections import deque
 
-from rewards.rules.answer_forms import NUMBER
+from r1kit.rewards.rules.answer_forms import NUMBER
 
 MAX_SCAN_CHARS = 20_000  # only the tail of a completion can hold its final answer
 

@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from rewards.protocol import completion_text
-from rewards.registry import register
-from rewards.rules.sandbox import SandboxLimits, run_python_tests
+from r1kit.rewards.protocol import completion_text
+from r1kit.rewards.registry import register
+from r1kit.rewards.rules.sandbox import SandboxLimits, run_python_tests
 
 _CODE_BLOCK_RE = re.compile(r"```(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rewards.protocol import completion_text
-from rewards.registry import register
+from r1kit.rewards.protocol import completion_text
+from r1kit.rewards.registry import register
 
 
 def _tags_ok(tags: tuple[str, str] | None, field: str) -> None:

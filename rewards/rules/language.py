@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from rewards.protocol import completion_text
-from rewards.registry import register
+from r1kit.rewards.protocol import completion_text
+from r1kit.rewards.registry import register
 
 _IGNORED_RE = re.compile(r"```.*?(?:```|$)|\\[A-Za-z]+", re.DOTALL)
 _LETTERS_RE = re.compile(r"[^\W\d_]+")

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from rewards.protocol import completion_text
-from rewards.registry import register
+from r1kit.rewards.protocol import completion_text
+from r1kit.rewards.registry import register
 
 
 def overlong_penalty(length: int, max_length: int, cache_length: int) -> float:

@@ -20,11 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rewards.protocol import completion_text
-from rewards.registry import register
-from rewards.rules.answer_extraction import extract_final_answer, reference_span
-from rewards.rules.answer_forms import canonical_answer
-from rewards.rules.math_equivalence import DEFAULT_OPTIONS, EquivalenceOptions, answers_equal
+from r1kit.rewards.protocol import completion_text
+from r1kit.rewards.registry import register
+from r1kit.rewards.rules.answer_extraction import extract_final_answer, reference_span
+from r1kit.rewards.rules.answer_forms import canonical_answer
+from r1kit.rewards.rules.math_equivalence import DEFAULT_OPTIONS, EquivalenceOptions, answers_equal
 
 
 def score_answer(completion: str, reference: Any, options: EquivalenceOptions = DEFAULT_OPTIONS) -> float | None:

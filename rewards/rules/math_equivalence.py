@@ -38,7 +38,7 @@ from typing import Any
 from math_verify import LatexExtractionConfig, parse, verify
 from sympy import FiniteSet, Or, Rel
 
-from rewards.rules.answer_forms import choice, choice_value, first_word, words
+from r1kit.rewards.rules.answer_forms import choice, choice_value, first_word, words
 
 _PLAIN_NUMBER_RE = re.compile(r"(?P<number>-?(?:\d+(?:\.(?P<decimals>\d*))?|\.(?P<only_decimals>\d+))(?:/\d+)?)%?")
 _NUMBER_RE = re.compile(r"\d+")

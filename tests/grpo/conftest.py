@@ -6,11 +6,11 @@ import copy
 
 import pytest
 
-from grpo.config import GRPOConfig
-from grpo.trainer import GRPOTrainer
-from recipes.tasks.arithmetic import arithmetic_dataset
-from rewards import RewardSuite, RewardSuiteConfig
-from rollout.torch_engine import TorchRolloutEngine
+from r1kit.grpo.config import GRPOConfig
+from r1kit.grpo.trainer import GRPOTrainer
+from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
+from r1kit.rewards import RewardSuite, RewardSuiteConfig
+from r1kit.rollout.torch_engine import TorchRolloutEngine
 
 
 def digit_share(completions: list[str], **_) -> list[float]:

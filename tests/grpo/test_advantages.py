@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from grpo.advantages import compute_advantages, zero_std_groups
+from r1kit.grpo.advantages import compute_advantages, zero_std_groups
 
 
 def paper_advantages(rewards: list[list[float]], eps: float) -> list[list[float]]:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from grpo.logprobs import token_logprobs_from_hidden
+from r1kit.grpo.logprobs import token_logprobs_from_hidden
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 64])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo.loss import grpo_loss, k3_kl
+from r1kit.grpo.loss import grpo_loss, k3_kl
 
 
 def random_inputs(n=6, t=7, seed=0):

@@ -13,14 +13,14 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 from trl import SFTConfig
 
-import recipes.pipeline
-from grpo.config import GRPOConfig
-from grpo.lr_schedules import DEFAULT_MILESTONES, LR_SCHEDULES, multi_step_factor, multi_step_schedule
-from grpo.options import ConfigError
-from policy.transformers_compat import ACTIVATION_CHECKPOINTING
-from recipes.arguments import RecipeArguments, parse_arguments
-from recipes.tasks.arithmetic import arithmetic_dataset
-from sft.trainer import PolicySFTTrainer
+from r1kit.grpo.config import GRPOConfig
+from r1kit.grpo.lr_schedules import DEFAULT_MILESTONES, LR_SCHEDULES, multi_step_factor, multi_step_schedule
+from r1kit.grpo.options import ConfigError
+from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING
+from r1kit.recipes import pipeline
+from r1kit.recipes.arguments import RecipeArguments, parse_arguments
+from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
+from r1kit.sft.trainer import PolicySFTTrainer
 
 SIZES = [(1, 0), (3, 1), (10, 0), (10, 2), (37, 5), (70, 7), (123, 0), (1000, 100)]  # (total_steps, warmup_steps)
 
@@ -204,7 +204,7 @@ def test_warm_start_passes_the_sft_schedule(schedule, scheduler_type, milestones
     def run_sft(model, tokenizer, train, sft_args, output_dir, *, lr_milestones):
         calls.append((sft_args, lr_milestones))
 
-    monkeypatch.setattr(recipes.pipeline, "run_sft", run_sft)
+    monkeypatch.setattr(pipeline, "run_sft", run_sft)
     args = RecipeArguments(
         sft="always",
         embedded_preset="tiny-debug",
@@ -213,6 +213,6 @@ def test_warm_start_passes_the_sft_schedule(schedule, scheduler_type, milestones
         cache_dir=str(tmp_path / "cache"),
     )
     config = GRPOConfig(lr_milestones=[0.5, 0.2], output_dir=str(tmp_path / "run"))
-    recipes.pipeline.warm_start(args, config, arithmetic_dataset(40, seed=1), Accelerator(cpu=True))
+    pipeline.warm_start(args, config, arithmetic_dataset(40, seed=1), Accelerator(cpu=True))
     ((sft_args, lr_milestones),) = calls
     assert sft_args.lr_scheduler_type == scheduler_type and lr_milestones == milestones

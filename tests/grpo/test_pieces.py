@@ -10,15 +10,15 @@ import pytest
 import torch
 from datasets import Dataset
 
-from grpo.batch import build_policy_batch
-from grpo.checkpoint import list_checkpoints, save_model_atomic
-from grpo.collector import select_groups
-from grpo.config import GRPOConfig
-from grpo.data import PromptSampler, check_prompt_dataset, encode_prompt
-from grpo.options import ConfigError
-from grpo.plotting import plot_run
-from grpo.update import importance_weights
-from rollout.engine import RolloutBatch, concat_rollouts
+from r1kit.grpo.batch import build_policy_batch
+from r1kit.grpo.checkpoint import list_checkpoints, save_model_atomic
+from r1kit.grpo.collector import select_groups
+from r1kit.grpo.config import GRPOConfig
+from r1kit.grpo.data import PromptSampler, check_prompt_dataset, encode_prompt
+from r1kit.grpo.options import ConfigError
+from r1kit.grpo.plotting import plot_run
+from r1kit.grpo.update import importance_weights
+from r1kit.rollout.engine import RolloutBatch, concat_rollouts
 
 
 def rollout(prompts, completions, reasons=None, version=0) -> RolloutBatch:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo.batch import build_policy_batch
-from policy import load_policy
+from r1kit.grpo.batch import build_policy_batch
+from r1kit.policy import load_policy
 
 
 def read_metrics(output_dir: str) -> list[dict]:
@@ -135,8 +135,8 @@ def test_mtp_modules_train_only_with_the_mtp_loss(make_trainer, debug_policy, mt
 def test_lora_uses_the_adapter_free_base_as_reference_and_syncs_merged_weights(make_trainer, debug_policy):
     from peft import LoraConfig, get_peft_model
 
-    from grpo.adapters import DEEPSEEK_V3_LORA_TARGETS, AdapterDisabledReference
-    from grpo.logprobs import TokenLogprobModel
+    from r1kit.grpo.adapters import DEEPSEEK_V3_LORA_TARGETS, AdapterDisabledReference
+    from r1kit.grpo.logprobs import TokenLogprobModel
 
     base = copy.deepcopy(debug_policy)
     lora = get_peft_model(
@@ -177,7 +177,7 @@ def test_completions_are_written_with_their_rewards(make_trainer):
 
 
 def test_processes_that_did_not_join_one_group_are_refused(make_trainer, monkeypatch):
-    from grpo.options import ConfigError
+    from r1kit.grpo.options import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. accelerate launch --cpu --num_processes 2
     with pytest.raises(ConfigError, match="did not join one process group"):

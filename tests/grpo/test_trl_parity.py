@@ -58,12 +58,12 @@ from torch import Tensor
 from trl import GRPOConfig as TRLConfig
 from trl import GRPOTrainer as TRLTrainer
 
-from grpo.advantages import compute_advantages
-from grpo.logprobs import TokenLogprobModel
-from grpo.loss import grpo_loss, k3_kl
-from policy import DeepseekV3ForCausalLM, load_policy, preset_config
-from policy.transformers_compat import ACTIVATION_CHECKPOINTING
-from recipes.tasks.arithmetic import arithmetic_dataset
+from r1kit.grpo.advantages import compute_advantages
+from r1kit.grpo.logprobs import TokenLogprobModel
+from r1kit.grpo.loss import grpo_loss, k3_kl
+from r1kit.policy import DeepseekV3ForCausalLM, load_policy, preset_config
+from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING
+from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
 
 NUM_ROWS, MICRO_BATCH = 8, 4  # TRL: gradient_accumulation_steps = NUM_ROWS // MICRO_BATCH
 PROMPT_WIDTH, COMPLETION_WIDTH = 7, 6

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import DeepseekV3ForCausalLM as TransformersDeepseekV3
 
-from policy import DeepseekV3Config, DeepseekV3ForCausalLM, preset_config
+from r1kit.policy import DeepseekV3Config, DeepseekV3ForCausalLM, preset_config
 
 YARN = {
     "rope_type": "yarn",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policy.attention import MultiheadLatentAttention, build_attention_mask
-from policy.cache import LatentCache
-from policy.rope import RotaryEmbedding
+from r1kit.policy.attention import MultiheadLatentAttention, build_attention_mask
+from r1kit.policy.cache import LatentCache
+from r1kit.policy.rope import RotaryEmbedding
 
 
 def left_padded(batch: int, seq: int, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

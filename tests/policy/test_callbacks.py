@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from policy import DeepseekV3ForCausalLM, RoutingBiasCallback
-from policy.callbacks import find_routed_model
+from r1kit.policy import DeepseekV3ForCausalLM, RoutingBiasCallback
+from r1kit.policy.callbacks import find_routed_model
 
 
 class Tokens(Dataset):

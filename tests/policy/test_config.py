@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import DeepseekV3Config as TransformersConfig
 
-from policy import DeepseekV3Config
+from r1kit.policy import DeepseekV3Config
 
 
 def test_config_json_round_trips_through_transformers_config(tmp_path, tiny_config):

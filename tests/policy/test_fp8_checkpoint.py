@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from policy.fp8_checkpoint import dequantize_fp8_state_dict, split_fp8_state_dict, weight_block_size
-from policy.fp8_gemm import FP8Config
-from policy.fp8_linear import FrozenFP8Linear, convert_to_frozen_fp8
-from policy.fp8_quant import FP8_DTYPE, quantize_blockwise
+from r1kit.policy.fp8_checkpoint import dequantize_fp8_state_dict, split_fp8_state_dict, weight_block_size
+from r1kit.policy.fp8_gemm import FP8Config
+from r1kit.policy.fp8_linear import FrozenFP8Linear, convert_to_frozen_fp8
+from r1kit.policy.fp8_quant import FP8_DTYPE, quantize_blockwise
 
 DEEPSEEK_CONFIG = {
     "model_type": "deepseek_v3",

@@ -7,10 +7,10 @@ so results agree to accumulation rounding.
 import pytest
 import torch
 
-from policy.fp8_gemm import FP8Config, cuda_block_scaled_mm_available
-from policy.fp8_grouped import fp8_grouped_linear
-from policy.fp8_linear import fp8_linear
-from policy.fp8_quant import quantize_blockwise
+from r1kit.policy.fp8_gemm import FP8Config, cuda_block_scaled_mm_available
+from r1kit.policy.fp8_grouped import fp8_grouped_linear
+from r1kit.policy.fp8_linear import fp8_linear
+from r1kit.policy.fp8_quant import quantize_blockwise
 
 pytestmark = [
     pytest.mark.gpu,

@@ -2,7 +2,7 @@
 
 import torch
 
-from policy.fp8_quant import quantize_blockwise, quantize_tensorwise
+from r1kit.policy.fp8_quant import quantize_blockwise, quantize_tensorwise
 
 FLOOR = 1e-12
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from policy.fp8_gemm import (
+from r1kit.policy.fp8_gemm import (
     FP8Config,
     block_scaled_mm,
     cuda_block_scaled_mm_available,
@@ -11,7 +11,7 @@ from policy.fp8_gemm import (
     scaled_mm_arguments,
     select_backend,
 )
-from policy.fp8_quant import FP8_DTYPE, BlockQuantized, dequantize_blockwise
+from r1kit.policy.fp8_quant import FP8_DTYPE, BlockQuantized, dequantize_blockwise
 
 CONFIG = FP8Config()
 

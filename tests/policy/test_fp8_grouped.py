@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from policy.fp8_gemm import FP8Config
-from policy.fp8_grouped import ExpertSegments, fp8_grouped_linear
-from policy.fp8_linear import fp8_linear
-from policy.fp8_quant import quantize_blockwise
+from r1kit.policy.fp8_gemm import FP8Config
+from r1kit.policy.fp8_grouped import ExpertSegments, fp8_grouped_linear
+from r1kit.policy.fp8_linear import fp8_linear
+from r1kit.policy.fp8_quant import quantize_blockwise
 
 CONFIG = FP8Config()
 

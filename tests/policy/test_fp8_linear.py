@@ -2,15 +2,15 @@ import pytest
 import torch
 from torch import nn
 
-from policy.fp8_gemm import FP8Config
-from policy.fp8_linear import (
+from r1kit.policy.fp8_gemm import FP8Config
+from r1kit.policy.fp8_linear import (
     FP8Linear,
     FrozenFP8Linear,
     convert_to_fp8,
     convert_to_frozen_fp8,
     fp8_linear,
 )
-from policy.fp8_quant import quantize_blockwise
+from r1kit.policy.fp8_quant import quantize_blockwise
 
 CONFIG = FP8Config()
 

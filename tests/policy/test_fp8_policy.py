@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from policy import DeepseekV3ForCausalLM, LatentCache
-from policy.attention import MultiheadLatentAttention
-from policy.fp8_gemm import FP8Config
-from policy.fp8_linear import FP8Linear, fp8_linear
-from policy.fp8_policy import fp8_layer_names
-from policy.fp8_quant import quantize_blockwise
-from policy.moe import ExpertLayout, RoutedExperts, Router
-from policy.transformers_compat import CACHE_NAME
+from r1kit.policy import DeepseekV3ForCausalLM, LatentCache
+from r1kit.policy.attention import MultiheadLatentAttention
+from r1kit.policy.fp8_gemm import FP8Config
+from r1kit.policy.fp8_linear import FP8Linear, fp8_linear
+from r1kit.policy.fp8_policy import fp8_layer_names
+from r1kit.policy.fp8_quant import quantize_blockwise
+from r1kit.policy.moe import ExpertLayout, RoutedExperts, Router
+from r1kit.policy.transformers_compat import CACHE_NAME
 
 # A 16-wide block makes the tiny model's weights span several blocks and its activations several
 # tiles, so block boundaries are exercised; the recipe is otherwise DeepSeek-V3's.

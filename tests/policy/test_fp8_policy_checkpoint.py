@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from policy import DeepseekV3ForCausalLM, load_policy
-from policy.checkpoint import to_released, write_safetensors
-from policy.fp8_gemm import FP8Config, quantize_weight
-from policy.fp8_policy import fp8_layer_names
-from policy.fp8_quant import BlockQuantized, quantize_blockwise
+from r1kit.policy import DeepseekV3ForCausalLM, load_policy
+from r1kit.policy.checkpoint import to_released, write_safetensors
+from r1kit.policy.fp8_gemm import FP8Config, quantize_weight
+from r1kit.policy.fp8_policy import fp8_layer_names
+from r1kit.policy.fp8_quant import BlockQuantized, quantize_blockwise
 
 RECIPE = FP8Config(block_size=16, backend="emulated")
 

@@ -4,7 +4,7 @@ import struct
 import pytest
 import torch
 
-from policy.fp8_quant import (
+from r1kit.policy.fp8_quant import (
     FP8_DTYPE,
     BlockQuantized,
     block_scales,

@@ -20,7 +20,7 @@ from benchmarks.bench_fp8_train import (
     sft_batches,
     train,
 )
-from policy.fp8_policy import fp8_layer_names
+from r1kit.policy.fp8_policy import fp8_layer_names
 
 # 16-wide blocks so that the toy model's GEMMs span several tiles, as the tiny preset's do at 128
 SETTINGS = TrainSettings(preset="tiny-debug", steps=8, batch=4, lr=3e-3, problems=40, block_size=16, probe_every=2)

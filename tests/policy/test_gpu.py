@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policy import DeepseekV3ForCausalLM
-from policy.moe import ExpertLayout, _grouped_mm_applies, grouped_linear, padded_bmm_linear
-from policy.transformers_compat import CACHE_NAME
+from r1kit.policy import DeepseekV3ForCausalLM
+from r1kit.policy.moe import ExpertLayout, _grouped_mm_applies, grouped_linear, padded_bmm_linear
+from r1kit.policy.transformers_compat import CACHE_NAME
 
 pytestmark = pytest.mark.gpu
 

@@ -9,8 +9,8 @@ import torch
 from transformers import DeepseekV3ForCausalLM as TransformersDeepseekV3
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from policy import DeepseekV3ForCausalLM, load_policy
-from policy.fp8 import FP8Config, FP8Linear
+from r1kit.policy import DeepseekV3ForCausalLM, load_policy
+from r1kit.policy.fp8 import FP8Config, FP8Linear
 
 
 def test_our_checkpoint_loads_as_ours(tiny_config, tmp_path):

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 from transformers import DeepseekV3Config as TransformersConfig
 from transformers import DeepseekV3ForCausalLM as TransformersDeepseekV3
 
-from policy import DeepseekV3ForCausalLM, DeepseekV3Model, LatentCache
-from policy.transformers_compat import CACHE_NAME, LEGACY_CACHE_NAME, enable_activation_checkpointing
+from r1kit.policy import DeepseekV3ForCausalLM, DeepseekV3Model, LatentCache
+from r1kit.policy.transformers_compat import CACHE_NAME, LEGACY_CACHE_NAME, enable_activation_checkpointing
 
 
 def left_padded(pads: list[int], seq: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as TransformersMoE
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
-from policy import DeepseekV3ForCausalLM
-from policy.moe import (
+from r1kit.policy import DeepseekV3ForCausalLM
+from r1kit.policy.moe import (
     MoE,
     RoutedExperts,
     Router,

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from policy import DeepseekV3ForCausalLM
-from policy.mtp import shift_left
+from r1kit.policy import DeepseekV3ForCausalLM
+from r1kit.policy.mtp import shift_left
 
 
 def reference_mtp_terms(model, hidden, ids, loss_mask):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policy import PRESETS, DeepseekV3ForCausalLM, preset_config
+from r1kit.policy import PRESETS, DeepseekV3ForCausalLM, preset_config
 
 
 def test_tiny_debug_exercises_every_feature():

@@ -9,7 +9,7 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
 
-from policy.rope import apply_rope, rope_frequencies, softmax_scale
+from r1kit.policy.rope import apply_rope, rope_frequencies, softmax_scale
 
 
 @pytest.mark.parametrize("mscales", [(1.0, 1.0), (0.707, 1.0), (None, None)])

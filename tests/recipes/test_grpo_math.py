@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.launch import main
-from recipes.pipeline import cpu_threads
+from r1kit.recipes.launch import run_recipe
+from r1kit.recipes.pipeline import cpu_threads
 
 SMALL = [
     "--embedded_preset", "tiny-debug", "--num_train_problems", "200", "--num_eval_problems", "6",
@@ -32,7 +32,7 @@ def launched_single_threaded(monkeypatch):
 
 
 def test_embedded_default_end_to_end(tmp_path, capsys, launched_single_threaded):
-    main("grpo_math", [*SMALL, "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")])
+    run_recipe("grpo_math", [*SMALL, "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
     cores = len(os.sched_getaffinity(0))
     assert torch.get_num_threads() == cores and f"training on CPU with {cores} torch threads per process" in out
@@ -44,7 +44,7 @@ def test_embedded_default_end_to_end(tmp_path, capsys, launched_single_threaded)
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     (cached,) = [p for p in (tmp_path / "cache").iterdir() if (p / "config.json").exists()]
 
-    main("grpo_math", [*SMALL, "--output_dir", str(tmp_path / "again"), "--cache_dir", str(tmp_path / "cache")])
+    run_recipe("grpo_math", [*SMALL, "--output_dir", str(tmp_path / "again"), "--cache_dir", str(tmp_path / "cache")])
     assert f"cached at {cached}" in capsys.readouterr().out
 
 
@@ -70,7 +70,7 @@ def test_cpu_threads_share_the_cores_among_the_processes_unless_asked():
 )
 def test_bad_input_is_one_clear_line(flags, message, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        main("grpo_math", [*flags, "--output_dir", str(tmp_path)])
+        run_recipe("grpo_math", [*flags, "--output_dir", str(tmp_path)])
     assert str(exit_info.value.code).startswith("error: ")
     assert re.search(message, str(exit_info.value.code))
 
@@ -79,7 +79,7 @@ def test_dataset_without_the_needed_columns(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"problem": "1 + 1", "solution": "2"}\n')
     with pytest.raises(SystemExit, match="needs columns 'question' and 'answer'"):
-        main("grpo_math", ["--dataset", str(data), "--output_dir", str(tmp_path)])
+        run_recipe("grpo_math", ["--dataset", str(data), "--output_dir", str(tmp_path)])
 
 
 GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
@@ -100,14 +100,14 @@ def test_sft_then_grpo_on_a_local_transformers_model_and_gsm8k(tmp_path, arithme
              "--sft_batch_size", "2", "--max_steps", "1", "--prompts_per_step", "2", "--num_generations", "2",
              "--max_completion_length", "8", "--micro_batch_size", "4", "--eval_samples_per_prompt", "1",
              "--reward_workers", "0", "--output_dir", str(tmp_path / "run")]  # fmt: skip
-    main("sft_then_grpo", flags)
+    run_recipe("sft_then_grpo", flags)
     assert (tmp_path / "run" / "sft" / "config.json").exists()
     assert (tmp_path / "run" / "final" / "config.json").exists()
     assert "GRPO checkpoint:" in capsys.readouterr().out
 
 
 def test_lora_run_writes_a_merged_model_and_its_adapter(tmp_path):
-    main("grpo_math", [*SMALL, "--lora_r", "4", "--output_dir", str(tmp_path / "run"),
+    run_recipe("grpo_math", [*SMALL, "--lora_r", "4", "--output_dir", str(tmp_path / "run"),
                        "--cache_dir", str(tmp_path / "cache")])  # fmt: skip
     final = tmp_path / "run" / "final"
     assert (final / "config.json").exists() and (final / "adapter" / "adapter_config.json").exists()
@@ -115,13 +115,13 @@ def test_lora_run_writes_a_merged_model_and_its_adapter(tmp_path):
 
 def test_metrics_reach_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
-    main("grpo_math", [*SMALL, "--report_to", "tensorboard", "--output_dir", str(tmp_path / "run"),
+    run_recipe("grpo_math", [*SMALL, "--report_to", "tensorboard", "--output_dir", str(tmp_path / "run"),
                        "--cache_dir", str(tmp_path / "cache")])  # fmt: skip
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
 
 
 def test_fp8_run_trains_in_fp8_and_saves_the_recipe(tmp_path):
-    main("grpo_math", [*SMALL, "--fp8", "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")])
+    run_recipe("grpo_math", [*SMALL, "--fp8", "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")])
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["fp8"]["block_size"] == 128
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

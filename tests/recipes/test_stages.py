@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from grpo.options import ConfigError
-from recipes.r1_pipeline import DEFAULT_RECIPE, parse_command_line
-from recipes.stages import load_recipe, parse_stages, run_stages
-from sft.rejection_sampling import load_rejection_samples
+from r1kit.grpo.options import ConfigError
+from r1kit.recipes.r1_pipeline import DEFAULT_RECIPE, parse_command_line
+from r1kit.recipes.stages import load_recipe, parse_stages, run_stages
+from r1kit.sft.rejection_sampling import load_rejection_samples
 
 SHARED = {
     "embedded_preset": "tiny-debug", "num_train_problems": 200, "num_eval_problems": 4,

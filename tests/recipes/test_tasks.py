@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from grpo.options import ConfigError
-from recipes.tasks.arithmetic import ArithmeticTaskConfig, arithmetic_dataset, arithmetic_splits
-from recipes.tasks.gsm8k import load_gsm8k, split_solution
+from r1kit.grpo.options import ConfigError
+from r1kit.recipes.tasks.arithmetic import ArithmeticTaskConfig, arithmetic_dataset, arithmetic_splits
+from r1kit.recipes.tasks.gsm8k import load_gsm8k, split_solution
 
 GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
 STEP = re.compile(r"(-?\d+) ([+*-]) (\d+) = (-?\d+)")

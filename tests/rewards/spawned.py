@@ -6,7 +6,7 @@ import json
 import threading
 from pathlib import Path
 
-from rewards import RewardSuite, RewardSuiteConfig
+from r1kit.rewards import RewardSuite, RewardSuiteConfig
 
 
 def score_in_child(rank: int, output: str) -> None:

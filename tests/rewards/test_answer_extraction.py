@@ -2,7 +2,7 @@
 
 import pytest
 
-from rewards.rules.answer_extraction import (
+from r1kit.rewards.rules.answer_extraction import (
     MAX_SCAN_CHARS,
     extract_final_answer,
     final_boxes,

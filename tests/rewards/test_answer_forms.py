@@ -2,7 +2,7 @@
 
 import pytest
 
-from rewards.rules.answer_forms import canonical_answer, choice, choice_value, first_word, words
+from r1kit.rewards.rules.answer_forms import canonical_answer, choice, choice_value, first_word, words
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from rewards import CodeExecution, code_execution
-from rewards.rules.code import extract_code, normalize_tests
-from rewards.rules.sandbox import SandboxLimits
+from r1kit.rewards import CodeExecution, code_execution
+from r1kit.rewards.rules.code import extract_code, normalize_tests
+from r1kit.rewards.rules.sandbox import SandboxLimits
 
 SOLUTION = "Here is my solution:\n```python\ndef square(x):\n    return x * x\n```\nDone."
 TESTS = ["assert square(2) == 4", "assert square(3) == 9", "assert square(-1) == -1"]

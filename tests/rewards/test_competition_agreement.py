@@ -3,7 +3,7 @@
 import time
 from collections import Counter
 
-from rewards import RewardSuite, RewardSuiteConfig
+from r1kit.rewards import RewardSuite, RewardSuiteConfig
 from tests.rewards.competition_data import labelled_answers
 
 

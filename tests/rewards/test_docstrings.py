@@ -6,12 +6,12 @@ import pkgutil
 
 import pytest
 
-import rewards
+from r1kit import rewards
 
 MODULES = sorted(
     info.name
-    for info in pkgutil.walk_packages(rewards.__path__, "rewards.")
-    if info.name not in ("rewards.worker_main", "rewards.rules.sandbox_harness")
+    for info in pkgutil.walk_packages(rewards.__path__, "r1kit.rewards.")
+    if info.name not in ("r1kit.rewards.worker_main", "r1kit.rewards.rules.sandbox_harness")
 )
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rewards import FormatReward, format_reward
+from r1kit.rewards import FormatReward, format_reward
 
 DEMO = "<think> 12 + 7 = 19 . 19 * 2 = 38 </think> <answer> 38 </answer>"
 

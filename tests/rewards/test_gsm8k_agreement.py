@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from rewards import RewardSuite, RewardSuiteConfig, math_accuracy
+from r1kit.rewards import RewardSuite, RewardSuiteConfig, math_accuracy
 from tests.rewards.gsm8k_data import gsm8k_dir, labelled_solutions, rewrite_final_answer
 
 DATA = gsm8k_dir()

@@ -2,8 +2,8 @@
 
 import time
 
-from rewards import CodeExecution, RewardSuite, RewardSuiteConfig
-from rewards.rules.sandbox import SandboxLimits
+from r1kit.rewards import CodeExecution, RewardSuite, RewardSuiteConfig
+from r1kit.rewards.rules.sandbox import SandboxLimits
 
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
 GOOD_CODE = "```python\ndef add(a, b):\n    return a + b\n```"

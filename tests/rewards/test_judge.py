@@ -6,10 +6,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from rewards import RewardSuite, RewardSuiteConfig
-from rewards.models import EngineGenerator, GenerativeJudge, OpenAIGenerator, parse_verdict
-from rollout.engine import RolloutEngine, SamplingParams
-from rollout.torch_engine import TorchRolloutEngine
+from r1kit.rewards import RewardSuite, RewardSuiteConfig
+from r1kit.rewards.models import EngineGenerator, GenerativeJudge, OpenAIGenerator, parse_verdict
+from r1kit.rollout.engine import RolloutEngine, SamplingParams
+from r1kit.rollout.torch_engine import TorchRolloutEngine
 from tests.rewards.tiny_models import constant_token_lm, word_tokenizer
 
 MAX_REQUESTS = 50

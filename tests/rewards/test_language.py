@@ -2,8 +2,8 @@
 
 import pytest
 
-from rewards import language_consistency
-from rewards.rules.language import script_word_counts
+from r1kit.rewards import language_consistency
+from r1kit.rewards.rules.language import script_word_counts
 
 
 def test_counts_words_by_script():

@@ -2,8 +2,8 @@
 
 import pytest
 
-from rewards import OverlongPenalty
-from rewards.rules.length import length_penalty, overlong_penalty
+from r1kit.rewards import OverlongPenalty
+from r1kit.rewards.rules.length import length_penalty, overlong_penalty
 
 
 def test_piecewise_formula():

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from rewards import MathAccuracy, math_accuracy
-from rewards.rules.math_accuracy import score_answer
-from rewards.rules.math_equivalence import answers_equal, is_safe_to_evaluate
+from r1kit.rewards import MathAccuracy, math_accuracy
+from r1kit.rewards.rules.math_accuracy import score_answer
+from r1kit.rewards.rules.math_equivalence import answers_equal, is_safe_to_evaluate
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rewards.protocol import RewardOutputError, call_reward, check_scores, completion_text, reward_name
+from r1kit.rewards.protocol import RewardOutputError, call_reward, check_scores, completion_text, reward_name
 
 
 def test_trl_style_function_gets_prompts_and_columns_by_keyword():

@@ -2,8 +2,8 @@
 
 import pytest
 
-from rewards import math_accuracy, register, registered_names, resolve
-from rewards.registry import _REGISTRY
+from r1kit.rewards import math_accuracy, register, registered_names, resolve
+from r1kit.rewards.registry import _REGISTRY
 
 
 def test_builtin_names_are_registered():
@@ -17,7 +17,7 @@ def test_import_path_and_callable():
     from tests.rewards.hostile_rewards import sleepy
 
     assert resolve("tests.rewards.hostile_rewards:sleepy") is sleepy
-    assert resolve("rewards.rules.math_accuracy:MathAccuracy.__call__") is not None
+    assert resolve("r1kit.rewards.rules.math_accuracy:MathAccuracy.__call__") is not None
     assert resolve(sleepy) is sleepy
 
 
@@ -40,9 +40,9 @@ def test_register_decorator_and_duplicates():
     [
         ("no_such_reward", ValueError, "unknown reward 'no_such_reward'"),
         ("no_such_pkg.mod:fn", ValueError, "cannot import module 'no_such_pkg.mod'"),
-        ("rewards.registry:missing", ValueError, "has no attribute 'missing'"),
-        ("rewards.rules.math_equivalence:MAX_NESTING", TypeError, "names a int, which is not callable"),
-        ("rewards.registry:", ValueError, "must look like 'package.module:function'"),
+        ("r1kit.rewards.registry:missing", ValueError, "has no attribute 'missing'"),
+        ("r1kit.rewards.rules.math_equivalence:MAX_NESTING", TypeError, "names a int, which is not callable"),
+        ("r1kit.rewards.registry:", ValueError, "must look like 'package.module:function'"),
         (3, TypeError, "a reward spec must be"),
     ],
 )

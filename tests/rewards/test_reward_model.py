@@ -5,8 +5,8 @@ import functools
 import pytest
 import torch
 
-from rewards import IsolatedReward, RewardSuite, RewardSuiteConfig, resolve
-from rewards.models import RewardModelReward
+from r1kit.rewards import IsolatedReward, RewardSuite, RewardSuiteConfig, resolve
+from r1kit.rewards.models import RewardModelReward
 from tests.rewards.tiny_models import (
     reward_model_from_directory,
     save_tiny_reward_model,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rewards.rules import sandbox
-from rewards.rules.sandbox import SandboxLimits, namespace_prefix, run_python_tests
+from r1kit.rewards.rules import sandbox
+from r1kit.rewards.rules.sandbox import SandboxLimits, namespace_prefix, run_python_tests
 
 LIMITS = SandboxLimits(timeout_s=2.0, test_timeout_s=0.5, cpu_s=2)
 ADD = "def add(a, b):\n    return a + b\n"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing
 
-from rewards import RewardError, RewardSuite, RewardSuiteConfig
+from r1kit.rewards import RewardError, RewardSuite, RewardSuiteConfig
 
 HOSTILE = "tests.rewards.hostile_rewards"
 

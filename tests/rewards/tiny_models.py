@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rewards.models import RewardModelReward
+from r1kit.rewards.models import RewardModelReward
 
 SPECIALS = ["[PAD]", "[UNK]", "[EOS]"]
 WORDS = [

@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from policy import DeepseekV3ForCausalLM, preset_config
+from r1kit.policy import DeepseekV3ForCausalLM, preset_config
 
 PAD, EOS = 0, 1
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rollout.buckets import ALIGNMENT, pack_bucket, plan_buckets, unpack_bucket
+from r1kit.rollout.buckets import ALIGNMENT, pack_bucket, plan_buckets, unpack_bucket
 
 
 def specs(tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:

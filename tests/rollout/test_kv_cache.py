@@ -3,9 +3,9 @@
 import torch
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
-from policy import DeepseekV3ForCausalLM, LatentCache, preset_config
-from policy.transformers_compat import CACHE_NAME
-from rollout.kv_cache import PreallocatedLayer, make_decode_cache
+from r1kit.policy import DeepseekV3ForCausalLM, LatentCache, preset_config
+from r1kit.policy.transformers_compat import CACHE_NAME
+from r1kit.rollout.kv_cache import PreallocatedLayer, make_decode_cache
 from tests.rollout.test_torch_engine import tiny_llama
 
 

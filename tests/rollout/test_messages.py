@@ -4,8 +4,8 @@ import pickle
 
 import torch
 
-from rollout.engine import RolloutBatch
-from rollout.messages import Generated
+from r1kit.rollout.engine import RolloutBatch
+from r1kit.rollout.messages import Generated
 
 
 def test_generated_round_trip_is_exact() -> None:

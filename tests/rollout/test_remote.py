@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy.loading import load_policy
-from rollout.engine import RolloutEngine, SamplingParams
-from rollout.errors import RolloutWorkerDied, RolloutWorkerError, RolloutWorkerTimeout
-from rollout.messages import AUTHKEY_ENV
-from rollout.remote import RemoteEngineConfig, RemoteRolloutEngine
-from rollout.serve import WorkerOptions
-from rollout.torch_engine import TorchRolloutEngine
+from r1kit.policy.loading import load_policy
+from r1kit.rollout.engine import RolloutEngine, SamplingParams
+from r1kit.rollout.errors import RolloutWorkerDied, RolloutWorkerError, RolloutWorkerTimeout
+from r1kit.rollout.messages import AUTHKEY_ENV
+from r1kit.rollout.remote import RemoteEngineConfig, RemoteRolloutEngine
+from r1kit.rollout.serve import WorkerOptions
+from r1kit.rollout.torch_engine import TorchRolloutEngine
 from tests.rollout.conftest import EOS, max_logprob_error, word_tokenizer
 
 OPTIONS = WorkerOptions(dtype="float32", num_threads=1)
@@ -177,9 +177,9 @@ def test_a_restarted_worker_gets_the_last_weights_and_a_death_during_sync_is_nam
 
 @pytest.fixture
 def served(checkpoint: Path, tmp_path: Path):
-    """A worker started by hand, as on another GPU or host: `python -m rollout.serve`."""
+    """A worker started by hand, as on another GPU or host: `python -m r1kit.rollout.serve`."""
     port_file = tmp_path / "port"
-    command = [sys.executable, "-m", "rollout.serve", "--model", str(checkpoint), "--port_file", str(port_file)]
+    command = [sys.executable, "-m", "r1kit.rollout.serve", "--model", str(checkpoint), "--port_file", str(port_file)]
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, AUTHKEY_ENV: "secret", "PYTHONPATH": root}
     process = subprocess.Popen([*command, *OPTIONS.to_args()], env=env, start_new_session=True)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from rollout.engine import RolloutBatch, SamplingParams
-from rollout.sampling import sample_next_tokens, top_p_filter
+from r1kit.rollout.engine import RolloutBatch, SamplingParams
+from r1kit.rollout.sampling import sample_next_tokens, top_p_filter
 
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():

@@ -3,13 +3,13 @@
 import pytest
 from transformers import HfArgumentParser
 
-from rollout.serve import ServeArguments, WorkerOptions, worker_command
+from r1kit.rollout.serve import ServeArguments, WorkerOptions, worker_command
 
 
 def test_command_line_round_trip() -> None:
     options = WorkerOptions(dtype="float32", num_threads=2, max_batch_rows=64, enforce_eager=True)
     command = worker_command("/ckpt", options, port_file="/tmp/p", parent_pid=42)
-    assert command[1:3] == ["-m", "rollout.serve"]
+    assert command[1:3] == ["-m", "r1kit.rollout.serve"]
     serve, parsed = HfArgumentParser((ServeArguments, WorkerOptions)).parse_args_into_dataclasses(command[3:])
     assert parsed == options
     assert (serve.model, serve.port, serve.port_file, serve.parent_pid, serve.exit_with_client) == (

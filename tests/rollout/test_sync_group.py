@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rollout.buckets import pack_bucket, plan_buckets
-from rollout.sync_group import Rendezvous, SyncStore, WeightSyncGroup, receive_buckets
+from r1kit.rollout.buckets import pack_bucket, plan_buckets
+from r1kit.rollout.sync_group import Rendezvous, SyncStore, WeightSyncGroup, receive_buckets
 
 
 def in_threads(*calls: Callable[[], object]) -> list[object]:

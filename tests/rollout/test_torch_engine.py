@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from policy import DeepseekV3ForCausalLM, preset_config
-from rollout.engine import SamplingParams
-from rollout.torch_engine import TorchRolloutEngine
+from r1kit.policy import DeepseekV3ForCausalLM, preset_config
+from r1kit.rollout.engine import SamplingParams
+from r1kit.rollout.torch_engine import TorchRolloutEngine
 from tests.rollout.conftest import EOS, max_logprob_error, word_tokenizer
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20]]
@@ -90,7 +90,7 @@ def test_load_weights_copies_in_place_and_only_update_weights_stamps_a_version()
 
 
 def test_is_a_rollout_engine_and_generate_async_returns_the_same_batch() -> None:
-    from rollout.engine import RolloutEngine
+    from r1kit.rollout.engine import RolloutEngine
 
     engine = TorchRolloutEngine(MODELS["deepseek_v3"](), word_tokenizer(128))
     assert isinstance(engine, RolloutEngine)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy import DeepseekV3ForCausalLM, preset_config
-from policy.checkpoint import to_released
-from rollout.engine import SamplingParams
-from rollout.vllm_engine import batch_from_outputs, vllm_sampling_kwargs
-from rollout.vllm_weights import vllm_named_weights
+from r1kit.policy import DeepseekV3ForCausalLM, preset_config
+from r1kit.policy.checkpoint import to_released
+from r1kit.rollout.engine import SamplingParams
+from r1kit.rollout.vllm_engine import batch_from_outputs, vllm_sampling_kwargs
+from r1kit.rollout.vllm_weights import vllm_named_weights
 from tests.rollout.conftest import EOS, max_logprob_error, word_tokenizer
 from tests.rollout.test_torch_engine import tiny_llama
 
@@ -110,7 +110,7 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
 @pytest.mark.vllm
 @pytest.mark.gpu
 def test_colocated_engine_updates_in_place_and_agrees_with_the_trainer(tmp_path: Path) -> None:
-    from rollout.vllm_engine import VLLMRolloutEngine
+    from r1kit.rollout.vllm_engine import VLLMRolloutEngine
 
     model = save_llama(tmp_path).float().cuda()
     engine = VLLMRolloutEngine(
@@ -133,8 +133,8 @@ def test_colocated_engine_updates_in_place_and_agrees_with_the_trainer(tmp_path:
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a vLLM worker on its own GPU needs two GPUs")
 def test_vllm_worker_receives_weights_over_nccl(tmp_path: Path) -> None:
-    from rollout.remote import RemoteEngineConfig, RemoteRolloutEngine
-    from rollout.serve import WorkerOptions
+    from r1kit.rollout.remote import RemoteEngineConfig, RemoteRolloutEngine
+    from r1kit.rollout.serve import WorkerOptions
 
     model = save_llama(tmp_path).float().cuda(0)
     options = WorkerOptions(engine="vllm", dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)

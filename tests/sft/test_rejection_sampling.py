@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from grpo.data import encode_prompt
-from grpo.options import ConfigError
-from recipes.tasks.arithmetic import arithmetic_dataset
-from rewards import RewardSuite, RewardSuiteConfig
-from rollout.torch_engine import TorchRolloutEngine
-from sft.rejection_sampling import (
+from r1kit.grpo.data import encode_prompt
+from r1kit.grpo.options import ConfigError
+from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
+from r1kit.rewards import RewardSuite, RewardSuiteConfig
+from r1kit.rollout.torch_engine import TorchRolloutEngine
+from r1kit.sft.rejection_sampling import (
     RejectionSamplingConfig,
     load_rejection_samples,
     rejection_sample,

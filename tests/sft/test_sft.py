@@ -10,12 +10,12 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl import SFTConfig
 
-from grpo.options import ConfigError
-from policy import load_policy
-from policy.transformers_compat import ACTIVATION_CHECKPOINTING
-from recipes.tasks.arithmetic import arithmetic_dataset
-from sft.data import check_sft_dataset
-from sft.trainer import PolicySFTTrainer, run_sft
+from r1kit.grpo.options import ConfigError
+from r1kit.policy import load_policy
+from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING
+from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
+from r1kit.sft.data import check_sft_dataset
+from r1kit.sft.trainer import PolicySFTTrainer, run_sft
 
 
 def sft_args(tmp_path, steps=6) -> SFTConfig:
