@@ -28,6 +28,7 @@ PANELS = (
 )
 
 LABELS = {"accuracy": "training batches", "eval/accuracy": "held-out"}
+Series = dict[str, tuple[list[int], list[float]]]  # metric name -> (steps, values)
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
@@ -40,8 +41,8 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _series(records: list[dict], prefixes: tuple[str, ...]) -> dict[str, tuple[list[int], list[float]]]:
-    series: dict[str, tuple[list[int], list[float]]] = {}
+def _series(records: list[dict], prefixes: tuple[str, ...]) -> Series:
+    series: Series = {}
     for record in records:
         for key, value in record.items():
             if value is None or key.endswith(SKIPPED_SUFFIXES) or not key.startswith(prefixes):
@@ -52,13 +53,28 @@ def _series(records: list[dict], prefixes: tuple[str, ...]) -> dict[str, tuple[l
     return series
 
 
-def _is_constant(series: dict[str, tuple[list[int], list[float]]]) -> bool:
+def _is_constant(series: Series) -> bool:
     """Whether every line of a panel stays at one value (e.g. clip fractions at mu = 1): nothing to show."""
     return all(max(values) - min(values) <= 1e-12 * max(1.0, abs(max(values))) for _, values in series.values())
 
 
+def report_panels(records: list[dict], with_accuracy: bool = False) -> list[tuple[str, Series]]:
+    """(title, {metric: (steps, values)}) for each panel worth drawing: those with data that varies.
+
+    When every panel is constant (a run of one step) they are all kept; `with_accuracy`
+    keeps the accuracy panel even without data, for held-out marks.
+    """
+    with_data = [(name, s) for name, prefixes in PANELS if (s := _series(records, prefixes))]
+    panels = [(name, s) for name, s in with_data if not _is_constant(s)] or with_data
+    if with_accuracy and not any(name == ACCURACY_PANEL for name, _ in panels):
+        panels.insert(min(1, len(panels)), (ACCURACY_PANEL, {}))
+    return panels
+
+
 def _tick_label(value: float, _position: int) -> str:
-    """Each tick written in full ("2e-07", "0.35", "1200"), so no shared offset text crowds the panel title."""
+    """Each tick written in full ("2e-07", "0.35", "4,500"), so no shared offset text crowds the panel title."""
+    if 1e3 <= abs(value) < 1e7:
+        return f"{value:,.0f}"
     return f"{value:.3g}"
 
 
@@ -69,13 +85,9 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, title: str = "GRPO 
     held_out: {label: (step, accuracy)}, e.g. {"SFT": (0, 0.43), "GRPO": (200, 0.68)}: marked and
         labelled on the accuracy panel.
     """
-    records = read_metrics(metrics_path)
-    with_data = [(name, s) for name, prefixes in PANELS if (s := _series(records, prefixes))]
-    if not with_data:
+    panels = report_panels(read_metrics(metrics_path), with_accuracy=bool(held_out))
+    if not panels:
         raise ValueError(f"{metrics_path} has no metrics to plot")
-    panels = [(name, s) for name, s in with_data if not _is_constant(s)] or with_data  # a 1-step run: all constant
-    if held_out and not any(name == ACCURACY_PANEL for name, _ in panels):
-        panels.insert(1, (ACCURACY_PANEL, {}))
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, 3.8 * rows), squeeze=False)
@@ -94,7 +106,8 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, title: str = "GRPO 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_formatter(FuncFormatter(_tick_label))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=12)
@@ -108,8 +121,12 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, title: str = "GRPO 
 
 def _mark_held_out(ax, held_out: dict[str, tuple[int, float]]) -> None:
     """Large markers with "LABEL 43.5%" beside them, for the held-out accuracies."""
+    last = max(step for step, _ in held_out.values())
     for label, (step, accuracy) in held_out.items():
         ax.plot([step], [accuracy], marker="*", markersize=13, color="black", linestyle="none")
+        at_end = step == last and len(held_out) > 1  # label the last mark on its left, inside the panel
         ax.annotate(f"{label} held-out: {accuracy:.1%}", (step, accuracy), textcoords="offset points",
-                    xytext=(6, 6), fontsize=9, fontweight="bold")  # fmt: skip
+                    xytext=(-8, -14) if at_end else (8, 6), ha="right" if at_end else "left",
+                    fontsize=9, fontweight="bold", bbox={"boxstyle": "round,pad=0.2", "fc": "white", "alpha": 0.8,
+                                                         "lw": 0})  # fmt: skip
     ax.margins(x=0.12, y=0.15)

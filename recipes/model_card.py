@@ -34,6 +34,15 @@ ALGORITHM_OPTIONS = (
     ("seed", "seed"),
 )
 
+SFT_OPTIONS = (
+    ("optimizer steps", "sft_max_steps"),
+    ("sequences per step", "sft_batch_size"),
+    ("learning rate (default: 2e-3 from scratch, 1e-5 otherwise)", "sft_learning_rate"),
+    ("learning-rate schedule", "sft_lr_schedule"),
+    ("training dtype", "dtype"),
+    ("seed", "seed"),
+)
+
 
 def is_hub_id(model: str | None) -> bool:
     """Whether `model` names a hub repository ("org/name") rather than a local directory."""
@@ -95,6 +104,9 @@ def model_card(recipe: str, options: dict, results: dict | None, environment: di
     weights = options["reward_weights"] or [1.0] * len(options["reward"])
     rewards = ", ".join(f"`{name}` x {weight}" for name, weight in zip(options["reward"], weights, strict=True))
     sft = "a supervised warm start, then " if options["sft"] != "never" else ""
+    method = ("supervised fine-tuning on worked solutions" if recipe == "sft"
+              else f"{sft}GRPO (group-relative policy optimization) against rule-based rewards")  # fmt: skip
+    settings = SFT_OPTIONS if recipe == "sft" else ALGORITHM_OPTIONS
     lines = [
         "---",
         yaml.safe_dump(metadata, sort_keys=False).strip(),
@@ -102,8 +114,7 @@ def model_card(recipe: str, options: dict, results: dict | None, environment: di
         "",
         f"# {options['run_name']}",
         "",
-        f"Trained with [r1kit](https://pypi.org/project/r1kit/)'s `{recipe}` recipe: {sft}GRPO "
-        "(group-relative policy optimization) against rule-based rewards.",
+        f"Trained with [r1kit](https://pypi.org/project/r1kit/)'s `{recipe}` recipe: {method}.",
         "",
         f"- **Base model:** {base_model_line(options)}",
         f"- **Data:** {data_line(options)}",
@@ -117,7 +128,7 @@ def model_card(recipe: str, options: dict, results: dict | None, environment: di
         "",
         "| setting | value |",
         "|---|---|",
-        *(f"| {label} | {_value(options, key)} |" for label, key in ALGORITHM_OPTIONS),
+        *(f"| {label} | {_value(options, key)} |" for label, key in settings),
         "",
         f"Every option of the run is in [`{CONFIG_FILE}`]({CONFIG_FILE}).",
     ]

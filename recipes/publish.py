@@ -1,11 +1,11 @@
 """What a finished run publishes: results.json, the report, and `final/` made shareable, optionally on the hub.
 
-    OUTPUT_DIR/config.yaml      every option, resolved (written when the run starts)
-    OUTPUT_DIR/results.json     held-out results, final model, software versions
-    OUTPUT_DIR/report.png       the training report, held-out accuracies marked
-    OUTPUT_DIR/final/           the model and tokenizer, plus config.yaml, results.json,
-                                report.png and README.md (the model card): all a
-                                reader of the hub repository needs
+OUTPUT_DIR/config.yaml      every option, resolved (written when the run starts)
+OUTPUT_DIR/results.json     held-out results, final model, software versions
+OUTPUT_DIR/report.png       the training report, held-out accuracies marked
+OUTPUT_DIR/final/           the model and tokenizer, plus config.yaml, results.json,
+                            report.png and README.md (the model card): all a
+                            reader of the hub repository needs
 """
 
 from __future__ import annotations

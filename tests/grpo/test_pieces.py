@@ -16,7 +16,7 @@ from r1kit.grpo.collector import select_groups
 from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.data import PromptSampler, check_prompt_dataset, encode_prompt
 from r1kit.grpo.options import ConfigError
-from r1kit.grpo.plotting import plot_run
+from r1kit.grpo.plotting import plot_run, report_panels
 from r1kit.grpo.update import importance_weights
 from r1kit.rollout.engine import RolloutBatch, concat_rollouts
 
@@ -141,5 +141,14 @@ def test_report_png_has_a_panel_per_metric(tmp_path):
     ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({k: (None if v != v else v) for k, v in r.items()}) + "\n" for r in lines))
-    png = plot_run(path, tmp_path / "report.png")
+    png = plot_run(path, tmp_path / "report.png", title="run: model on data", held_out={"SFT": (0, 0.3)})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_the_report_draws_only_quantities_that_vary():
+    records = [{"step": s, "reward": s / 10, "clip/high": 0.0, "clip/low": 0.0, "entropy": 1.5} for s in range(1, 5)]
+    assert [title for title, _ in report_panels(records)] == ["reward (mean over completions)"]
+    held_out = report_panels(records, with_accuracy=True)
+    assert [title for title, _ in held_out] == ["reward (mean over completions)", "accuracy"]
+    one_step = [{"step": 1, "reward": 0.5, "entropy": 1.5}]  # nothing varies: keep what there is
+    assert len(report_panels(one_step)) == 2

@@ -41,7 +41,8 @@ def test_embedded_default_end_to_end(tmp_path, capsys, launched_single_threaded)
     results = json.loads((run / "results.json").read_text())
     assert results["sft"]["num_prompts"] == 6 and 0.0 <= results["grpo"]["accuracy"] <= 1.0
     assert (run / "final" / "config.json").exists() and (run / "report.png").exists()
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 2]  # held-out accuracy before GRPO, two steps, held-out accuracy after
     (cached,) = [p for p in (tmp_path / "cache").iterdir() if (p / "config.json").exists()]
 
     run_recipe("grpo_math", [*SMALL, "--output_dir", str(tmp_path / "again"), "--cache_dir", str(tmp_path / "cache")])
@@ -113,16 +114,28 @@ def test_lora_run_writes_a_merged_model_and_its_adapter(tmp_path):
     assert (final / "config.json").exists() and (final / "adapter" / "adapter_config.json").exists()
 
 
-def test_metrics_reach_tensorboard(tmp_path):
+def test_sft_and_grpo_report_to_the_same_tracker_under_the_run_name(tmp_path):
     pytest.importorskip("tensorboard")
-    run_recipe("grpo_math", [*SMALL, "--report_to", "tensorboard", "--output_dir", str(tmp_path / "run"),
-                       "--cache_dir", str(tmp_path / "cache")])  # fmt: skip
-    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ["--report_to", "tensorboard", "--run_name", "tiny", "--log_completions_steps", "1"]
+    run_recipe("grpo_math", [*SMALL, *flags, "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "c")])
+    boards = tmp_path / "run" / "tensorboard"
+    assert sorted(p.name for p in boards.iterdir()) == ["tiny", "tiny-sft"]
+    sft = EventAccumulator(str(boards / "tiny-sft")).Reload()
+    assert "train/loss" in sft.Tags()["scalars"]
+    grpo = EventAccumulator(str(boards / "tiny"), size_guidance={"tensors": 0}).Reload()
+    assert [event.step for event in grpo.Scalars("eval/accuracy")] == [0, 2]  # before and after GRPO
+    assert "reward" in grpo.Tags()["scalars"]
+    assert "samples/text_summary" in grpo.Tags()["tensors"]  # the completions, as a table
 
 
 def test_fp8_run_trains_in_fp8_and_saves_the_recipe(tmp_path):
-    run_recipe("grpo_math", [*SMALL, "--fp8", "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")])
+    run_recipe(
+        "grpo_math", [*SMALL, "--fp8", "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")]
+    )
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["fp8"]["block_size"] == 128
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(1e-4 < m["mismatch/abs_logp_diff"] < 1.0 for m in metrics)  # FP8 trainer, FP32 sampler
+    training = [m for m in metrics if "loss" in m]
+    assert training and all(1e-4 < m["mismatch/abs_logp_diff"] < 1.0 for m in training)  # FP8 trainer, FP32 sampler

@@ -1,0 +1,103 @@
+"""A finished run stands on its own: config, versions, model card and report in final/, rerunnable and pushable."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from r1kit.recipes.hub import upload_operations
+from r1kit.recipes.launch import run_recipe
+
+SMALL = [
+    "--embedded_preset", "tiny-debug", "--num_train_problems", "200", "--num_eval_problems", "6",
+    "--sft_max_steps", "4", "--sft_batch_size", "8", "--max_steps", "2", "--prompts_per_step", "3",
+    "--num_generations", "2", "--max_completion_length", "12", "--eval_samples_per_prompt", "1",
+    "--reward_workers", "0",
+]  # fmt: skip
+TIMING = ("time/", "tokens_per_second")
+
+
+def _first_step(run: Path) -> dict:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if r["step"] == 1)
+    return {k: v for k, v in first.items() if not k.startswith(TIMING)}
+
+
+def test_a_finished_run_stands_on_its_own_reruns_from_its_config_and_pushes_final(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    run_recipe("grpo_math", [*SMALL, "--output_dir", str(run), "--cache_dir", str(tmp_path / "cache")])
+    final = run / "final"
+    assert AutoModelForCausalLM.from_pretrained(final).config.model_type == "deepseek_v3"
+
+    config_text = (final / "config.yaml").read_text()
+    assert re.search(r"^# software: r1kit \S+, torch \S+, transformers \S+", config_text, re.MULTILINE)
+    options = yaml.safe_load(config_text)
+    assert options["max_steps"] == 2 and options["output_dir"] == str(run) and options["run_name"] == "run"
+    results = json.loads((final / "results.json").read_text())
+    assert results["environment"]["torch"] and results["recipe"] == "grpo_math"
+    card = (final / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    for expected in (
+        "embedded tiny DeepSeek-V3",
+        "arithmetic word problems",
+        "`math_accuracy` x 1.0",
+        "| steps | 2 |",
+        "| SFT |",
+        "| GRPO |",
+        "![training report](report.png)",
+        "r1kit grpo --config config.yaml",
+    ):
+        assert expected in card, expected  # fmt: skip
+    assert (final / "report.png").exists()
+    uploaded = [op.path_in_repo for op in upload_operations(final)]
+    assert uploaded == sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file())
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    again = tmp_path / "again"
+    with pytest.raises(SystemExit) as exit_info:
+        run_recipe("grpo_math", ["--config", str(run / "config.yaml"), "--output_dir", str(again),
+                                 "--push_to_hub", "--hub_model_id", "someone/tiny-r1"])  # fmt: skip
+    message = str(exit_info.value.code)
+    assert "\n" not in message
+    assert re.match(
+        rf"error: --push_to_hub: could not push {again / 'final'} to someone/tiny-r1 on the hub at ", message
+    )
+    assert (again / "final" / "README.md").exists()  # everything was saved before the push
+    assert _first_step(again) == _first_step(run)
+
+
+def test_sft_then_grpo_resume_skips_the_finished_sft(tmp_path, arithmetic_tokenizer, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = arithmetic_tokenizer
+    model_dir = tmp_path / "llama"
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    flags = ["--model", str(model_dir), "--dataset", "arithmetic", "--num_train_problems", "64",
+             "--num_eval_problems", "2", "--sft_max_steps", "2", "--sft_batch_size", "2", "--prompts_per_step", "2",
+             "--num_generations", "2", "--max_completion_length", "8", "--micro_batch_size", "4",
+             "--eval_samples_per_prompt", "1", "--reward_workers", "0", "--rollout", "local", "--save_steps", "1",
+             "--output_dir", str(tmp_path / "run")]  # fmt: skip
+    run_recipe("sft_then_grpo", [*flags, "--max_steps", "1"])
+    sft_weights = tmp_path / "run" / "sft" / "model.safetensors"
+    written = sft_weights.stat().st_mtime_ns
+    capsys.readouterr()
+
+    run_recipe("sft_then_grpo", [*flags, "--max_steps", "2", "--resume"])
+    out = capsys.readouterr().out
+    assert "SFT warm start: finished earlier, skipped" in out and "resumed from" in out and "at step 1" in out
+    assert sft_weights.stat().st_mtime_ns == written  # the KL reference and start checkpoint are untouched
+
+    with pytest.raises(SystemExit, match=r"--resume: the SFT stage in .* ran with other settings"):
+        run_recipe("sft_then_grpo", [*flags, "--max_steps", "3", "--resume", "--sft_max_steps", "3"])
