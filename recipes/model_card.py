@@ -77,13 +77,17 @@ def _value(options: dict, key: str) -> str:
     return str(options[key])
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def results_section(results: dict | None, options: dict) -> list[str]:
     if not results:
         return ["No held-out evaluation was recorded for this run."]
     first = next(iter(results.values()))
     lines = [
         f"Held-out accuracy of `{options['accuracy_reward']}` on {first['num_prompts']} problems, "
-        f"{first['samples_per_prompt']} samples each at temperature {options['temperature']}:",
+        f"{_count(first['samples_per_prompt'], 'sample')} each at temperature {options['temperature']}:",
         "",
         "| checkpoint | accuracy | mean completion length (tokens) |",
         "|---|---|---|",
@@ -114,7 +118,7 @@ def model_card(recipe: str, options: dict, results: dict | None, environment: di
         "",
         f"# {options['run_name']}",
         "",
-        f"Trained with [r1kit](https://pypi.org/project/r1kit/)'s `{recipe}` recipe: {method}.",
+        f"Trained with r1kit's `{recipe}` recipe: {method}.",
         "",
         f"- **Base model:** {base_model_line(options)}",
         f"- **Data:** {data_line(options)}",

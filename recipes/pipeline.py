@@ -42,6 +42,7 @@ from r1kit.recipes.tasks.gsm8k import load_gsm8k
 from r1kit.recipes.tracking import grpo_trackers, sft_run_name, sft_tracker_environment, start_trackers
 from r1kit.rewards import RewardSuite, RewardSuiteConfig, resolve
 from r1kit.rollout.engine import RolloutEngine, SamplingParams
+from r1kit.rollout.messages import AUTHKEY_ENV
 from r1kit.rollout.remote import RemoteRolloutEngine
 from r1kit.rollout.serve import WorkerOptions
 from r1kit.rollout.torch_engine import TorchRolloutEngine
@@ -72,6 +73,8 @@ def check_inputs(args: RecipeArguments) -> None:
             resolve(spec)
         except (ImportError, AttributeError, TypeError, ValueError) as error:
             raise ConfigError(f"--reward: {error}") from error
+    if args.rollout_connect and not os.environ.get(AUTHKEY_ENV):
+        raise ConfigError(f"--rollout_connect: set {AUTHKEY_ENV} to the secret the workers were started with")
     if args.accuracy_reward not in args.reward:
         raise ConfigError(f"--accuracy_reward {args.accuracy_reward} is not one of --reward {args.reward}")
 

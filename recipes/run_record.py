@@ -37,11 +37,17 @@ def resolved_options(args: RecipeArguments, config: GRPOConfig) -> dict:
     return {**asdict(args), **config.to_dict()}
 
 
-def git_commit(directory: Path) -> str | None:
-    """The commit checked out at `directory` (with "-dirty" when files differ from it), or None outside git."""
+def git_commit(source_root: Path) -> str | None:
+    """The commit of the git checkout whose top level is `source_root` ("-dirty" when files differ from it).
+
+    None when `source_root` is not the top of a checkout: an installed r1kit inside
+    some other repository (a venv in a project's folder) must not report that one's commit.
+    """
     try:
-        run = lambda *command: subprocess.run(["git", *command], cwd=directory, capture_output=True, text=True,
+        run = lambda *command: subprocess.run(["git", *command], cwd=source_root, capture_output=True, text=True,
                                               timeout=10, check=True).stdout.strip()  # fmt: skip
+        if Path(run("rev-parse", "--show-toplevel")).resolve() != source_root.resolve():
+            return None
         commit = run("rev-parse", "HEAD")
         return commit + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
@@ -57,7 +63,7 @@ def environment() -> dict[str, str | None]:
         except PackageNotFoundError:
             versions[package] = None
     versions["python"] = platform.python_version()
-    versions["git_commit"] = git_commit(Path(__file__).resolve().parent)
+    versions["git_commit"] = git_commit(Path(__file__).resolve().parents[1])  # recipes/ sits at the top
     return versions
 
 

@@ -67,9 +67,13 @@ def test_cpu_threads_share_the_cores_among_the_processes_unless_asked():
         (["--embedded_preset", "huge"], "--embedded_preset huge: not one of"),
         (["--config", "nope.yaml"], "--config nope.yaml: no such file"),
         (["--cpu_threads", "0"], "--cpu_threads must be >= 1, got 0"),
+        (["--rollout_connect", "host:1"], "--rollout_connect: set R1KIT_ROLLOUT_AUTHKEY to the secret"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--hub_model_id", "a/b/c"], "--hub_model_id 'a/b/c': expected a hub repository id"),
     ],
 )
-def test_bad_input_is_one_clear_line(flags, message, tmp_path):
+def test_bad_input_is_one_clear_line(flags, message, tmp_path, monkeypatch):
+    monkeypatch.delenv("R1KIT_ROLLOUT_AUTHKEY", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         run_recipe("grpo_math", [*flags, "--output_dir", str(tmp_path)])
     assert str(exit_info.value.code).startswith("error: ")

@@ -101,3 +101,37 @@ def test_sft_then_grpo_resume_skips_the_finished_sft(tmp_path, arithmetic_tokeni
 
     with pytest.raises(SystemExit, match=r"--resume: the SFT stage in .* ran with other settings"):
         run_recipe("sft_then_grpo", [*flags, "--max_steps", "3", "--resume", "--sft_max_steps", "3"])
+
+
+def test_sft_alone_then_eval_of_its_checkpoint_agree(tmp_path, capsys):
+    from r1kit.recipes import evaluate, sft
+
+    task = ["--embedded_preset", "tiny-debug", "--num_train_problems", "200", "--num_eval_problems", "4",
+            "--eval_samples_per_prompt", "2", "--max_completion_length", "12", "--reward_workers", "0",
+            "--rollout", "local"]  # fmt: skip
+    sft.main([*task, "--sft_max_steps", "4", "--sft_batch_size", "8", "--output_dir", str(tmp_path / "sft")])
+    final = tmp_path / "sft" / "final"
+    assert "supervised fine-tuning on worked solutions" in (final / "README.md").read_text()
+    assert yaml.safe_load((final / "config.yaml").read_text())["sft_max_steps"] == 4
+    trained = json.loads((final / "results.json").read_text())["sft"]
+
+    evaluate.main([*task, "--model", str(final), "--output_dir", str(tmp_path / "eval")])
+    scored = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert scored["accuracy"] == trained["accuracy"] and scored["num_prompts"] == 4  # same problems, same samples
+    assert f"{final}: held-out accuracy" in capsys.readouterr().out
+
+
+def test_the_commit_is_r1kits_own_or_none(tmp_path):
+    import subprocess
+
+    from r1kit.recipes.run_record import git_commit
+
+    project = tmp_path / "project"  # someone else's repository, with r1kit installed in a venv inside it
+    installed = project / ".venv" / "site-packages" / "r1kit"
+    installed.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    assert git_commit(installed) is None
+    assert git_commit(tmp_path / "elsewhere") is None
+    root = Path(__file__).resolve().parents[2]
+    if (root / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", git_commit(root))
