@@ -122,6 +122,12 @@ class RecipeArguments:
                 raise ConfigError(str(error)) from None
 
 
+    @property
+    def runs_sft(self) -> bool:
+        """Whether the recipe fine-tunes before GRPO: --sft always, or auto for the embedded default."""
+        return self.sft == "always" or (self.sft == "auto" and self.model is None)
+
+
 def parse_arguments(recipe: str, argv: list[str] | None = None) -> tuple[RecipeArguments, GRPOConfig]:
     """Parse the recipe's YAML defaults, an optional --config file and the flags in `argv`."""
     argv = list(sys.argv[1:] if argv is None else argv)

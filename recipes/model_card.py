@@ -107,7 +107,8 @@ def model_card(recipe: str, options: dict, results: dict | None, environment: di
         metadata["datasets"] = [HUB_DATASETS[options["dataset"]]]
     weights = options["reward_weights"] or [1.0] * len(options["reward"])
     rewards = ", ".join(f"`{name}` x {weight}" for name, weight in zip(options["reward"], weights, strict=True))
-    sft = "a supervised warm start, then " if options["sft"] != "never" else ""
+    runs_sft = options["sft"] == "always" or (options["sft"] == "auto" and options["model"] is None)
+    sft = "a supervised warm start, then " if runs_sft else ""
     method = ("supervised fine-tuning on worked solutions" if recipe == "sft"
               else f"{sft}GRPO (group-relative policy optimization) against rule-based rewards")  # fmt: skip
     settings = SFT_OPTIONS if recipe == "sft" else ALGORITHM_OPTIONS

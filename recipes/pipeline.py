@@ -108,8 +108,7 @@ def warm_start(args: RecipeArguments, config: GRPOConfig, train: Dataset, accele
     its settings' fingerprint; `--resume` reuses it when the settings match.
     """
     embedded = args.model is None
-    run_sft_now = args.sft == "always" or (args.sft == "auto" and embedded)
-    if not run_sft_now:
+    if not args.runs_sft:
         if embedded:
             raise ConfigError("the embedded default is untrained: it needs --sft auto or always")
         return args.model

@@ -47,15 +47,22 @@ def finish_run(output_dir: str | Path, recipe: str, args: RecipeArguments, confi
     plot = None
     if metrics.exists():
         steps = {"sft": 0, "grpo": config.max_steps}
-        accuracies = {name.upper(): (steps[name], result["accuracy"]) for name, result in held_out.items()}
+        accuracies = {_label(name, args): (steps[name], result["accuracy"]) for name, result in held_out.items()}
         plot_run(metrics, output_dir / REPORT_FILE, title=report_title(options), held_out=accuracies)
         shutil.copy(output_dir / REPORT_FILE, final / REPORT_FILE)
         plot = REPORT_FILE
     for name in (RESULTS_FILE, CONFIG_FILE):
         shutil.copy(output_dir / name, final / name)
     command = rerun_command(recipe)
-    card_results = {name.upper(): result for name, result in held_out.items()}
+    card_results = {_label(name, args): result for name, result in held_out.items()}
     (final / "README.md").write_text(model_card(recipe, options, card_results, env, command, plot))
+
+
+def _label(checkpoint: str, args: RecipeArguments) -> str:
+    """How results name a checkpoint: "SFT", "GRPO", or "start" for a start model that no SFT trained."""
+    if checkpoint == "sft" and not args.runs_sft:
+        return "start"
+    return checkpoint.upper()
 
 
 def push_final(final_model: str | Path, args: RecipeArguments) -> str:

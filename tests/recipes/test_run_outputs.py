@@ -135,3 +135,20 @@ def test_the_commit_is_r1kits_own_or_none(tmp_path):
     root = Path(__file__).resolve().parents[2]
     if (root / ".git").exists():
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", git_commit(root))
+
+
+def test_the_model_card_of_a_hub_model_on_gsm8k_names_both_in_its_metadata():
+    from r1kit.grpo.config import GRPOConfig
+    from r1kit.recipes.arguments import RecipeArguments
+    from r1kit.recipes.model_card import model_card
+    from r1kit.recipes.run_record import resolved_options
+
+    args = RecipeArguments(model="Qwen/Qwen2.5-0.5B-Instruct", dataset="gsm8k", run_name="qwen-gsm8k")
+    options = resolved_options(args, GRPOConfig(epsilon_high=0.28, max_steps=500))
+    start = {"accuracy": 0.25, "mean_completion_length": 180.0, "num_prompts": 200, "samples_per_prompt": 1}
+    card = model_card("grpo_math", options, {"start": start}, {"torch": "2.13.0", "git_commit": None}, "r1kit grpo")
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct" and metadata["datasets"] == ["openai/gsm8k"]
+    assert "recipe: GRPO (group-relative" in card and "warm start" not in card  # no SFT for a given model
+    assert "200 problems, 1 sample each" in card and "| start | 25.0% | 180.0 |" in card
+    assert "| clip epsilon (low / high) | 0.2 / 0.28 |" in card and "report" not in card
