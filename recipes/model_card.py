@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from r1kit.recipes.run_record import CONFIG_FILE
+from r1kit.recipes.run_record import CONFIG_FILE, software_line
 
 HUB_DATASETS = {"gsm8k": "openai/gsm8k"}
 ALGORITHM_OPTIONS = (
@@ -139,7 +139,6 @@ def model_card(recipe: str, options: dict, results: dict | None, environment: di
     ]
     if plot is not None:
         lines += ["", "## Training report", "", f"![training report]({plot})"]
-    software = ", ".join(f"{name} {value}" for name, value in environment.items() if name != "git_commit" and value)
     lines += [
         "",
         "## Reproduce",
@@ -148,7 +147,7 @@ def model_card(recipe: str, options: dict, results: dict | None, environment: di
         command,
         "```",
         "",
-        f"Software: {software}; r1kit commit {environment.get('git_commit') or 'unknown'}.",
+        f"Software: {software_line(environment)}; r1kit commit {environment.get('git_commit') or 'unknown'}.",
         "",
     ]
     return "\n".join(lines)

@@ -67,18 +67,22 @@ def environment() -> dict[str, str | None]:
     return versions
 
 
+def software_line(env: dict[str, str | None]) -> str:
+    """"r1kit 0.1.0, torch 2.13.0, ..." from `environment()` (the commit left out)."""
+    return ", ".join(f"{name} {value}" for name, value in env.items() if name != "git_commit" and value)
+
+
 def write_run_config(directory: str | Path, recipe: str, args: RecipeArguments, config: GRPOConfig) -> Path:
     """Write `directory/config.yaml`: the run's resolved options under a header naming recipe and versions."""
+    path = Path(directory) / CONFIG_FILE
     env = environment()
-    software = ", ".join(f"{name} {value}" for name, value in env.items() if name != "git_commit" and value)
     header = [
         f"# r1kit {recipe} run, started {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"# software: {software}",
+        f"# software: {software_line(env)}",
         f"# r1kit git commit: {env['git_commit'] or 'none (not run from a git checkout)'}",
-        f"# run again (from this directory): {rerun_command(recipe)}",
+        f"# run again: {rerun_command(recipe, str(path))}",
     ]
     body = yaml.safe_dump(resolved_options(args, config), sort_keys=False)
-    path = Path(directory) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(header) + "\n" + body)
     return path
