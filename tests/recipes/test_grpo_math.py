@@ -13,13 +13,6 @@ import torch
 from r1kit.recipes.launch import run_recipe
 from r1kit.recipes.pipeline import cpu_threads
 
-SMALL = [
-    "--embedded_preset", "tiny-debug", "--num_train_problems", "200", "--num_eval_problems", "6",
-    "--sft_max_steps", "4", "--sft_batch_size", "8", "--max_steps", "2", "--prompts_per_step", "3",
-    "--num_generations", "2", "--max_completion_length", "12", "--eval_samples_per_prompt", "1",
-    "--reward_workers", "0",
-]  # fmt: skip
-
 
 @pytest.fixture
 def launched_single_threaded(monkeypatch):
@@ -31,8 +24,8 @@ def launched_single_threaded(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_embedded_default_end_to_end(tmp_path, capsys, launched_single_threaded):
-    run_recipe("grpo_math", [*SMALL, "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")])
+def test_embedded_default_end_to_end(tmp_path, capsys, launched_single_threaded, small_run):
+    run_recipe("grpo_math", [*small_run, "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
     cores = len(os.sched_getaffinity(0))
     assert torch.get_num_threads() == cores and f"training on CPU with {cores} torch threads per process" in out
@@ -45,7 +38,9 @@ def test_embedded_default_end_to_end(tmp_path, capsys, launched_single_threaded)
     assert steps == [0, 1, 2, 2]  # held-out accuracy before GRPO, two steps, held-out accuracy after
     (cached,) = [p for p in (tmp_path / "cache").iterdir() if (p / "config.json").exists()]
 
-    run_recipe("grpo_math", [*SMALL, "--output_dir", str(tmp_path / "again"), "--cache_dir", str(tmp_path / "cache")])
+    run_recipe(
+        "grpo_math", [*small_run, "--output_dir", str(tmp_path / "again"), "--cache_dir", str(tmp_path / "cache")]
+    )
     assert f"cached at {cached}" in capsys.readouterr().out
 
 
@@ -91,16 +86,8 @@ GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
 
 
 @pytest.mark.skipif(not GSM8K.exists(), reason="GSM8K data not beside the repository")
-def test_sft_then_grpo_on_a_local_transformers_model_and_gsm8k(tmp_path, arithmetic_tokenizer, capsys):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = arithmetic_tokenizer
-    model_dir = tmp_path / "llama"
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+def test_sft_then_grpo_on_a_local_transformers_model_and_gsm8k(tmp_path, local_llama, capsys):
+    model_dir = local_llama
     flags = ["--model", str(model_dir), "--dataset", str(GSM8K), "--num_eval_problems", "2", "--sft_max_steps", "2",
              "--sft_batch_size", "2", "--max_steps", "1", "--prompts_per_step", "2", "--num_generations", "2",
              "--max_completion_length", "8", "--micro_batch_size", "4", "--eval_samples_per_prompt", "1",
@@ -111,19 +98,21 @@ def test_sft_then_grpo_on_a_local_transformers_model_and_gsm8k(tmp_path, arithme
     assert "GRPO checkpoint:" in capsys.readouterr().out
 
 
-def test_lora_run_writes_a_merged_model_and_its_adapter(tmp_path):
-    run_recipe("grpo_math", [*SMALL, "--lora_r", "4", "--output_dir", str(tmp_path / "run"),
+def test_lora_run_writes_a_merged_model_and_its_adapter(tmp_path, small_run):
+    run_recipe("grpo_math", [*small_run, "--lora_r", "4", "--output_dir", str(tmp_path / "run"),
                        "--cache_dir", str(tmp_path / "cache")])  # fmt: skip
     final = tmp_path / "run" / "final"
     assert (final / "config.json").exists() and (final / "adapter" / "adapter_config.json").exists()
 
 
-def test_sft_and_grpo_report_to_the_same_tracker_under_the_run_name(tmp_path):
+def test_sft_and_grpo_report_to_the_same_tracker_under_the_run_name(tmp_path, small_run):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     flags = ["--report_to", "tensorboard", "--run_name", "tiny", "--log_completions_steps", "1"]
-    run_recipe("grpo_math", [*SMALL, *flags, "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "c")])
+    run_recipe(
+        "grpo_math", [*small_run, *flags, "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "c")]
+    )
     boards = tmp_path / "run" / "tensorboard"
     assert sorted(p.name for p in boards.iterdir()) == ["tiny", "tiny-sft"]
     sft = EventAccumulator(str(boards / "tiny-sft")).Reload()
@@ -134,9 +123,10 @@ def test_sft_and_grpo_report_to_the_same_tracker_under_the_run_name(tmp_path):
     assert "samples/text_summary" in grpo.Tags()["tensors"]  # the completions, as a table
 
 
-def test_fp8_run_trains_in_fp8_and_saves_the_recipe(tmp_path):
+def test_fp8_run_trains_in_fp8_and_saves_the_recipe(tmp_path, small_run):
     run_recipe(
-        "grpo_math", [*SMALL, "--fp8", "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")]
+        "grpo_math",
+        [*small_run, "--fp8", "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")],
     )
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["fp8"]["block_size"] == 128

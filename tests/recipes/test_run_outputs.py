@@ -12,12 +12,6 @@ import yaml
 from r1kit.recipes.hub import upload_operations
 from r1kit.recipes.launch import run_recipe
 
-SMALL = [
-    "--embedded_preset", "tiny-debug", "--num_train_problems", "200", "--num_eval_problems", "6",
-    "--sft_max_steps", "4", "--sft_batch_size", "8", "--max_steps", "2", "--prompts_per_step", "3",
-    "--num_generations", "2", "--max_completion_length", "12", "--eval_samples_per_prompt", "1",
-    "--reward_workers", "0",
-]  # fmt: skip
 TIMING = ("time/", "tokens_per_second")
 
 
@@ -27,11 +21,11 @@ def _first_step(run: Path) -> dict:
     return {k: v for k, v in first.items() if not k.startswith(TIMING)}
 
 
-def test_a_finished_run_stands_on_its_own_reruns_from_its_config_and_pushes_final(tmp_path, monkeypatch):
+def test_a_finished_run_stands_on_its_own_reruns_from_its_config_and_pushes_final(tmp_path, monkeypatch, small_run):
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
-    run_recipe("grpo_math", [*SMALL, "--output_dir", str(run), "--cache_dir", str(tmp_path / "cache")])
+    run_recipe("grpo_math", [*small_run, "--output_dir", str(run), "--cache_dir", str(tmp_path / "cache")])
     final = run / "final"
     assert AutoModelForCausalLM.from_pretrained(final).config.model_type == "deepseek_v3"
 
@@ -74,16 +68,8 @@ def test_a_finished_run_stands_on_its_own_reruns_from_its_config_and_pushes_fina
     assert _first_step(again) == _first_step(run)
 
 
-def test_sft_then_grpo_resume_skips_the_finished_sft(tmp_path, arithmetic_tokenizer, capsys):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = arithmetic_tokenizer
-    model_dir = tmp_path / "llama"
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+def test_sft_then_grpo_resume_skips_the_finished_sft(tmp_path, local_llama, capsys):
+    model_dir = local_llama
     flags = ["--model", str(model_dir), "--dataset", "arithmetic", "--num_train_problems", "64",
              "--num_eval_problems", "2", "--sft_max_steps", "2", "--sft_batch_size", "2", "--prompts_per_step", "2",
              "--num_generations", "2", "--max_completion_length", "8", "--micro_batch_size", "4",
