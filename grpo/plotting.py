@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.metrics import read_metrics
 
 SKIPPED_SUFFIXES = ("/std", "/errors", "/timeouts", "/not_applicable", "/total/mean")
@@ -56,6 +57,12 @@ def _series(records: list[dict], prefixes: tuple[str, ...]) -> Series:
 def _is_constant(series: Series) -> bool:
     """Whether every line of a panel stays at one value (e.g. clip fractions at mu = 1): nothing to show."""
     return all(max(values) - min(values) <= 1e-12 * max(1.0, abs(max(values))) for _, values in series.values())
+
+
+def settings_summary(config: GRPOConfig) -> str:
+    """The settings that shape a GRPO run, for a report's title: "G = 8, lr = 0.0001, beta = 0.04, 200 steps"."""
+    return (f"G = {config.num_generations}, lr = {config.learning_rate:g}, beta = {config.beta:g}, "
+            f"{config.max_steps} steps")  # fmt: skip
 
 
 def report_panels(records: list[dict], with_accuracy: bool = False) -> list[tuple[str, Series]]:

@@ -35,7 +35,7 @@ from r1kit.grpo.logprobs import TokenLogprobModel
 from r1kit.grpo.lr_schedules import LR_SCHEDULES
 from r1kit.grpo.metrics import MetricsLogger
 from r1kit.grpo.options import ConfigError
-from r1kit.grpo.plotting import plot_run
+from r1kit.grpo.plotting import plot_run, settings_summary
 from r1kit.grpo.update import PolicyUpdate
 from r1kit.rollout.engine import RolloutEngine
 
@@ -265,5 +265,6 @@ class GRPOTrainer:
             if is_peft_model(self.policy):
                 final.with_name("final-adapter").rename(final / "adapter")
             if self.logger.path.exists():
-                plot_run(self.logger.path, Path(self.config.output_dir) / "report.png")
+                title = f"{Path(self.config.output_dir).resolve().name}: {settings_summary(self.config)}"
+                plot_run(self.logger.path, Path(self.config.output_dir) / "report.png", title=title)
         return final

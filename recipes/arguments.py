@@ -121,7 +121,6 @@ class RecipeArguments:
             except ValueError as error:
                 raise ConfigError(str(error)) from None
 
-
     @property
     def runs_sft(self) -> bool:
         """Whether the recipe fine-tunes before GRPO: --sft always, or auto for the embedded default."""

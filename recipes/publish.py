@@ -16,7 +16,7 @@ from pathlib import Path
 
 from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.options import ConfigError
-from r1kit.grpo.plotting import plot_run
+from r1kit.grpo.plotting import plot_run, settings_summary
 from r1kit.recipes.arguments import RecipeArguments
 from r1kit.recipes.hub import HubPushError, push_directory
 from r1kit.recipes.model_card import model_card
@@ -26,11 +26,10 @@ REPORT_FILE = "report.png"
 RESULTS_FILE = "results.json"
 
 
-def report_title(options: dict) -> str:
-    """The report's title: model, data and the settings that shape the run."""
-    model = options["model"] or f"embedded DeepSeek-V3 ({options['embedded_preset']})"
-    return (f"{options['run_name']}: {model} on {options['dataset']}  |  G = {options['num_generations']}, "
-            f"lr = {options['learning_rate']:g}, beta = {options['beta']:g}, {options['max_steps']} steps")  # fmt: skip
+def report_title(args: RecipeArguments, config: GRPOConfig) -> str:
+    """The report's title: run, model, data and the settings that shape the run."""
+    model = args.model or f"embedded DeepSeek-V3 ({args.embedded_preset})"
+    return f"{args.run_name}: {model} on {args.dataset}  |  {settings_summary(config)}"
 
 
 def finish_run(output_dir: str | Path, recipe: str, args: RecipeArguments, config: GRPOConfig,
@@ -48,7 +47,7 @@ def finish_run(output_dir: str | Path, recipe: str, args: RecipeArguments, confi
     if metrics.exists():
         steps = {"sft": 0, "grpo": config.max_steps}
         accuracies = {_label(name, args): (steps[name], result["accuracy"]) for name, result in held_out.items()}
-        plot_run(metrics, output_dir / REPORT_FILE, title=report_title(options), held_out=accuracies)
+        plot_run(metrics, output_dir / REPORT_FILE, title=report_title(args, config), held_out=accuracies)
         shutil.copy(output_dir / REPORT_FILE, final / REPORT_FILE)
         plot = REPORT_FILE
     for name in (RESULTS_FILE, CONFIG_FILE):

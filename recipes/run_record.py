@@ -68,7 +68,7 @@ def environment() -> dict[str, str | None]:
 
 
 def software_line(env: dict[str, str | None]) -> str:
-    """"r1kit 0.1.0, torch 2.13.0, ..." from `environment()` (the commit left out)."""
+    """The versions in `environment()` as one line, "r1kit 0.1.0, torch 2.13.0, ...", without the commit."""
     return ", ".join(f"{name} {value}" for name, value in env.items() if name != "git_commit" and value)
 
 
