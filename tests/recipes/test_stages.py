@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from r1kit.grpo.options import ConfigError
 from r1kit.recipes.r1_pipeline import DEFAULT_RECIPE, parse_command_line
@@ -38,6 +39,9 @@ def test_the_r1_stages_run_chain_and_resume(tmp_path, capsys):
     # each stage starts where the recipe says: rl from cold_start, final_rl from sft_on_samples
     assert json.loads((tmp_path / "rl" / "results.json").read_text())["final_model"] == results[1].output
     assert results[1].output.startswith(str(tmp_path / "rl"))
+    rl_options = yaml.safe_load((tmp_path / "rl" / "config.yaml").read_text())  # the stage alone, rerunnable
+    assert rl_options["model"] == results[0].output and rl_options["sft"] == "never"
+    assert (tmp_path / "rl" / "final" / "README.md").exists()
     assert results[3].output == str(tmp_path / "sft_on_samples" / "model")
     assert json.loads((tmp_path / "rs" / "provenance.json").read_text())["checkpoint"] == results[1].output
     table = capsys.readouterr().out
