@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from r1kit.grpo.advantages import compute_advantages, zero_std_groups
 from r1kit.grpo.config import GRPOConfig
-from r1kit.grpo.data import PromptSampler, encode_prompt
+from r1kit.grpo.data import PromptSampler, encode_prompt, stop_token_ids
 from r1kit.grpo.metrics import nan_mean_std
 from r1kit.rollout.engine import RolloutBatch, RolloutEngine, SamplingParams, concat_rollouts
 
@@ -123,8 +123,10 @@ class RolloutCollector:
         sampler: PromptSampler,
         prompt_column: str,
         accuracy_reward: str | None,
+        stop_ids: tuple[int, ...] | None = None,
     ) -> None:
         self.config, self.engine, self.rewards, self.tokenizer = config, engine, rewards, tokenizer
+        self.stop_ids = stop_ids if stop_ids is not None else stop_token_ids(tokenizer)
         self.sampler, self.prompt_column, self.accuracy_reward = sampler, prompt_column, accuracy_reward
         self._pending: _Round | None = None
         self._sampler_state = sampler.state_dict()  # position before any prefetched prompts
@@ -136,7 +138,7 @@ class RolloutCollector:
         prompts = [encode_prompt(self.tokenizer, row[self.prompt_column]) for row in rows]
         params = SamplingParams(
             n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
-            max_new_tokens=config.max_completion_length, stop_token_ids=(self.tokenizer.eos_token_id,),
+            max_new_tokens=config.max_completion_length, stop_token_ids=self.stop_ids,
             seed=config.seed * 1_000_003 + step * 101 + round_index,
         )  # fmt: skip
         generate = self.engine.generate_async if background else self.engine.generate

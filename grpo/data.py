@@ -1,12 +1,13 @@
-"""Prompt batches for GRPO: shuffled passes over a dataset, resumable exactly."""
+"""Prompts for GRPO: encoding, the ids that end a completion, and shuffled passes over a dataset, resumable exactly."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from r1kit.grpo.options import ConfigError
 
@@ -26,6 +27,27 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) 
         return tokenizer(prompt)["input_ids"]
     encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
     return list(encoded["input_ids"])
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config=None) -> tuple[int, ...]:
+    """Ids that end a completion: the tokenizer's EOS, plus every EOS id of the model's generation config.
+
+    Chat models end a turn with their own tokens (`<|im_end|>`, `<|eot_id|>`), which
+    their generation config lists beside (or instead of) the tokenizer's EOS.
+    """
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids += configured if isinstance(configured, list | tuple) else [configured]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def checkpoint_stop_token_ids(tokenizer: PreTrainedTokenizerBase, checkpoint: str | None) -> tuple[int, ...]:
+    """`stop_token_ids` with the generation config saved with `checkpoint` (a directory or hub id), if it has one."""
+    generation_config = None
+    if checkpoint is not None:
+        with contextlib.suppress(OSError):  # no generation_config.json there
+            generation_config = GenerationConfig.from_pretrained(checkpoint)
+    return stop_token_ids(tokenizer, generation_config)
 
 
 class PromptSampler:

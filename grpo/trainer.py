@@ -30,7 +30,7 @@ from r1kit.grpo.batch import build_policy_batch
 from r1kit.grpo.checkpoint import list_checkpoints, load_training_state, save_checkpoint, save_model_atomic
 from r1kit.grpo.collector import RewardScorer, RolloutCollector, ScoredRollout
 from r1kit.grpo.config import GRPOConfig
-from r1kit.grpo.data import PromptSampler, check_prompt_dataset
+from r1kit.grpo.data import PromptSampler, check_prompt_dataset, stop_token_ids
 from r1kit.grpo.logprobs import TokenLogprobModel
 from r1kit.grpo.lr_schedules import LR_SCHEDULES
 from r1kit.grpo.metrics import MetricsLogger
@@ -115,7 +115,9 @@ class GRPOTrainer:
         self.update = PolicyUpdate(config, self.model, policy, self.optimizer, self.scheduler, self.accelerator,
                                    self._reference_model(policy, reference))  # fmt: skip
         sampler = PromptSampler(train_dataset, config.prompts_per_step, config.seed)
-        self.collector = RolloutCollector(config, engine, rewards, tokenizer, sampler, prompt_column, accuracy_reward)
+        stop_ids = stop_token_ids(tokenizer, getattr(policy, "generation_config", None))
+        self.collector = RolloutCollector(config, engine, rewards, tokenizer, sampler, prompt_column, accuracy_reward,
+                                          stop_ids)  # fmt: skip
         self.logger = MetricsLogger(config.output_dir, self.accelerator)
         self.step = 0
         self.policy_version = 0

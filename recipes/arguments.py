@@ -7,6 +7,8 @@ command-line flags. `--help` lists every option with its documentation.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,21 +132,37 @@ class RecipeArguments:
 def parse_arguments(recipe: str, argv: list[str] | None = None) -> tuple[RecipeArguments, GRPOConfig]:
     """Parse the recipe's YAML defaults, an optional --config file and the flags in `argv`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser([RecipeArguments, GRPOConfig])
+    parser = TrlParser([RecipeArguments, GRPOConfig], allow_abbrev=False)  # --num_generation is not --num_generations
     # read by TrlParser before the dataclasses are parsed; declared here so that --help lists it
     parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    options = sorted({field.name for kind in (RecipeArguments, GRPOConfig) for field in dataclasses.fields(kind)})
     recipe_defaults = CONFIG_DIR / f"{recipe}.yaml"
     if recipe_defaults.exists():
-        unknown = parser.set_defaults_with_config(**yaml.safe_load(recipe_defaults.read_text()))
-        if unknown:
-            raise ConfigError(f"{recipe_defaults} has unknown keys: {unknown[::2]}")
+        defaults = yaml.safe_load(recipe_defaults.read_text())
+        check_option_names(defaults, options, str(recipe_defaults))
+        parser.set_defaults_with_config(**defaults)
+    flags = [arg.removeprefix("--").split("=")[0] for arg in argv if arg.startswith("--")]
+    check_option_names([f for f in flags if f not in ("help", "config")], options, where=None, prefix="--")
     if "--config" in argv:
         path = Path(argv[argv.index("--config") + 1])
         if not path.exists():
             raise FileNotFoundError(f"--config {path}: no such file")
+        check_option_names(yaml.safe_load(path.read_text()) or {}, [*options, "env"], f"--config {path}")
     recipe_args, grpo_config, *_ = parser.parse_args_and_config(argv)  # then the --config namespace, unused
     recipe_args.run_name = resolved_run_name(recipe_args, grpo_config)
     return recipe_args, grpo_config
+
+
+def check_option_names(names, options: list[str], where: str | None, prefix: str = "") -> None:
+    """Raise a ConfigError for the first of `names` that is not an option, suggesting the closest one.
+
+    where: the file the names come from (None for the command line); prefix: "--" for flags.
+    """
+    for name in names:
+        if name.replace("-", "_") not in options:
+            close = difflib.get_close_matches(name, options, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f" (`{prefix}help` lists every option)"
+            raise ConfigError(f"{where + ': ' if where else ''}unknown option {prefix}{name}{hint}")
 
 
 def resolved_run_name(args: RecipeArguments, config: GRPOConfig) -> str:

@@ -42,7 +42,7 @@ def run_evaluation(args: RecipeArguments, config: GRPOConfig) -> EvalResult:
         stack.callback(engine.close)
         suite = stack.enter_context(pipeline.reward_suite(args))
         result = pipeline.held_out_accuracy(
-            args, config, engine, tokenizer, held_out.remove_columns("completion"), suite
+            args, config, engine, tokenizer, held_out.remove_columns("completion"), suite, args.model
         )()
     output = Path(config.output_dir) / RESULT_FILE
     output.parent.mkdir(parents=True, exist_ok=True)

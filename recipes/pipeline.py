@@ -28,6 +28,7 @@ from trl import SFTConfig
 from r1kit.grpo.adapters import DEEPSEEK_V3_LORA_TARGETS
 from r1kit.grpo.checkpoint import list_checkpoints
 from r1kit.grpo.config import GRPOConfig
+from r1kit.grpo.data import checkpoint_stop_token_ids
 from r1kit.grpo.evaluation import EvalResult, evaluate
 from r1kit.grpo.options import ConfigError
 from r1kit.grpo.trainer import GRPOTrainer
@@ -232,7 +233,7 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig, recipe: str = "grpo_
             engine = rollout_engine(args, start, tokenizer, accelerator.device, accelerator.num_processes)
             stack.callback(engine.close)
             suite = stack.enter_context(reward_suite(args))
-            accuracy = held_out_accuracy(args, config, engine, tokenizer, held_out_prompts, suite)
+            accuracy = held_out_accuracy(args, config, engine, tokenizer, held_out_prompts, suite, start)
             sft_result = accuracy()
             print(f"held-out accuracy before GRPO: {sft_result.accuracy:.3f}")
         trainer = GRPOTrainer(
@@ -309,11 +310,16 @@ def held_out_accuracy(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Dataset,
     suite: RewardSuite,
+    checkpoint: str | None = None,
 ) -> Callable[[], EvalResult]:
-    """A function that evaluates the engine's current weights on the held-out prompts, same settings each time."""
+    """A function that evaluates the engine's current weights on the held-out prompts, same settings each time.
+
+    checkpoint: where the engine's model came from; its generation config's EOS ids also end completions.
+    """
     params = SamplingParams(
         n=args.eval_samples_per_prompt, temperature=config.temperature, top_p=config.top_p,
-        max_new_tokens=config.max_completion_length, stop_token_ids=(tokenizer.eos_token_id,), seed=1234,
+        max_new_tokens=config.max_completion_length, stop_token_ids=checkpoint_stop_token_ids(tokenizer, checkpoint),
+        seed=1234,
     )  # fmt: skip
     accuracy = lambda p, c, columns: suite.score(p, c, columns).scores[args.accuracy_reward].tolist()
     return lambda: evaluate(engine, tokenizer, prompts, accuracy, params)

@@ -52,7 +52,7 @@ def run_sft_recipe(args: RecipeArguments, config: GRPOConfig) -> EvalResult | No
         stack.callback(engine.close)
         suite = stack.enter_context(pipeline.reward_suite(args))
         result = pipeline.held_out_accuracy(
-            args, config, engine, tokenizer, held_out.remove_columns("completion"), suite
+            args, config, engine, tokenizer, held_out.remove_columns("completion"), suite, str(final)
         )()
     finish_run(config.output_dir, "sft", args, config, {"sft": asdict(result)}, final)
     print(f"\nHeld-out accuracy ({result.num_prompts} problems x {result.samples_per_prompt} samples, "

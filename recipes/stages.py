@@ -216,7 +216,7 @@ def _evaluate(args: RecipeArguments, config: GRPOConfig, model: str, held_out: D
     """Held-out accuracy of `model` with the same problems and sampling settings as the GRPO stages."""
     with _sampling(args, model) as (engine, tokenizer, suite):
         prompts = held_out.remove_columns("completion")
-        result = held_out_accuracy(args, config, engine, tokenizer, prompts, suite)()
+        result = held_out_accuracy(args, config, engine, tokenizer, prompts, suite, model)()
     print(f"held-out accuracy of {model}: {result.accuracy:.3f}")
     return result
 

@@ -38,7 +38,7 @@ from datasets import Dataset, load_dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from r1kit.grpo.data import encode_prompt
+from r1kit.grpo.data import checkpoint_stop_token_ids, encode_prompt
 from r1kit.grpo.options import ConfigError
 from r1kit.rewards import RewardSuite
 from r1kit.rollout.engine import RolloutEngine, SamplingParams
@@ -199,6 +199,8 @@ def rejection_sample(
 
     A rerun into the same `output_dir` with the same settings resumes after the
     last finished batch; other settings raise instead of mixing two runs.
+    checkpoint: the engine's model (a directory or hub id), recorded in provenance.json; the EOS ids of
+        its generation config also end completions.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +216,7 @@ def rejection_sample(
     stats, done = _resume_state(output_dir, provenance)
     write_json(output_dir / "provenance.json", provenance)
     writer = _ShardWriter(output_dir, config.rows_per_shard, stats.kept)
-    params = config.sampling_params(tuple(t for t in (tokenizer.eos_token_id,) if t is not None))
+    params = config.sampling_params(checkpoint_stop_token_ids(tokenizer, checkpoint))
     extra_columns = [c for c in dataset.column_names if c not in (config.prompt_column, "completion", "messages")]
     bar = tqdm(total=len(dataset), initial=done, desc="rejection sampling", disable=not progress, dynamic_ncols=True)
     for start in range(done, len(dataset), config.prompts_per_batch):

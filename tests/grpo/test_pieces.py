@@ -14,7 +14,13 @@ from r1kit.grpo.batch import build_policy_batch
 from r1kit.grpo.checkpoint import list_checkpoints, save_model_atomic
 from r1kit.grpo.collector import select_groups
 from r1kit.grpo.config import GRPOConfig
-from r1kit.grpo.data import PromptSampler, check_prompt_dataset, encode_prompt
+from r1kit.grpo.data import (
+    PromptSampler,
+    check_prompt_dataset,
+    checkpoint_stop_token_ids,
+    encode_prompt,
+    stop_token_ids,
+)
 from r1kit.grpo.options import ConfigError
 from r1kit.grpo.plotting import plot_run, report_panels
 from r1kit.grpo.update import importance_weights
@@ -152,3 +158,16 @@ def test_the_report_draws_only_quantities_that_vary():
     assert [title for title, _ in held_out] == ["reward (mean over completions)", "accuracy"]
     one_step = [{"step": 1, "reward": 0.5, "entropy": 1.5}]  # nothing varies: keep what there is
     assert len(report_panels(one_step)) == 2
+
+
+def test_completions_end_at_every_eos_id_of_the_generation_config(arithmetic_tokenizer, tmp_path):
+    from transformers import GenerationConfig
+
+    eos = arithmetic_tokenizer.eos_token_id
+    assert stop_token_ids(arithmetic_tokenizer) == (eos,)
+    chat = GenerationConfig(eos_token_id=[eos + 1, eos, eos + 2])  # a chat model's end-of-turn ids, as Qwen's list them
+    assert stop_token_ids(arithmetic_tokenizer, chat) == (eos, eos + 1, eos + 2)
+    assert stop_token_ids(arithmetic_tokenizer, GenerationConfig(eos_token_id=eos + 5)) == (eos, eos + 5)
+    chat.save_pretrained(tmp_path)
+    assert checkpoint_stop_token_ids(arithmetic_tokenizer, str(tmp_path)) == (eos, eos + 1, eos + 2)
+    assert checkpoint_stop_token_ids(arithmetic_tokenizer, str(tmp_path / "no-generation-config")) == (eos,)

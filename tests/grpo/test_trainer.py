@@ -182,3 +182,11 @@ def test_processes_that_did_not_join_one_group_are_refused(make_trainer, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. accelerate launch --cpu --num_processes 2
     with pytest.raises(ConfigError, match="did not join one process group"):
         make_trainer()
+
+
+def test_rollouts_stop_at_the_end_of_turn_ids_of_the_policys_generation_config(make_trainer, debug_policy):
+    policy = copy.deepcopy(debug_policy)
+    eos = policy.config.eos_token_id
+    policy.generation_config.eos_token_id = [eos, 7]  # e.g. <|im_end|> beside <|endoftext|>
+    trainer = make_trainer(policy=policy)
+    assert trainer.tokenizer.eos_token_id == eos and trainer.collector.stop_ids == (eos, 7)

@@ -64,11 +64,15 @@ def test_cpu_threads_share_the_cores_among_the_processes_unless_asked():
         (["--cpu_threads", "0"], "--cpu_threads must be >= 1, got 0"),
         (["--rollout_connect", "host:1"], "--rollout_connect: set R1KIT_ROLLOUT_AUTHKEY to the secret"),
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--num_generation", "4"], "^error: unknown option --num_generation; did you mean --num_generations\\?$"),
+        (["--config", "CONFIG_WITH_A_TYPO"], "unknown option betta; did you mean beta\\?$"),
         (["--hub_model_id", "a/b/c"], "--hub_model_id 'a/b/c': expected a hub repository id"),
     ],
 )
 def test_bad_input_is_one_clear_line(flags, message, tmp_path, monkeypatch):
     monkeypatch.delenv("R1KIT_ROLLOUT_AUTHKEY", raising=False)
+    (tmp_path / "typo.yaml").write_text("betta: 0.1\n")
+    flags = [str(tmp_path / "typo.yaml") if flag == "CONFIG_WITH_A_TYPO" else flag for flag in flags]
     with pytest.raises(SystemExit) as exit_info:
         run_recipe("grpo_math", [*flags, "--output_dir", str(tmp_path)])
     assert str(exit_info.value.code).startswith("error: ")
