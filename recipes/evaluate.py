@@ -10,7 +10,6 @@ reward named by --accuracy_reward. Defaults: recipes/configs/eval.yaml.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from dataclasses import asdict
@@ -26,24 +25,14 @@ RESULT_FILE = "eval.json"
 
 def run_evaluation(args: RecipeArguments, config: GRPOConfig) -> EvalResult:
     """Sample and score `args.model` on the held-out split of `args.dataset`; writes OUTPUT_DIR/eval.json."""
-    import torch
-
     from r1kit.recipes import pipeline  # heavy imports after --help
 
     if args.model is None:
         raise ConfigError("eval needs --model: a checkpoint directory or a hub id")
     pipeline.check_inputs(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline.use_cpu_threads(args, device)
+    pipeline.use_cpu_threads(args, pipeline.default_device())
     _, held_out = pipeline.load_task(args)
-    tokenizer = pipeline.load_tokenizer(args.model)
-    with contextlib.ExitStack() as stack:
-        engine = pipeline.rollout_engine(args, args.model, tokenizer, device)
-        stack.callback(engine.close)
-        suite = stack.enter_context(pipeline.reward_suite(args))
-        result = pipeline.held_out_accuracy(
-            args, config, engine, tokenizer, held_out.remove_columns("completion"), suite, args.model
-        )()
+    result = pipeline.evaluate_checkpoint(args, config, args.model, held_out)
     output = Path(config.output_dir) / RESULT_FILE
     output.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": args.model, "dataset": args.dataset, "accuracy_reward": args.accuracy_reward,

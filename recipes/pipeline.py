@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -301,6 +301,29 @@ def _trainable_policy(args: RecipeArguments, start: str, checkpoint: Path | None
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM")  # fmt: skip
     return get_peft_model(base, lora)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def sampling(args: RecipeArguments, model: str) -> Iterator[tuple[RolloutEngine, PreTrainedTokenizerBase, RewardSuite]]:
+    """A rollout engine holding `model`, its tokenizer and the recipe's reward suite; both closed after."""
+    tokenizer = load_tokenizer(model)
+    engine = rollout_engine(args, model, tokenizer, default_device())
+    try:
+        with reward_suite(args) as suite:
+            yield engine, tokenizer, suite
+    finally:
+        engine.close()
+
+
+def evaluate_checkpoint(args: RecipeArguments, config: GRPOConfig, model: str, held_out: Dataset) -> EvalResult:
+    """Held-out accuracy of checkpoint `model` under the recipe's rewards and sampling settings."""
+    with sampling(args, model) as (engine, tokenizer, suite):
+        prompts = held_out.remove_columns("completion")
+        return held_out_accuracy(args, config, engine, tokenizer, prompts, suite, model)()
 
 
 def held_out_accuracy(

@@ -12,7 +12,6 @@ recipes/configs/sft.yaml; `--help` lists every option.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 from dataclasses import asdict
@@ -47,13 +46,7 @@ def run_sft_recipe(args: RecipeArguments, config: GRPOConfig) -> EvalResult | No
     pipeline.train_sft(args, config, policy, tokenizer, train, final, from_scratch=args.model is None)
     if not state.is_main_process:
         return None
-    with contextlib.ExitStack() as stack:
-        engine = pipeline.rollout_engine(args, str(final), tokenizer, state.device)
-        stack.callback(engine.close)
-        suite = stack.enter_context(pipeline.reward_suite(args))
-        result = pipeline.held_out_accuracy(
-            args, config, engine, tokenizer, held_out.remove_columns("completion"), suite, str(final)
-        )()
+    result = pipeline.evaluate_checkpoint(args, config, str(final), held_out)
     finish_run(config.output_dir, "sft", args, config, {"sft": asdict(result)}, final)
     print(f"\nHeld-out accuracy ({result.num_prompts} problems x {result.samples_per_prompt} samples, "
           f"temperature {config.temperature}): {result.accuracy:.1%}")  # fmt: skip

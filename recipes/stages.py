@@ -27,16 +27,13 @@ one table at the end and written to OUTPUT_DIR/stages.json.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from datasets import Dataset
 from transformers import HfArgumentParser, PreTrainedTokenizerBase
@@ -47,18 +44,15 @@ from r1kit.grpo.options import ConfigError
 from r1kit.recipes.arguments import RecipeArguments
 from r1kit.recipes.pipeline import (
     check_inputs,
-    held_out_accuracy,
+    default_device,
+    evaluate_checkpoint,
     load_task,
-    load_tokenizer,
-    reward_suite,
-    rollout_engine,
     run_pipeline,
+    sampling,
     sft_start,
     train_sft,
     use_cpu_threads,
 )
-from r1kit.rewards import RewardSuite
-from r1kit.rollout.engine import RolloutEngine
 from r1kit.sft.rejection_sampling import RejectionSamplingConfig, load_rejection_samples, rejection_sample, write_json
 
 Tokenizer = PreTrainedTokenizerBase
@@ -184,7 +178,7 @@ def _run_stage(stage: Stage, shared: dict[str, Any], start: str, data: str | Non
         result = run_pipeline(args, config)
         return result.final_model, result.grpo.accuracy, asdict(result.grpo)
     check_inputs(args)
-    use_cpu_threads(args, _device())
+    use_cpu_threads(args, default_device())
     train, held_out = load_task(args)
     if stage.kind == "sft":
         rows = train if data is None else load_rejection_samples(data)
@@ -196,7 +190,7 @@ def _run_stage(stage: Stage, shared: dict[str, Any], start: str, data: str | Non
     rs_config = RejectionSamplingConfig(**{k: v for k, v in own.items() if k != "num_prompts"})
     prompts = train.remove_columns("completion")
     prompts = prompts.select(range(min(own.get("num_prompts", len(prompts)), len(prompts))))
-    with _sampling(args, args.model) as (engine, tokenizer, suite):
+    with sampling(args, args.model) as (engine, tokenizer, suite):
         stats = rejection_sample(engine, tokenizer, prompts, suite, rs_config, directory, checkpoint=args.model)
     summary = stats.summary()
     print(f"rejection sampling: kept {stats.kept} of {stats.samples} samples "
@@ -214,25 +208,9 @@ def _sft_stage(args: RecipeArguments, config: GRPOConfig, data: Dataset, train: 
 
 def _evaluate(args: RecipeArguments, config: GRPOConfig, model: str, held_out: Dataset) -> EvalResult:
     """Held-out accuracy of `model` with the same problems and sampling settings as the GRPO stages."""
-    with _sampling(args, model) as (engine, tokenizer, suite):
-        prompts = held_out.remove_columns("completion")
-        result = held_out_accuracy(args, config, engine, tokenizer, prompts, suite, model)()
+    result = evaluate_checkpoint(args, config, model, held_out)
     print(f"held-out accuracy of {model}: {result.accuracy:.3f}")
     return result
-
-
-@contextlib.contextmanager
-def _sampling(
-    args: RecipeArguments, model: str
-) -> Iterator[tuple[RolloutEngine, PreTrainedTokenizerBase, RewardSuite]]:
-    """A rollout engine holding `model`, its tokenizer and the recipe's reward suite; both closed after."""
-    tokenizer = load_tokenizer(model)
-    engine = rollout_engine(args, model, tokenizer, _device())
-    try:
-        with reward_suite(args) as suite:
-            yield engine, tokenizer, suite
-    finally:
-        engine.close()
 
 
 def _report(results: list[StageResult], output_dir: Path) -> None:
@@ -243,10 +221,6 @@ def _report(results: list[StageResult], output_dir: Path) -> None:
         accuracy = "" if result.accuracy is None else f"{result.accuracy:.1%}"
         print(f"{result.name:<20} {result.kind:<20} {accuracy:>18} {result.seconds / 60:>7.1f} m")
     print(f"Stages: {output_dir}/stages.json")
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
