@@ -9,6 +9,9 @@ and gives every token of completion i the advantage A_i. `std` is the unbiased
 (Bessel-corrected) standard deviation, as in TRL; a group whose rewards are all
 equal gets advantage 0 for every member. Dr. GRPO (Liu et al. 2025) drops the
 division by the standard deviation, which re-weights easy and hard prompts.
+"batch_std" (PPO Lite, Liu et al. 2025, arXiv 2508.08221; TRL's
+scale_rewards="batch") centres on the group mean but divides by the standard
+deviation of all B * G rewards of the step.
 
 Estimators are pure functions registered by name: `ADVANTAGE_ESTIMATORS["grpo"]`.
 """
@@ -47,6 +50,14 @@ def group_centered_advantages(rewards: Tensor, *, eps: float = 1e-4) -> Tensor:
     return rewards - rewards.mean(dim=1, keepdim=True)
 
 
+@ADVANTAGE_ESTIMATORS.register("batch_std")
+def batch_scaled_advantages(rewards: Tensor, *, eps: float = 1e-4) -> Tensor:
+    """(r - group mean) / (std of the whole batch + eps) for rewards (B, G); returns (B, G) float32."""
+    _check_groups(rewards)
+    rewards = rewards.float()
+    return (rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std() + eps)
+
+
 def compute_advantages(rewards: Tensor, estimator: str = "grpo", *, eps: float = 1e-4) -> Tensor:
     """Advantages (B, G) of rewards (B, G) under the estimator registered as `estimator`."""
     return ADVANTAGE_ESTIMATORS[estimator](rewards, eps=eps)
@@ -60,6 +71,7 @@ def zero_std_groups(rewards: Tensor) -> Tensor:
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "batch_scaled_advantages",
     "compute_advantages",
     "group_centered_advantages",
     "group_normalized_advantages",

@@ -25,6 +25,7 @@ class GRPOConfig:
     max_completion_length: int = option(256, "Completion length cap, in tokens.")
     temperature: float = option(1.0, "Sampling temperature; the loss uses log-probs at the same temperature.")
     top_p: float = option(1.0, "Nucleus sampling mass.")
+    stop_strings: list[str] = option([], "A completion also ends once its text contains one of these.")
 
     # objective
     beta: float = option(0.04, "Weight of the k3 KL to the reference policy; 0 skips the reference forward.")
@@ -34,7 +35,9 @@ class GRPOConfig:
     aggregation: str = option(
         "sequence_mean", "Loss aggregation in grpo.loss.AGGREGATIONS: sequence_mean | token_mean | constant."
     )
-    advantage_estimator: str = option("grpo", "In grpo.advantages.ADVANTAGE_ESTIMATORS: grpo | dr_grpo.")
+    advantage_estimator: str = option(
+        "grpo", "In grpo.advantages.ADVANTAGE_ESTIMATORS: grpo | dr_grpo (no std scaling) | batch_std."
+    )
     advantage_eps: float = option(1e-4, "Added to the group std before dividing.")
     mask_truncated_completions: bool = option(
         False, "Leave completions cut by max_completion_length out of the loss (DAPO's overlong filtering)."
@@ -64,7 +67,7 @@ class GRPOConfig:
     warmup_steps: int = option(0, "Linear learning-rate warm-up, in optimizer steps.")
     lr_schedule: str = option(
         "constant",
-        "Learning rate after warm-up, in grpo.lr_schedules.LR_SCHEDULES: constant | cosine | multi_step "
+        "Learning rate after warm-up, in grpo.lr_schedules.LR_SCHEDULES: constant | linear | cosine | multi_step "
         "(DeepSeek LLM's: the peak rate, then lr_milestones' drops).",
     )
     lr_milestones: list[float] = option(

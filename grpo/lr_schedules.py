@@ -1,4 +1,4 @@
-"""Learning-rate schedules, registered by name: constant, cosine and DeepSeek LLM's multi-step.
+"""Learning-rate schedules, registered by name: constant, linear, cosine and DeepSeek LLM's multi-step.
 
 Each is a multiplier of the peak rate at optimizer step s (0-based, as torch's
 LambdaLR counts), with a linear warm-up over the first W steps in transformers'
@@ -31,7 +31,11 @@ from functools import partial
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from r1kit.grpo.registry import Registry
 
@@ -100,3 +104,12 @@ def cosine_schedule(
 ) -> LambdaLR:
     """Warm-up, then a half cosine from the peak to 0 at `total_steps`; `milestones` is unused."""
     return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+@LR_SCHEDULES.register("linear")
+def linear_schedule(
+    optimizer: Optimizer, *, total_steps: int, warmup_steps: int, milestones: Milestones = DEFAULT_MILESTONES
+) -> LambdaLR:
+    """Warm-up, then a straight line from the peak to 0 at `total_steps` (transformers' default); `milestones`
+    is unused."""
+    return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)

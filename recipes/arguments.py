@@ -2,7 +2,8 @@
 
 Precedence, lowest first: the dataclass defaults, the recipe's own YAML
 (recipes/configs/<recipe>.yaml), a `--config FILE` given by the user, then
-command-line flags. `--help` lists every option with its documentation.
+command-line flags. `--help` lists every option with its documentation. TRL's
+option names work too, with TRL's meaning (recipes/trl_options.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from trl import TrlParser
 from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.options import ConfigError, option
 from r1kit.recipes.hub import check_repo_id
+from r1kit.recipes.prompts import CHAT_TEMPLATE_MODES
+from r1kit.recipes.trl_options import TRLOptions, apply_trl_options, trl_only_options
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CONFIG_HELP = (
@@ -34,8 +37,22 @@ class RecipeArguments:
     model: str | None = option(None, "Policy: hub id or local path. Default: the embedded tiny DeepSeek-V3.")
     embedded_preset: str = option("tiny", "Size of the embedded default policy (a name in policy.PRESETS).")
     dataset: str = option(
-        "arithmetic", "arithmetic (generated) | gsm8k (hub) | a GSM8K-style directory with train/test.jsonl or a .jsonl"
+        "arithmetic",
+        "arithmetic (generated) | gsm8k (hub, or GSM8K's train/test.jsonl in a directory) | a .jsonl/.json/.parquet/"
+        ".csv file or a directory of them | a hub id; rows in TRL's formats (prompt, prompt + completion, messages)",
     )
+    dataset_config: str | None = option(None, "The hub dataset's configuration (subset) name.")
+    dataset_train_split: str = option("train", "Split to train on.")
+    dataset_test_split: str = option(
+        "test", "Split held-out problems come from; without one they are taken out of the training split."
+    )
+    rename_columns: list[str] = option([], "old=new pairs renaming the dataset's columns, e.g. question=prompt.")
+    use_chat_template: str = option(
+        "auto",
+        "Plain-text prompts: auto (as one user message in the chat template when the tokenizer has one) | always "
+        "| never. Conversational prompts always use the template.",
+    )
+    system_prompt: str | None = option(None, "System prompt added to every prompt: text, or r1 for DeepSeek-R1's.")
     num_train_problems: int = option(20000, "Training problems to generate (arithmetic only).")
     num_eval_problems: int = option(200, "Held-out problems evaluated before and after GRPO.")
     task_max_start: int = option(20, "Arithmetic: largest starting quantity.")
@@ -96,6 +113,8 @@ class RecipeArguments:
     hub_private_repo: bool = option(False, "Create the hub repository as private.")
 
     def __post_init__(self) -> None:
+        if self.use_chat_template not in CHAT_TEMPLATE_MODES:
+            raise ConfigError(f"--use_chat_template must be auto, always or never, got {self.use_chat_template!r}")
         if self.sft not in ("auto", "always", "never"):
             raise ConfigError(f"--sft must be auto, always or never, got {self.sft!r}")
         if self.sft_lr_schedule not in ("cosine", "constant", "multi_step"):
@@ -132,23 +151,28 @@ class RecipeArguments:
 def parse_arguments(recipe: str, argv: list[str] | None = None) -> tuple[RecipeArguments, GRPOConfig]:
     """Parse the recipe's YAML defaults, an optional --config file and the flags in `argv`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser([RecipeArguments, GRPOConfig], allow_abbrev=False)  # --num_generation is not --num_generations
+    kinds = (RecipeArguments, GRPOConfig, TRLOptions)
+    parser = TrlParser(kinds, allow_abbrev=False)  # --num_generation is not --num_generations
     # read by TrlParser before the dataclasses are parsed; declared here so that --help lists it
     parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
-    options = sorted({field.name for kind in (RecipeArguments, GRPOConfig) for field in dataclasses.fields(kind)})
+    options = sorted({field.name for kind in kinds for field in dataclasses.fields(kind)})
     recipe_defaults = CONFIG_DIR / f"{recipe}.yaml"
     if recipe_defaults.exists():
         defaults = yaml.safe_load(recipe_defaults.read_text())
         check_option_names(defaults, options, str(recipe_defaults))
         parser.set_defaults_with_config(**defaults)
     flags = [arg.removeprefix("--").split("=")[0] for arg in argv if arg.startswith("--")]
-    check_option_names([f for f in flags if f not in ("help", "config")], options, where=None, prefix="--")
+    given = {f.replace("-", "_") for f in flags if f not in ("help", "config")}
+    check_option_names(sorted(given), options, where=None, prefix="--")
     if "--config" in argv:
         path = Path(argv[argv.index("--config") + 1])
         if not path.exists():
             raise FileNotFoundError(f"--config {path}: no such file")
-        check_option_names(yaml.safe_load(path.read_text()) or {}, [*options, "env"], f"--config {path}")
-    recipe_args, grpo_config, *_ = parser.parse_args_and_config(argv)  # then the --config namespace, unused
+        values = yaml.safe_load(path.read_text()) or {}
+        check_option_names(values, [*options, "env"], f"--config {path}")
+        given |= set(values)
+    recipe_args, grpo_config, trl_options, *_ = parser.parse_args_and_config(argv)  # then --config's namespace
+    recipe_args, grpo_config = apply_trl_options(trl_options, recipe_args, grpo_config, recipe, given)
     recipe_args.run_name = resolved_run_name(recipe_args, grpo_config)
     return recipe_args, grpo_config
 
@@ -158,6 +182,11 @@ def check_option_names(names, options: list[str], where: str | None, prefix: str
 
     where: the file the names come from (None for the command line); prefix: "--" for flags.
     """
+    unsupported = sorted(set(names) & trl_only_options() - set(options))
+    if unsupported:
+        where = f"{where}: " if where else ""
+        raise ConfigError(f"{where}TRL option(s) r1kit does not support: {', '.join(prefix + n for n in unsupported)}"
+                          " (remove them; docs/trl.md lists what maps onto what)")  # fmt: skip
     for name in names:
         if name.replace("-", "_") not in options:
             close = difflib.get_close_matches(name, options, n=1)

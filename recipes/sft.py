@@ -34,7 +34,7 @@ def run_sft_recipe(args: RecipeArguments, config: GRPOConfig) -> EvalResult | No
     from r1kit.recipes.publish import finish_run, push_final
     from r1kit.recipes.run_record import write_run_config
 
-    pipeline.check_inputs(args)
+    args = pipeline.check_inputs(args)
     args = dataclasses.replace(args, run_name=resolved_run_name(args, config))
     state = PartialState()
     pipeline.use_cpu_threads(args, state.device)

@@ -35,6 +35,9 @@ class SamplingParams:
     max_new_tokens: completion length cap, in tokens.
     stop_token_ids: generation of a sample ends after it emits one of these
         (the stop token is kept in the completion, as EOS is in training).
+    stop_strings: generation of a sample also ends once its text contains one
+        of these; the token that completes the string is its last token (kept,
+        so the text may run a few characters past the string).
     seed: makes sampling reproducible when set.
     """
 
@@ -43,6 +46,7 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -54,6 +58,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"SamplingParams.stop_strings must be non-empty strings, got {self.stop_strings!r}")
 
 
 @dataclass
@@ -68,7 +74,7 @@ class RolloutBatch:
     sampler_logprobs: per completion, a float32 tensor (len(completion_ids[k]),)
         with the log-probability the sampler assigned to each drawn token,
         after temperature scaling and before top-p truncation.
-    finish_reason: "stop" if a stop token ended the sample, "length" if the cap did.
+    finish_reason: "stop" if a stop token or string ended the sample, "length" if the cap did.
     policy_version: the weights version that generated every row of the batch.
     """
 

@@ -9,7 +9,7 @@ does that `model.generate` does not, and why GRPO rollouts need it:
 - the cache is sized up front for prompt + max_new_tokens (rollout/kv_cache.py),
   so a decode step writes one token in place instead of re-concatenating the
   whole cache as transformers' DynamicCache does;
-- rows that emit a stop token are dropped from the batch and the cache once a
+- rows that emit a stop token (or complete a stop string) are dropped from the batch and the cache once a
   quarter of the rows are finished, so long stragglers do not pay for finished
   rows (generate keeps decoding finished rows until the last one stops).
 
@@ -31,9 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from r1kit.policy.transformers_compat import CACHE_NAME
-from r1kit.rollout.engine import RolloutBatch, SamplingParams
+from r1kit.rollout.engine import FinishReason, RolloutBatch, SamplingParams
 from r1kit.rollout.kv_cache import make_decode_cache
 from r1kit.rollout.sampling import sample_next_tokens
+from r1kit.rollout.stop_strings import StopStrings
 
 
 class TorchRolloutEngine:
@@ -78,24 +79,25 @@ class TorchRolloutEngine:
         prompts_per_batch = max(1, self.max_batch_rows // params.n)  # a group is never split
         completions: list[list[int]] = []
         logprobs: list[Tensor] = []
+        reasons: list[FinishReason] = []
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
                 for start in range(0, len(prompts), prompts_per_batch):
                     chunk = [list(p) for p in prompts[start : start + prompts_per_batch]]
-                    ids, lps = self._generate_groups(chunk, params, generator)
+                    ids, lps, why = self._generate_groups(chunk, params, generator)
                     completions += ids
                     logprobs += lps
+                    reasons += why
         finally:
             self.model.train(was_training)
-        stop = set(params.stop_token_ids)
         return RolloutBatch(
             prompt_ids=[list(p) for p in prompts for _ in range(params.n)],
             completion_ids=completions,
             completion_text=self.tokenizer.batch_decode(completions, skip_special_tokens=True),
             sampler_logprobs=logprobs,
-            finish_reason=["stop" if ids and ids[-1] in stop else "length" for ids in completions],
+            finish_reason=reasons,
             policy_version=self.policy_version,
         )
 
@@ -129,17 +131,20 @@ class TorchRolloutEngine:
 
     def _generate_groups(
         self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None
-    ) -> tuple[list[list[int]], list[Tensor]]:
-        """Decodes `params.n` samples of each prompt; returns per-row completion ids and sampler log-probs."""
+    ) -> tuple[list[list[int]], list[Tensor], list[FinishReason]]:
+        """Decodes `params.n` samples of each prompt; returns per-row completion ids, sampler log-probs and
+        finish reasons."""
         width, max_new = max(len(p) for p in prompts), params.max_new_tokens
         logits, cache, attention_mask, next_position = self._prefill(prompts, params.n, width + max_new)
         num_rows = logits.shape[0]
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device)
+        stop_strings = StopStrings(self.tokenizer, params.stop_strings) if params.stop_strings else None
         active = torch.arange(num_rows, device=self.device)  # original row of each batch row
         tokens = torch.full((num_rows, max_new), -1, dtype=torch.long, device=self.device)
         token_logprobs = torch.zeros((num_rows, max_new), device=self.device)
         lengths = torch.full((num_rows,), max_new, dtype=torch.long, device=self.device)
 
+        stopped = torch.zeros(num_rows, dtype=torch.bool)  # per original row: ended by a stop token or string
         done = torch.zeros(num_rows, dtype=torch.bool, device=self.device)  # per batch row
         for step in range(max_new):
             new_tokens, new_logprobs = sample_next_tokens(
@@ -148,7 +153,10 @@ class TorchRolloutEngine:
             tokens[active, step] = new_tokens  # rows already done write past their length: never read
             token_logprobs[active, step] = new_logprobs
             finished_now = torch.isin(new_tokens, stop_ids) & ~done
+            if stop_strings is not None:
+                finished_now |= stop_strings.completed(tokens[active, : step + 1]) & ~done
             lengths[active[finished_now]] = step + 1
+            stopped[active[finished_now].cpu()] = True
             done |= finished_now
             if step + 1 == max_new or bool(done.all()):
                 break
@@ -173,6 +181,7 @@ class TorchRolloutEngine:
         return (
             [tokens[i, : lengths[i]].tolist() for i in range(num_rows)],
             [token_logprobs[i, : lengths[i]].clone() for i in range(num_rows)],
+            ["stop" if row_stopped else "length" for row_stopped in stopped.tolist()],
         )
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:

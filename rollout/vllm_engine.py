@@ -31,8 +31,8 @@ exactly the RolloutBatch contract: the log-prob under the temperature-scaled
 distribution. With top_p < 1 vLLM renormalises over the nucleus, so each
 value is larger by -log(nucleus mass) than the contract's; the engine warns
 once. With temperature 0 it is the untempered log-prob, as in the torch engine.
-Generation stops at `stop_token_ids` only (`ignore_eos=True`), as in the
-torch engine; the stop token stays in the completion.
+Generation stops at `stop_token_ids` and `stop_strings` only (`ignore_eos=True`),
+as in the torch engine; the stop token or string stays in the completion.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         "top_p": params.top_p,
         "max_tokens": params.max_new_tokens,
         "stop_token_ids": list(params.stop_token_ids),
+        "stop": list(params.stop_strings),
+        "include_stop_str_in_output": True,  # as the torch engine, which keeps the completing token
         "ignore_eos": True,
         "seed": params.seed,
         "logprobs": 0,

@@ -42,3 +42,45 @@ def debug_policy(arithmetic_tokenizer):
     from r1kit.recipes.embedded import embedded_policy
 
     return embedded_policy(arithmetic_tokenizer, "tiny-debug").eval()
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_chat_model(directory, architecture: str = "llama"):
+    """A tiny random instruct model saved to `directory`: the arithmetic BPE tokenizer plus ChatML's
+    <|im_start|> / <|im_end|> and template, <|im_end|> as EOS and a generation config ending at it and at
+    the end of text (as Qwen2's instruct models do). architecture: "llama" or "qwen2". Returns the tokenizer."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from r1kit.recipes.embedded import task_tokenizer
+    from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
+
+    tokenizer = task_tokenizer(arithmetic_dataset(300, seed=0))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    end_of_text = tokenizer.eos_token_id
+    tokenizer.eos_token = "<|im_end|>"  # as instruct tokenizers say; the generation config lists both
+    end_of_turn = tokenizer.eos_token_id
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        architecture
+    ]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=end_of_turn)  # fmt: skip
+    model = model_class(config)
+    model.generation_config = GenerationConfig(eos_token_id=[end_of_turn, end_of_text])
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def chat_model(request, tmp_path):
+    """A tiny Llama- or Qwen2-style instruct model with a ChatML chat template, as a local checkpoint directory."""
+    directory = tmp_path / f"chat-{request.param}"
+    save_chat_model(directory, request.param)
+    return directory

@@ -88,6 +88,22 @@ def test_a_packaged_gguf_model_becomes_a_checkpoint_with_the_same_logits(tmp_pat
     assert torch.equal(model(ids).logits, original(ids).logits)
 
 
+def test_a_gguf_file_as_model_is_converted_once_into_the_cache(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from r1kit.recipes.arguments import RecipeArguments
+    from r1kit.recipes.pipeline import check_inputs, load_tokenizer
+
+    write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    args = RecipeArguments(model=str(tmp_path / "tiny.gguf"), cache_dir=str(tmp_path / "cache"))
+    checkpoint = Path(check_inputs(args).model)
+    assert checkpoint.parent == tmp_path / "cache" / "gguf" and (checkpoint / "config.json").exists()
+    assert load_tokenizer(str(checkpoint))("ab").input_ids == [15]  # the GGUF's merges came along
+    assert "converting" in capsys.readouterr().out
+    assert Path(check_inputs(args).model) == checkpoint and "converting" not in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="no such GGUF file"):
+        check_inputs(RecipeArguments(model=str(tmp_path / "missing.gguf")))
+
+
 def test_without_the_gguf_package_the_error_names_the_extra(tmp_path, packaged_tiny_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
     build_wheel(tmp_path / "wheels", b"GGUF")

@@ -82,7 +82,7 @@ def test_bad_input_is_one_clear_line(flags, message, tmp_path, monkeypatch):
 def test_dataset_without_the_needed_columns(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"problem": "1 + 1", "solution": "2"}\n')
-    with pytest.raises(SystemExit, match="needs columns 'question' and 'answer'"):
+    with pytest.raises(SystemExit, match=r"has columns \['problem', 'solution'\]; expected TRL's prompt"):
         run_recipe("grpo_math", ["--dataset", str(data), "--output_dir", str(tmp_path)])
 
 

@@ -55,6 +55,25 @@ def test_greedy_samples_equal_transformers_generate(kind: str) -> None:
         assert batch.completion_ids[2 * i] == batch.completion_ids[2 * i + 1] == expected[0, len(prompt) :].tolist()
 
 
+def test_rows_stop_when_their_text_completes_a_stop_string() -> None:
+    engine = TorchRolloutEngine(MODELS["llama"](), word_tokenizer(128))
+    free = engine.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=16, seed=3))
+    # a two-word stop string that some free-running rows produce: those rows must end right after it
+    words = [text.split() for text in free.completion_text]
+    stop = " ".join(next(w[i : i + 2] for w in words for i in range(3, len(w) - 1)))
+    batch = engine.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=16, seed=3, stop_strings=(stop,)))
+    stopped = 0
+    for full, ids, text, reason in zip(free.completion_ids, batch.completion_ids, batch.completion_text,
+                                       batch.finish_reason, strict=True):  # fmt: skip
+        assert full[: len(ids)] == ids  # same seed: the same tokens up to the stop
+        if reason == "stop":
+            stopped += 1
+            assert text.endswith(stop) and stop not in engine.tokenizer.decode(ids[:-1])
+        else:
+            assert stop not in text and len(ids) == 16
+    assert stopped >= 1
+
+
 def test_rows_stop_at_stop_tokens_and_say_why() -> None:
     engine = TorchRolloutEngine(MODELS["llama"](), word_tokenizer(128))
     stops = tuple(range(1, 40))  # a third of the vocabulary: most rows stop early, at different steps

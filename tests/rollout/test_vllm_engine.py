@@ -18,13 +18,17 @@ from tests.rollout.test_torch_engine import tiny_llama
 
 
 def test_sampling_kwargs() -> None:
-    params = SamplingParams(n=4, temperature=0.7, top_p=0.9, max_new_tokens=33, stop_token_ids=(1, 2), seed=5)
+    params = SamplingParams(
+        n=4, temperature=0.7, top_p=0.9, max_new_tokens=33, stop_token_ids=(1, 2), stop_strings=("</answer>",), seed=5
+    )
     assert vllm_sampling_kwargs(params) == {
         "n": 4,
         "temperature": 0.7,
         "top_p": 0.9,
         "max_tokens": 33,
         "stop_token_ids": [1, 2],
+        "stop": ["</answer>"],
+        "include_stop_str_in_output": True,
         "ignore_eos": True,
         "seed": 5,
         "logprobs": 0,
