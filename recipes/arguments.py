@@ -91,6 +91,9 @@ class RecipeArguments:
         "processes; `accelerate launch` without a config would leave one).",
     )
     dtype: str = option("float32", "Training dtype: float32 | bfloat16.")
+    gradient_checkpointing: bool = option(
+        False, "Recompute each layer's activations in GRPO's backward instead of storing them (less memory)."
+    )
     fp8: bool = option(
         False, "Train the policy's projections and experts in FP8 with block scaling (docs/fp8.md; emulated on CPU)."
     )

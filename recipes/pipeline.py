@@ -33,7 +33,7 @@ from r1kit.grpo.evaluation import EvalResult, evaluate
 from r1kit.grpo.options import ConfigError
 from r1kit.grpo.trainer import GRPOTrainer
 from r1kit.policy import PRESETS, DeepseekV3ForCausalLM, load_policy
-from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING
+from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING, enable_activation_checkpointing
 from r1kit.recipes.arguments import RecipeArguments, resolved_run_name
 from r1kit.recipes.embedded import embedded_policy, task_tokenizer
 from r1kit.recipes.fetch_model import gguf_checkpoint
@@ -315,8 +315,13 @@ def _trainable_policy(args: RecipeArguments, start: str, checkpoint: Path | None
     """The policy GRPO trains: full weights, or the start model under a LoRA adapter (new or resumed)."""
     fp8 = True if args.fp8 else None  # None keeps what the checkpoint's config says
     if args.lora_r == 0:
-        return load_policy(checkpoint or start, dtype=_dtype(args), device=accelerator.device, fp8=fp8)
+        policy = load_policy(checkpoint or start, dtype=_dtype(args), device=accelerator.device, fp8=fp8)
+        if args.gradient_checkpointing:
+            enable_activation_checkpointing(policy)
+        return policy
     base = load_policy(start, dtype=_dtype(args), device=accelerator.device, fp8=fp8)
+    if args.gradient_checkpointing:  # transformers checkpoints non-reentrantly: frozen embeddings need no hook
+        enable_activation_checkpointing(base)
     if checkpoint is not None:  # LoRA checkpoints hold the adapter only
         return PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
     targets = args.lora_target_modules or (
@@ -366,7 +371,7 @@ def held_out_accuracy(
     params = SamplingParams(
         n=args.eval_samples_per_prompt, temperature=config.temperature, top_p=config.top_p,
         max_new_tokens=config.max_completion_length, stop_token_ids=checkpoint_stop_token_ids(tokenizer, checkpoint),
-        seed=1234,
+        stop_strings=tuple(config.stop_strings), seed=1234,
     )  # fmt: skip
     name = accuracy_reward_name(args)
     accuracy = lambda p, c, columns: suite.score(p, c, columns).scores[name].tolist()

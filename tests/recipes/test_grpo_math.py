@@ -137,3 +137,25 @@ def test_fp8_run_trains_in_fp8_and_saves_the_recipe(tmp_path, small_run):
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     training = [m for m in metrics if "loss" in m]
     assert training and all(1e-4 < m["mismatch/abs_logp_diff"] < 1.0 for m in training)  # FP8 trainer, FP32 sampler
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_gradient_checkpointing_gives_the_same_gradients(local_llama, lora_r):
+    from accelerate import Accelerator
+
+    from r1kit.recipes.arguments import RecipeArguments
+    from r1kit.recipes.pipeline import _trainable_policy
+
+    ids = torch.randint(3, 100, (2, 12))
+    gradients = []
+    for checkpointing in (False, True):
+        args = RecipeArguments(model=str(local_llama), lora_r=lora_r, gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)  # the same LoRA initialisation
+        policy = _trainable_policy(args, str(local_llama), None, Accelerator(cpu=True)).train()
+        policy(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        trained = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
+        assert all(g is not None for g in trained.values())
+        gradients.append(trained)
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], grad, msg=name)
