@@ -46,15 +46,36 @@ from r1kit.policy.layers import RMSNorm
 from r1kit.policy.rope import apply_rope, softmax_scale
 
 
+def packed_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Index of the sequence each token belongs to, (B, T) from position_ids (B, T).
+
+    Several samples packed into one row restart their positions; a new sequence
+    starts wherever a position does not follow the previous one by +1 (the rule
+    of transformers' `find_packed_sequence_indices`):
+
+    >>> packed_sequence_ids(torch.tensor([[0, 1, 2, 0, 1, 0]]))
+    tensor([[0, 0, 0, 1, 1, 2]])
+    """
+    steps = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    return (steps != 1).cumsum(dim=-1)
+
+
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, past_length: int, query_length: int
+    attention_mask: torch.Tensor | None,
+    past_length: int,
+    query_length: int,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Boolean mask (B, 1, T, past + T), True where query t may attend key s; None if causal order suffices.
+    """Boolean mask (B or 1, 1, T, past + T), True where query t may attend key s; None if causal order suffices.
 
     attention_mask: (B, past + T) with 1 for real tokens and 0 for padding (left
     or right). A query always sees its own key, so padded rows stay finite.
-    None is returned when nothing is padded and either there is no past (plain
-    causal) or there is one query (it sees everything cached).
+    position_ids: (B or 1, T) of the new tokens. With no past, positions that
+    restart (see `packed_sequence_ids`) separate packed samples and a token sees
+    only earlier tokens of its own sample: the mask is block-diagonal causal.
+    Contiguous positions, and left padding numbered by cumsum, leave it unchanged.
+    None is returned when nothing is padded or packed and either there is no past
+    (plain causal) or there is one query (it sees everything cached).
     """
     key_length = past_length + query_length
     padded = attention_mask is not None and not bool(attention_mask.all())
@@ -63,14 +84,19 @@ def build_attention_mask(
             f"attention_mask has {attention_mask.shape[-1]} columns; expected past ({past_length}) "
             f"+ new ({query_length}) = {key_length} tokens"
         )
-    if not padded and (past_length == 0 or query_length == 1):
+    sequences = packed_sequence_ids(position_ids) if position_ids is not None and past_length == 0 else None
+    if sequences is not None and not padded and not bool(sequences[:, -1].any()):
+        sequences = None  # one sample per row: plain causal order (one host sync, as in transformers)
+    if not padded and sequences is None and (past_length == 0 or query_length == 1):
         return None
-    device = attention_mask.device if attention_mask is not None else None
+    device = next((t.device for t in (attention_mask, position_ids) if t is not None), None)
     query_pos = torch.arange(query_length, device=device) + past_length  # (T,)
     key_pos = torch.arange(key_length, device=device)  # (S,)
-    allowed = key_pos[None, :] <= query_pos[:, None]  # (T, S)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]  # (1, 1, T, S)
+    if sequences is not None:  # no past here, so S == T
+        allowed = allowed & (sequences[:, None, :, None] == sequences[:, None, None, :])  # (B, 1, T, S)
     if not padded:
-        return allowed[None, None]
+        return allowed
     allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
     return allowed | (key_pos[None, :] == query_pos[:, None])
 

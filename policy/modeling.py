@@ -41,7 +41,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from r1kit.policy import checkpoint
-from r1kit.policy.attention import MultiheadLatentAttention, build_attention_mask
+from r1kit.policy.attention import MultiheadLatentAttention, build_attention_mask, packed_sequence_ids
 from r1kit.policy.cache import LatentCache
 from r1kit.policy.config import DeepseekV3Config
 from r1kit.policy.fp8_checkpoint import weight_block_size
@@ -195,6 +195,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
     ) -> DeepseekV3ModelOutput:
         """input_ids (B, T); attention_mask (B, past + T), 0 on padding; position_ids (B, T).
 
+        Samples packed into one row, their position_ids restarting at 0, attend only
+        within themselves (block-diagonal causal mask, see `build_attention_mask`).
         The cache may also come as `past_key_values` (transformers before 5.24).
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -203,10 +205,10 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         batch, seq = hidden.shape[:2]
         cache = self._cache(pop_cache_argument(cache, kwargs), use_cache)
         past = cache.get_seq_length() if cache is not None else 0
+        mask = build_attention_mask(attention_mask, past, seq, position_ids)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=hidden.device).expand(batch, -1)
         rope = self.rotary_emb(position_ids, hidden.dtype)
-        mask = build_attention_mask(attention_mask, past, seq)
         token_mask = None if attention_mask is None else attention_mask[:, -seq:].bool()
         record_load = self.training and torch.is_grad_enabled()
         aux_loss = hidden.new_zeros((), dtype=torch.float32)
@@ -308,15 +310,17 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
 
         loss_mask (B, T) bool: True where token j is a training target (prompt and
         padding False). Pass the forward's attention_mask and position_ids for
-        padded batches. Zero when the model has no MTP modules or lambda is 0.
+        padded batches and packed rows (no target then lies in another sample).
+        Zero when the model has no MTP modules or lambda is 0.
         """
         if len(self.mtp) == 0 or self.config.mtp_loss_weight == 0:
             return hidden_states.new_zeros((), dtype=torch.float32)
         batch, seq = input_ids.shape
+        mask = build_attention_mask(attention_mask, 0, seq, position_ids)
+        sequence_ids = None if position_ids is None else packed_sequence_ids(position_ids)
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, -1)
         rope = self.model.rotary_emb(position_ids, hidden_states.dtype)
-        mask = build_attention_mask(attention_mask, 0, seq)
         loss, loads = mtp_loss(
             self.mtp,
             hidden_states,
@@ -328,6 +332,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             mask,
             attention_mask,
             self.config.mtp_loss_weight,
+            sequence_ids,
         )
         if self.training and torch.is_grad_enabled():
             for module, load in zip(self.mtp, loads, strict=True):

@@ -16,7 +16,8 @@ before its shared-head norm. Positions use the main model's position ids.
 
 Loss, with loss_mask[b, j] True when token j of row b is a training target:
 
-    CE_k = mean over {(b, i): loss_mask[b, i + k + 1] and position i is not padding}
+    CE_k = mean over {(b, i): loss_mask[b, i + k + 1], position i is not padding
+                              and token i + k + 1 is in the same packed sample as i}
            of -log P_i^k(t_{i+k+1})
     L_MTP = (lambda / D) * sum_k CE_k
 
@@ -80,12 +81,14 @@ def mtp_loss(
     mask: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     weight: float,
+    sequence_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """(lambda / D) * sum_k CE_k and each module's expert load (None outside training).
 
     hidden_states (B, T, H): the main model's final (normed) hidden states;
     input_ids (B, T); loss_mask (B, T) bool targets; rope cos/sin (B, T, d_r/2)
-    and mask as built for the main forward; attention_mask (B, T) or None.
+    and mask as built for the main forward; attention_mask (B, T) or None;
+    sequence_ids (B, T): the packed sample of each token (`packed_sequence_ids`), or None.
     """
     real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     loss_mask = loss_mask.bool()
@@ -97,6 +100,8 @@ def mtp_loss(
         loads.append(load)
         # position i predicts token i + depth + 1, and only from a real (non-padding) position
         targets = shift_left(loss_mask, depth + 1, fill=False) & real  # (B, T)
+        if sequence_ids is not None:  # packed rows: never across a sample boundary
+            targets = targets & (shift_left(sequence_ids, depth + 1, fill=-1) == sequence_ids)
         logits = head(module.norm(hidden[targets])).float()  # (N_targets, V)
         labels = shift_left(input_ids, depth + 1)[targets]
         # with no target the zero term still keeps every MTP parameter in the graph

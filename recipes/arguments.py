@@ -73,6 +73,13 @@ class RecipeArguments:
         "cosine",
         "SFT learning rate after warm-up: cosine | constant | multi_step (DeepSeek LLM's, with --lr_milestones).",
     )
+    sft_max_length: int = option(
+        1024, "SFT sequence length in tokens: longer samples are cut (with a warning); the packed row length."
+    )
+    sft_packing: bool = option(
+        False, "Pack SFT samples best-fit into rows of sft_max_length tokens, no attention across samples."
+    )
+    sft_logging_steps: int | None = option(None, "Log SFT metrics every N steps (default: about 20 times a run).")
     cache_dir: str = option("outputs/cache", "Where the embedded default's SFT warm start is cached.")
     eval_samples_per_prompt: int = option(4, "Completions sampled per held-out problem (accuracy = their mean).")
     rollout: str = option(
@@ -133,6 +140,8 @@ class RecipeArguments:
         for name in ("cpu_threads", "rollout_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.sft_max_length < 1 or (self.sft_logging_steps is not None and self.sft_logging_steps < 1):
+            raise ConfigError("--sft_max_length and --sft_logging_steps must be >= 1")
         if self.lora_r < 0:
             raise ConfigError(f"--lora_r must be >= 0, got {self.lora_r}")
         if self.num_eval_problems < 1 or self.eval_samples_per_prompt < 1:

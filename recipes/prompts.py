@@ -22,7 +22,7 @@ from typing import Any
 from datasets import Dataset
 
 from r1kit.grpo.options import ConfigError
-from r1kit.recipes.tasks.trl_formats import is_conversation
+from r1kit.sft.data import is_conversation
 
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
 R1_SYSTEM_PROMPT = (

@@ -19,10 +19,11 @@ max_steps, seed, ...). The rest are translated into r1kit's options:
     log_completions true | false            log_completions_steps = logging_steps | 0
     model_name_or_path, dataset_name,       model, dataset, reward
       reward_funcs (TRL's scripts)
+    max_length, packing (SFTConfig)         sft_max_length, sft_packing
 
 In the sft recipe TRL's SFTConfig names mean SFT: learning_rate, max_steps,
-per_device_train_batch_size, gradient_accumulation_steps and lr_scheduler_type
-set the sft_* options. bnpo differs from dapo only in normalising each
+logging_steps, per_device_train_batch_size, gradient_accumulation_steps and
+lr_scheduler_type set the sft_* options. bnpo differs from dapo only in normalising each
 micro-batch by its own token count, which TRL documents as an approximation of
 dapo; r1kit always divides by the step's tokens. An option TRL has and r1kit
 does not support is refused, naming it. Options left out of a file keep
@@ -46,7 +47,12 @@ IMPORTANCE_SAMPLING_LEVELS = {"token": "grpo", "sequence": "gspo"}
 LR_SCHEDULER_TYPES = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear",
                       "cosine": "cosine"}  # fmt: skip
 VLLM_MODES = {"server": "vllm", "colocate": "vllm-colocated"}
-SFT_MEANINGS = {"learning_rate": "sft_learning_rate", "max_steps": "sft_max_steps"}  # sft recipe: shared names
+# the sft recipe: names GRPO shares, which mean SFT's there when given
+SFT_MEANINGS = {
+    "learning_rate": "sft_learning_rate",
+    "max_steps": "sft_max_steps",
+    "logging_steps": "sft_logging_steps",
+}
 
 
 @dataclass
@@ -70,6 +76,8 @@ class TRLOptions:
     model_name_or_path: str | None = option(None, "TRL's: the model (sets --model).")
     dataset_name: str | None = option(None, "TRL's: the dataset (sets --dataset).")
     reward_funcs: list[str] | None = option(None, "TRL's scripts': reward functions (sets --reward).")
+    max_length: int | None = option(None, "TRL's SFTConfig: SFT sequence length (sets --sft_max_length).")
+    packing: bool | None = option(None, "TRL's SFTConfig: pack SFT samples (sets --sft_packing).")
 
 
 def trl_only_options() -> set[str]:
@@ -138,7 +146,9 @@ def apply_trl_options(trl: TRLOptions, args, config: GRPOConfig, recipe: str, gi
         recipe_updates["resume"] = _flag(trl.resume_from_checkpoint) == "true"
     if trl.log_completions is not None:
         config_updates["log_completions_steps"] = config.logging_steps if trl.log_completions else 0
-    for trl_name, ours in (("model_name_or_path", "model"), ("dataset_name", "dataset"), ("reward_funcs", "reward")):
+    renamed = (("model_name_or_path", "model"), ("dataset_name", "dataset"), ("reward_funcs", "reward"),
+               ("max_length", "sft_max_length"), ("packing", "sft_packing"))  # fmt: skip
+    for trl_name, ours in renamed:
         if getattr(trl, trl_name) is not None:
             recipe_updates[ours] = getattr(trl, trl_name)
     if sft:

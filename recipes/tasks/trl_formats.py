@@ -28,13 +28,9 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from r1kit.grpo.options import ConfigError
 from r1kit.recipes.tasks.gsm8k import to_rows as gsm8k_rows
+from r1kit.sft.data import is_conversation
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def is_conversation(value: Any) -> bool:
-    """Whether `value` is a list of chat messages ({"role": ..., "content": ...} dicts)."""
-    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 def load_splits(source: str, config: str | None, train_split: str, test_split: str) -> tuple[Dataset, Dataset | None]:

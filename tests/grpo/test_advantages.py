@@ -37,6 +37,16 @@ def test_dr_grpo_skips_std_scaling():
     )
 
 
+def test_batch_std_divides_by_the_std_of_the_whole_batch_as_trl():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [2.0, 4.0, 6.0, 8.0]])
+    # TRL's scale_rewards="batch": (r - group mean) / (std(all rewards) + 1e-4), std Bessel-corrected
+    flat = rewards.flatten().tolist()
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((r - mean) ** 2 for r in flat) / (len(flat) - 1))
+    expected = torch.tensor([[0.75, -0.25, -0.25, -0.25], [-3.0, -1.0, 1.0, 3.0]]) / (std + 1e-4)
+    torch.testing.assert_close(compute_advantages(rewards, "batch_std", eps=1e-4), expected)
+
+
 def test_equal_rewards_give_zero_advantage_and_are_flagged():
     rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
     assert compute_advantages(rewards)[0].abs().max() == 0

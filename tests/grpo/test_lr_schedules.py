@@ -120,7 +120,9 @@ def test_grpo_config_accepts_multi_step_and_rejects_bad_milestones():
     config = GRPOConfig(lr_schedule="multi_step")
     assert config.lr_milestones == [0.8, 0.316, 0.9, 0.1] and config.lr_milestone_pairs == DEFAULT_MILESTONES
     assert GRPOConfig(lr_milestones=[0.5, 0.2]).lr_milestone_pairs == ((0.5, 0.2),)
-    with pytest.raises(ConfigError, match=r"unknown lr_schedule 'step'; known: \['constant', 'cosine', 'multi_step'\]"):
+    with pytest.raises(
+        ConfigError, match=r"unknown lr_schedule 'step'; known: \['constant', 'cosine', 'linear', 'multi_step'\]"
+    ):
         GRPOConfig(lr_schedule="step")
     with pytest.raises(ConfigError, match=r"lr_milestones must be \(fraction, multiplier\) pairs, got \[0.8\]"):
         GRPOConfig(lr_milestones=[0.8])
@@ -152,8 +154,10 @@ def test_grpo_trainer_follows_the_multi_step_schedule(make_trainer):
     assert logged == pytest.approx([5e-3, 1e-2, 1e-2, 3.16e-3, 1e-3], rel=1e-12)
 
 
-@pytest.mark.parametrize(("name", "transformers_name"), [("constant", "constant_with_warmup"), ("cosine", "cosine")])
-def test_constant_and_cosine_are_transformers_schedules(name, transformers_name):
+@pytest.mark.parametrize(
+    ("name", "transformers_name"), [("constant", "constant_with_warmup"), ("cosine", "cosine"), ("linear", "linear")]
+)
+def test_constant_linear_and_cosine_are_transformers_schedules(name, transformers_name):
     ours = LR_SCHEDULES[name](sgd(1.0), total_steps=10, warmup_steps=2, milestones=DEFAULT_MILESTONES)
     theirs = get_scheduler(transformers_name, sgd(1.0), num_warmup_steps=2, num_training_steps=10)
     for step in range(12):

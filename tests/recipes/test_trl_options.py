@@ -30,8 +30,8 @@ def test_a_trl_grpo_yaml_means_what_it_means_in_trl(tmp_path, monkeypatch):
     assert (config.aggregation, config.advantage_estimator) == ("constant", "batch_std")  # tests/grpo/test_trl_parity
     assert (config.num_generations, config.max_completion_length, config.beta, config.epsilon) == (2, 12, 0.0, 0.3)
     assert (config.learning_rate, config.lr_schedule, config.warmup_steps) == (2.0e-5, "cosine", 1)
-    flags = ["--importance_sampling_level", "sequence", "--loss_type", "dapo", "--scale_rewards", "none",
-             "--bf16", "true", "--use_vllm", "true", "--vllm_mode", "colocate", "--log_completions", "false"]  # fmt: skip
+    flags = ["--importance_sampling_level", "sequence", "--loss_type", "dapo", "--scale_rewards", "none", "--bf16",
+             "true", "--use_vllm", "true", "--vllm_mode", "colocate", "--log_completions", "false"]  # fmt: skip
     args, config = parse_arguments("grpo_math", ["--config", str(path), *flags])
     assert (config.objective, config.aggregation, config.advantage_estimator) == ("gspo", "token_mean", "dr_grpo")
     assert (args.dtype, args.rollout, config.log_completions_steps) == ("bfloat16", "vllm-colocated", 0)
@@ -41,7 +41,7 @@ def test_trl_sft_names_mean_sft_in_the_sft_recipe(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     flags = ["--learning_rate", "3e-5", "--max_steps", "7", "--per_device_train_batch_size", "4",
              "--gradient_accumulation_steps", "2", "--lr_scheduler_type", "constant_with_warmup"]  # fmt: skip
-    args, config = parse_arguments("sft", flags)
+    args, _ = parse_arguments("sft", flags)
     assert (args.sft_learning_rate, args.sft_max_steps, args.sft_batch_size, args.sft_lr_schedule) == (
         3e-5, 7, 8, "constant",
     )  # fmt: skip

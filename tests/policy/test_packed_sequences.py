@@ -1,0 +1,87 @@
+"""Packed rows: samples whose position_ids restart at 0 never attend to, or predict, one another."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from r1kit.policy import DeepseekV3ForCausalLM
+from r1kit.policy.attention import build_attention_mask, packed_sequence_ids
+
+LENGTHS = (5, 3, 4)  # three samples packed into one row of 12 tokens
+
+
+def packed_positions(lengths: tuple[int, ...]) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths])[None]  # (1, T)
+
+
+def test_sequence_ids_start_wherever_positions_do_not_step_by_one():
+    assert packed_sequence_ids(torch.tensor([[0, 1, 2, 0, 1, 0]])).tolist() == [[0, 0, 0, 1, 1, 2]]
+    left_padded = torch.tensor([[0, 0, 0, 1, 2]])  # cumsum positions: the real tokens stay one sequence
+    assert packed_sequence_ids(left_padded).tolist() == [[0, 1, 2, 2, 2]]
+
+
+def test_packed_positions_give_a_block_diagonal_causal_mask():
+    mask = build_attention_mask(None, 0, 6, torch.tensor([[0, 1, 2, 0, 1, 0]]))
+    block = lambda n: torch.ones(n, n, dtype=torch.bool).tril()
+    assert mask[0, 0].equal(torch.block_diag(block(3), block(2), block(1)))
+    # padding (its own trailing sequence here) stays hidden from every real query
+    padded = build_attention_mask(torch.tensor([[1, 1, 1, 1, 0, 0]]), 0, 6, torch.tensor([[0, 1, 0, 1, 0, 1]]))
+    assert padded[0, 0].equal(torch.block_diag(block(2), block(2), torch.eye(2, dtype=torch.bool)))
+
+
+def test_contiguous_positions_keep_the_plain_causal_fast_path():
+    assert build_attention_mask(None, 0, 5, torch.arange(3, 8)[None]) is None
+    assert build_attention_mask(None, 4, 1, torch.tensor([[0]])) is None  # decoding: positions are not packing
+
+
+def per_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """-log p(token t+1 | ..t) for one row: logits (T, V), ids (T,) -> (T - 1,)."""
+    return torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")
+
+
+def packed_sample_losses(model: DeepseekV3ForCausalLM, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each sample's per-token losses from one forward over the packed row `ids` (1, T)."""
+    with torch.no_grad():
+        logits = model(ids, position_ids=packed_positions(LENGTHS)).logits[0]
+    starts = [0, *torch.tensor(LENGTHS).cumsum(0).tolist()]
+    return [per_token_loss(logits[a:b], ids[0, a:b]) for a, b in itertools.pairwise(starts)]
+
+
+def test_packed_forward_equals_separate_forwards_and_samples_never_see_each_other(tiny_config, randomized):
+    model = DeepseekV3ForCausalLM(tiny_config())
+    randomized(model)
+    model.eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, sum(LENGTHS)))
+    packed = packed_sample_losses(model, ids)
+    separate = [ids[:, :5], ids[:, 5:8], ids[:, 8:]]
+    for sample, losses in zip(separate, packed, strict=True):
+        with torch.no_grad():
+            alone = per_token_loss(model(sample).logits[0], sample[0])
+        torch.testing.assert_close(losses, alone, atol=1e-5, rtol=1e-5)
+
+    perturbed = ids.clone()
+    perturbed[0, :5] = torch.randint(3, model.config.vocab_size, (5,))
+    after = packed_sample_losses(model, perturbed)
+    assert not torch.allclose(after[0], packed[0])
+    # unchanged but for the MoE GEMMs' summation order (other tokens share the experts); attention across
+    # samples would move these losses by ~0.1
+    torch.testing.assert_close(after[1:], packed[1:], atol=1e-6, rtol=1e-6)
+
+
+def test_mtp_loss_of_a_packed_row_equals_that_of_the_padded_batch(tiny_config, randomized):
+    """Every token is a target (language modelling): cross-sample MTP targets would change the mean."""
+    model = DeepseekV3ForCausalLM(tiny_config(num_nextn_predict_layers=2))
+    randomized(model)
+    model.eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, sum(LENGTHS)))
+    with torch.no_grad():
+        packed = model(ids, position_ids=packed_positions(LENGTHS), labels=ids).mtp_loss
+    rows, mask = torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long)
+    for row, (a, b) in enumerate(((0, 5), (5, 8), (8, 12))):
+        rows[row, : b - a], mask[row, : b - a] = ids[0, a:b], 1
+    batch_labels = rows.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        padded = model(rows, attention_mask=mask, labels=batch_labels).mtp_loss
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
