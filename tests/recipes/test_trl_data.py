@@ -53,7 +53,8 @@ def test_grpo_on_a_standard_prompt_only_dataset_with_extra_columns(tmp_path, cha
     assert step["rewards/sees_extra_columns/mean"] == 1.0
 
 
-def test_sft_on_a_prompt_completion_file(tmp_path, chat_model, capsys):
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_sft_on_a_prompt_completion_file(tmp_path, chat_model, capsys, packing):
     rows = [{"prompt": q, "completion": f"<think> add </think> <answer> {a} </answer>", "answer": a}
             for q, a in QUESTIONS]  # fmt: skip
     data = write_jsonl(tmp_path / "sft.jsonl", rows)
@@ -61,7 +62,7 @@ def test_sft_on_a_prompt_completion_file(tmp_path, chat_model, capsys):
     sft_main(["--model", str(chat_model), "--dataset", str(data), "--sft", "always", "--sft_max_steps", "2",
                        "--sft_batch_size", "4", "--num_eval_problems", "2", "--eval_samples_per_prompt", "1",
               "--max_completion_length", "8", "--reward_workers", "0", "--rollout", "local",
-              "--output_dir", str(run)])  # fmt: skip
+              "--sft_packing", packing, "--sft_max_length", "96", "--output_dir", str(run)])  # fmt: skip
     assert (run / "final" / "config.json").exists()
     assert "Held-out accuracy" in capsys.readouterr().out
 
