@@ -12,6 +12,17 @@ into group-relative advantages. Two options change what reaches the update:
   B informative groups are found or `dynamic_sampling_max_rounds` is reached.
 
 Reward metrics always describe the first round, an unbiased sample of the policy.
+
+Rewards are called under TRL's GRPOTrainer contract (trl 1.16,
+`GRPOTrainer._calculate_rewards`): the prompts as the dataset holds them, the
+completions (the suite passes them as assistant messages when the prompts are
+conversational), `completion_ids`, every dataset column but the prompt,
+"completion" and "completion_ids", and `trainer_state`, a
+`transformers.TrainerState` counted in optimizer updates as TRL counts it:
+global_step = step * num_iterations of max_steps * num_iterations, epoch = the
+passes over the prompts made before this batch was drawn. What the rewards log
+with `log_metric` joins the step's metrics, and what they log with `log_extra`
+joins the completions written to samples.jsonl (built-in keys win a clash).
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, TrainerState
 
 from r1kit.grpo.advantages import compute_advantages, zero_std_groups
 from r1kit.grpo.config import GRPOConfig
@@ -37,19 +48,36 @@ class RewardScores(Protocol):
 
     total: (N,) weighted sum of the reward functions.
     scores: name -> (N,) scores, NaN where a function gave None or failed.
+    extra: column -> N values the functions logged with log_extra.
+    logged_metrics: name -> value the functions logged with log_metric (averaged).
     metrics(prefix): flat per-function statistics to log.
     """
 
     total: Tensor
     scores: dict[str, Tensor]
+    extra: dict[str, list[Any]]
+    logged_metrics: dict[str, float]
 
     def metrics(self, prefix: str = ...) -> dict[str, float]: ...
 
 
 class RewardScorer(Protocol):
-    """A reward suite: scores completions given their prompts and dataset columns (see rewards.RewardSuite)."""
+    """A reward suite (see rewards.RewardSuite): scores completions given their prompts (as the dataset holds
+    them), the dataset's columns and the trainer's state, under TRL's reward-function contract."""
 
-    def score(self, prompts: list, completions: list[str], columns: dict[str, list]) -> RewardScores: ...
+    def score(
+        self, prompts: list, completions: list[str], columns: dict[str, list], *, trainer_state: TrainerState
+    ) -> RewardScores: ...
+
+
+def reward_columns(column_names: list[str], prompt_column: str) -> list[str]:
+    """The dataset columns rewards get, as in TRL: all but the prompt, "completion" and "completion_ids"
+    (`completion_ids` comes from generation instead).
+
+    >>> reward_columns(["prompt", "answer", "completion"], "prompt")
+    ['answer']
+    """
+    return [c for c in column_names if c not in (prompt_column, "completion", "completion_ids")]
 
 
 @dataclass
@@ -94,8 +122,11 @@ class ScoredRollout:
 
 @dataclass
 class _Round:
+    """One draw of prompts: their rows, the engine's rollouts, and the trainer's state when they were drawn."""
+
     rows: list[dict[str, Any]]
     rollout: RolloutBatch | Future[RolloutBatch]
+    trainer_state: TrainerState
 
 
 def select_groups(rollout: RolloutBatch, groups: list[int], group_size: int) -> RolloutBatch:
@@ -109,6 +140,11 @@ def select_groups(rollout: RolloutBatch, groups: list[int], group_size: int) -> 
         finish_reason=[rollout.finish_reason[i] for i in index],
         policy_version=rollout.policy_version,
     )
+
+
+def repeat_each(values: list[Any], times: int) -> list[Any]:
+    """Each value `times` times in a row: one per completion of its group."""
+    return [value for value in values for _ in range(times)]
 
 
 class RolloutCollector:
@@ -131,28 +167,38 @@ class RolloutCollector:
         self._pending: _Round | None = None
         self._sampler_state = sampler.state_dict()  # position before any prefetched prompts
 
+    def _trainer_state(self, step: int) -> TrainerState:
+        """The `trainer_state` rewards get for prompts drawn now for step `step` (see the module docstring)."""
+        config, position = self.config, self.sampler.state_dict()
+        return TrainerState(
+            global_step=step * config.num_iterations,
+            max_steps=config.max_steps * config.num_iterations,
+            epoch=position["epoch"] + position["position"] / len(self.sampler.dataset),
+        )
+
     def _start(self, step: int, round_index: int, background: bool) -> _Round:
         config = self.config
         self._sampler_state = self.sampler.state_dict()
+        trainer_state = self._trainer_state(step)
         rows = self.sampler.next_batch()
         prompts = [encode_prompt(self.tokenizer, row[self.prompt_column]) for row in rows]
         params = SamplingParams(
             n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
             max_new_tokens=config.max_completion_length, stop_token_ids=self.stop_ids,
-            seed=config.seed * 1_000_003 + step * 101 + round_index,
+            stop_strings=tuple(config.stop_strings), seed=config.seed * 1_000_003 + step * 101 + round_index,
         )  # fmt: skip
         generate = self.engine.generate_async if background else self.engine.generate
-        return _Round(rows, generate(prompts, params))
+        return _Round(rows, generate(prompts, params), trainer_state)
 
     def _score(self, round_: _Round) -> tuple[RolloutBatch, RewardScores, Tensor]:
         rollout = round_.rollout if isinstance(round_.rollout, RolloutBatch) else round_.rollout.result()
-        g = self.config.num_generations
-        repeat = lambda values: [v for v in values for _ in range(g)]
-        columns = {c: repeat([row[c] for row in round_.rows]) for c in round_.rows[0] if c != self.prompt_column}
+        g, rows = self.config.num_generations, round_.rows
+        names = reward_columns(list(rows[0]), self.prompt_column)
+        columns = {c: repeat_each([row[c] for row in rows], g) for c in names}
         columns["completion_ids"] = rollout.completion_ids
-        prompts = repeat([row[self.prompt_column] for row in round_.rows])
-        scores = self.rewards.score(prompts, rollout.completion_text, columns)
-        return rollout, scores, scores.total.view(len(round_.rows), g)
+        prompts = repeat_each([row[self.prompt_column] for row in rows], g)
+        scores = self.rewards.score(prompts, rollout.completion_text, columns, trainer_state=round_.trainer_state)
+        return rollout, scores, scores.total.view(len(rows), g)
 
     def collect(self, step: int) -> ScoredRollout:
         """The scored groups for optimizer step `step` (0-based)."""
@@ -196,19 +242,27 @@ class RolloutCollector:
     def _samples(
         self, rows: list[dict[str, Any]], rollout: RolloutBatch, scores: RewardScores, rewards: Tensor
     ) -> list[dict[str, Any]]:
-        """One record per completion of the first round: prompt, completion, reward per function, advantage."""
+        """One record per completion of the first round: prompt, completion, reward per function, advantage,
+        and the columns the rewards logged with log_extra."""
         config, g = self.config, self.config.num_generations
         advantages = compute_advantages(rewards, config.advantage_estimator, eps=config.advantage_eps).view(-1)
-        return [
-            {"prompt": rows[k // g][self.prompt_column], "completion": rollout.completion_text[k],
-             "reward": scores.total[k].item(), "advantage": advantages[k].item(),
-             **{f"rewards/{name}": values[k].item() for name, values in scores.scores.items()}}
-            for k in range(len(rollout))
-        ]  # fmt: skip
+        samples = []
+        for k in range(len(rollout)):
+            sample = {
+                "prompt": rows[k // g][self.prompt_column],
+                "completion": rollout.completion_text[k],
+                "reward": scores.total[k].item(),
+                "advantage": advantages[k].item(),
+                **{f"rewards/{name}": values[k].item() for name, values in scores.scores.items()},
+            }
+            sample.update({column: values[k] for column, values in scores.extra.items() if column not in sample})
+            samples.append(sample)
+        return samples
 
     def _reward_metrics(self, scores: RewardScores, rewards: Tensor) -> dict[str, float]:
         reward_mean, reward_std = nan_mean_std(scores.total)
         metrics = {
+            **scores.logged_metrics,  # what the rewards logged with log_metric; built-in names win a clash
             "reward": reward_mean,
             "reward/std": reward_std,
             "zero_std_groups": zero_std_groups(rewards).float().mean().item(),

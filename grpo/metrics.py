@@ -1,7 +1,10 @@
 """Run metrics: one JSON line per logged step, mirrored to accelerate's trackers.
 
 Sample completions go to samples.jsonl and, as a table, to the trackers that
-draw one (W&B and ClearML through accelerate, TensorBoard as Markdown text).
+draw one (W&B and ClearML through accelerate, TensorBoard as Markdown text),
+with any columns the reward functions added through TRL's `log_extra`; what
+they logged through `log_metric` is part of the step's metrics. Values JSON
+cannot hold (a parsed expression, say) are written as their text.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class MetricsLogger:
         with self.path.with_name("samples.jsonl").open("a") as f:
             for sample in samples:
                 record = {k: _jsonable(v) if isinstance(v, float) else v for k, v in sample.items()}
-                f.write(json.dumps({"step": step, **record}) + "\n")
+                f.write(json.dumps({"step": step, **record}, default=str) + "\n")
         if self.accelerator.trackers:
             log_samples_table(self.accelerator, step, samples)
 
@@ -89,7 +92,7 @@ def _table_cell(value):
     """Numbers stay numbers; anything else (text, chat messages) becomes text of at most MAX_TABLE_TEXT characters."""
     if isinstance(value, int | float) or value is None:
         return value
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= MAX_TABLE_TEXT else text[:MAX_TABLE_TEXT] + " ..."
 
 

@@ -62,7 +62,12 @@ class RecipeArguments:
     task_slip_rate: float = option(0.0, "Arithmetic: share of training solutions with an arithmetic slip.")
     reward: list[str] = option(["math_accuracy", "format"], "Reward functions: registered names or 'module:function'.")
     reward_weights: list[float] | None = option(None, "One weight per reward (default 1 each).")
-    reward_timeout_s: float = option(10.0, "Time limit per completion and reward, in seconds.")
+    reward_timeout_s: float = option(
+        10.0, "Time limit of a built-in rule reward on one completion, in seconds (the worker is killed past it)."
+    )
+    reward_batch_timeout_s: float = option(
+        300.0, "Time limit of one whole-batch call of any other reward (yours, TRL's), in seconds."
+    )
     reward_workers: int = option(2, "Reward worker processes (0 scores in the training process).")
     accuracy_reward: str = option("math_accuracy", "Reward reported as accuracy and used for evaluation.")
     sft: str = option("auto", "SFT warm start: auto (embedded default only, cached) | always | never.")

@@ -123,7 +123,8 @@ def model_card(recipe: str, options: dict, results: dict | None, environment: di
         "",
         f"- **Base model:** {base_model_line(options)}",
         f"- **Data:** {data_line(options)}",
-        f"- **Rewards:** {rewards} (each under a {options['reward_timeout_s']} s limit per completion)",
+        f"- **Rewards:** {rewards} (built-in rules under a {options['reward_timeout_s']} s limit per completion, "
+        f"other functions {options['reward_batch_timeout_s']} s per batch)",
         "",
         "## Results",
         "",

@@ -42,7 +42,7 @@ from r1kit.recipes.publish import finish_run, push_final
 from r1kit.recipes.run_record import resolved_options, write_run_config
 from r1kit.recipes.tasks.arithmetic import ArithmeticTaskConfig, arithmetic_splits
 from r1kit.recipes.tasks.gsm8k import load_gsm8k
-from r1kit.recipes.tasks.trl_formats import load_trl_dataset, prompt_rows
+from r1kit.recipes.tasks.trl_formats import load_trl_dataset
 from r1kit.recipes.tracking import grpo_trackers, sft_run_name, sft_tracker_environment, start_trackers
 from r1kit.rewards import RewardSuite, RewardSuiteConfig, resolve
 from r1kit.rewards.protocol import reward_name
@@ -243,7 +243,6 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig, recipe: str = "grpo_
     tokenizer, dtype = load_tokenizer(start), _dtype(args)
     policy = _trainable_policy(args, start, checkpoints[-1] if checkpoints else None, accelerator)
     reference = load_policy(start, dtype=dtype) if config.beta > 0 else None
-    held_out_prompts = prompt_rows(held_out)
     if args.report_to:
         start_trackers(accelerator, args.tracker_project, args.run_name, resolved_options(args, config))
     with contextlib.ExitStack() as stack:
@@ -252,11 +251,11 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig, recipe: str = "grpo_
             engine = rollout_engine(args, start, tokenizer, accelerator.device, accelerator.num_processes)
             stack.callback(engine.close)
             suite = stack.enter_context(reward_suite(args))
-            accuracy = held_out_accuracy(args, config, engine, tokenizer, held_out_prompts, suite, start)
+            accuracy = held_out_accuracy(args, config, engine, tokenizer, held_out, suite, start)
             sft_result = accuracy()
             print(f"held-out accuracy before GRPO: {sft_result.accuracy:.3f}")
         trainer = GRPOTrainer(
-            config, policy, tokenizer, engine, suite, prompt_rows(train), reference=reference,
+            config, policy, tokenizer, engine, suite, train, reference=reference,
             accelerator=accelerator, accuracy_reward=accuracy_reward_name(args),
             evaluate=lambda step: accuracy().as_metrics(),
         )  # fmt: skip
@@ -308,7 +307,9 @@ def accuracy_reward_name(args: RecipeArguments) -> str:
 
 def reward_suite(args: RecipeArguments) -> RewardSuite:
     """The recipe's rewards, weights, time limit and worker processes as a RewardSuite."""
-    config = RewardSuiteConfig(timeout_s=args.reward_timeout_s, num_workers=args.reward_workers)
+    config = RewardSuiteConfig(
+        timeout_s=args.reward_timeout_s, call_timeout_s=args.reward_batch_timeout_s, num_workers=args.reward_workers
+    )
     return RewardSuite(args.reward, args.reward_weights, config)
 
 
@@ -352,8 +353,7 @@ def sampling(args: RecipeArguments, model: str) -> Iterator[tuple[RolloutEngine,
 def evaluate_checkpoint(args: RecipeArguments, config: GRPOConfig, model: str, held_out: Dataset) -> EvalResult:
     """Held-out accuracy of checkpoint `model` under the recipe's rewards and sampling settings."""
     with sampling(args, model) as (engine, tokenizer, suite):
-        prompts = prompt_rows(held_out)
-        return held_out_accuracy(args, config, engine, tokenizer, prompts, suite, model)()
+        return held_out_accuracy(args, config, engine, tokenizer, held_out, suite, model)()
 
 
 def held_out_accuracy(
@@ -387,7 +387,7 @@ def _report(result: PipelineResult, args: RecipeArguments, config: GRPOConfig, r
     n, k = result.sft.num_prompts, result.sft.samples_per_prompt
     gain = 100 * (result.grpo.accuracy - result.sft.accuracy)
     print(f"\nHeld-out accuracy ({n} problems x {k} samples, temperature {config.temperature}):")
-    print(f"  SFT  checkpoint: {result.sft.accuracy:6.1%}")
+    print(f"  {'SFT  checkpoint' if args.runs_sft else 'start model    '}: {result.sft.accuracy:6.1%}")
     print(f"  GRPO checkpoint: {result.grpo.accuracy:6.1%}  ({gain:+.1f} points)")
     print(f"Model: {result.final_model}  (with its config.yaml and model card, README.md)")
     print(f"Metrics: {output_dir}/metrics.jsonl   Plot: {output_dir}/report.png")

@@ -22,7 +22,7 @@ from typing import Any
 from datasets import Dataset
 
 from r1kit.grpo.options import ConfigError
-from r1kit.sft.data import is_conversation
+from r1kit.rewards.protocol import is_conversational
 
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
 R1_SYSTEM_PROMPT = (
@@ -43,7 +43,7 @@ def format_prompts(dataset: Dataset, mode: str, system_prompt: str | None, has_c
     """`dataset` with its prompts (and completions) as the policy will see them (see the module docstring)."""
     if mode not in CHAT_TEMPLATE_MODES:
         raise ConfigError(f"--use_chat_template must be one of {', '.join(CHAT_TEMPLATE_MODES)}, got {mode!r}")
-    conversational = is_conversation(dataset[0]["prompt"])
+    conversational = is_conversational(dataset[0]["prompt"])
     if (conversational or mode == "always") and not has_chat_template:
         reason = "the prompts are conversational" if conversational else "--use_chat_template always"
         raise ConfigError(f"{reason}, but the model's tokenizer has no chat template")
@@ -58,7 +58,7 @@ def format_prompts(dataset: Dataset, mode: str, system_prompt: str | None, has_c
             prompt = [{"role": "user", "content": prompt}]
             if "completion" in row:
                 formatted["completion"] = [{"role": "assistant", "content": row["completion"]}]
-        if system and is_conversation(prompt):
+        if system and is_conversational(prompt):
             prompt = prompt if prompt[0]["role"] == "system" else [{"role": "system", "content": system}, *prompt]
         elif system:
             prompt = f"{system}\n\n{prompt}"

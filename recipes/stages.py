@@ -53,7 +53,6 @@ from r1kit.recipes.pipeline import (
     train_sft,
     use_cpu_threads,
 )
-from r1kit.recipes.tasks.trl_formats import prompt_rows
 from r1kit.sft.rejection_sampling import RejectionSamplingConfig, load_rejection_samples, rejection_sample, write_json
 
 Tokenizer = PreTrainedTokenizerBase
@@ -189,8 +188,7 @@ def _run_stage(stage: Stage, shared: dict[str, Any], start: str, data: str | Non
     if args.model is None:
         raise ConfigError(f"stage {stage.name!r}: rejection sampling needs a trained model to start from")
     rs_config = RejectionSamplingConfig(**{k: v for k, v in own.items() if k != "num_prompts"})
-    prompts = prompt_rows(train)
-    prompts = prompts.select(range(min(own.get("num_prompts", len(prompts)), len(prompts))))
+    prompts = train.select(range(min(own.get("num_prompts", len(train)), len(train))))
     with sampling(args, args.model) as (engine, tokenizer, suite):
         stats = rejection_sample(engine, tokenizer, prompts, suite, rs_config, directory, checkpoint=args.model)
     summary = stats.summary()

@@ -1,9 +1,9 @@
-"""Rewards for GRPO: the reward contract, a registry of reward functions, and the suite that runs them.
+"""Rewards for GRPO: the reward contract (TRL's), a registry of reward functions, and the suite that runs them.
 
     from r1kit.rewards import RewardSuite, RewardSuiteConfig, register, resolve
 
     with RewardSuite(["math_accuracy", "format"], weights=[1.0, 0.2]) as suite:
-        result = suite.score(prompts, completions, {"answer": answers})
+        result = suite.score(prompts, completions, {"answer": answers}, trainer_state=state)
 
 Rule-based rewards live in `r1kit.rewards.rules` and are registered by name on import;
 model-based rewards (a reward model, a generative judge) live in
@@ -19,7 +19,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from r1kit.rewards.isolated import IsolatedReward
-from r1kit.rewards.protocol import RewardFn, RewardOutputError, call_reward, completion_text, reward_name
+from r1kit.rewards.protocol import (
+    RewardFn,
+    RewardLog,
+    RewardOutputError,
+    call_reward,
+    completion_text,
+    reward_name,
+    trl_completions,
+)
 from r1kit.rewards.registry import register, registered_names, resolve
 from r1kit.rewards.rules import (
     CodeExecution,
@@ -49,6 +57,7 @@ __all__ = [
     "RewardError",
     "RewardFailure",
     "RewardFn",
+    "RewardLog",
     "RewardOutputError",
     "RewardResult",
     "RewardSuite",
@@ -64,6 +73,7 @@ __all__ = [
     "registered_names",
     "resolve",
     "reward_name",
+    "trl_completions",
 ]
 
 

@@ -6,25 +6,27 @@ every reward when the suite has no worker processes. The call runs in a daemon
 thread and the caller waits at most `timeout_s`; this works from any thread
 (no signals). A Python thread cannot be killed, so a call that runs past its
 limit is abandoned, not stopped: its completions are recorded as timed out and
-its late result is ignored. Only worker processes give a hard limit.
+its late result (and whatever it logs) is ignored. Only worker processes give a
+hard limit.
 
-When the batched call raises, the completions are scored one at a time (within
+When the whole-batch call raises, the completions are scored one at a time (within
 what is left of the time limit) so that the error is pinned on the completions
 that cause it and the others keep their scores.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from r1kit.rewards.protocol import RewardFn, call_reward
-from r1kit.rewards.worker_pool import Outcome
+from r1kit.rewards.protocol import RewardBatch, RewardFn, RewardLog
+from r1kit.rewards.worker_pool import Calls, Outcome
 
 T = TypeVar("T")
 
@@ -52,37 +54,29 @@ def _describe(error: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(error), error)).strip()
 
 
-def score_in_process(
-    fn: RewardFn,
-    completions: list[str],
-    prompts: list[str],
-    columns: Mapping[str, Sequence[Any]],
-    timeout_s: float,
-) -> list[Outcome]:
-    """One Outcome per completion for `fn` on the whole batch (see the module docstring)."""
-    deadline = time.monotonic() + timeout_s
+def _call(fn: RewardFn, batch: RewardBatch, timeout_s: float) -> Outcome:
+    """One call of `fn` on `batch` within `timeout_s`, with its own log."""
+    log = RewardLog()
     try:
-        scores = run_with_timeout(lambda: call_reward(fn, completions, prompts, columns), timeout_s)
-        return [Outcome(score=score) for score in scores]
+        return Outcome(scores=run_with_timeout(functools.partial(batch.score, fn, log), timeout_s), log=log)
     except TimeoutError:
-        return [Outcome(timed_out=True) for _ in completions]
-    except Exception as batch_error:
-        if len(completions) == 1:
-            return [Outcome(error=_describe(batch_error))]
-    outcomes = []
-    for index in range(len(completions)):
+        return Outcome(error=f"the call exceeded {timeout_s} s and was abandoned", timed_out=True)
+    except Exception as error:
+        return Outcome(error=_describe(error), raised=True)
+
+
+def score_in_process(fn: RewardFn, batch: RewardBatch, timeout_s: float) -> Calls:
+    """The calls that scored `batch` with `fn` (see the module docstring), each with the completions it covered."""
+    deadline = time.monotonic() + timeout_s
+    everything = tuple(range(len(batch)))
+    outcome = _call(fn, batch, timeout_s)
+    if not outcome.raised or len(batch) == 1:
+        return [(everything, outcome)]
+    calls: Calls = []
+    for index in everything:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            outcomes.append(Outcome(timed_out=True))
-            continue
-        row = {key: [values[index]] for key, values in columns.items()}
-        try:
-            (score,) = run_with_timeout(
-                lambda i=index, r=row: call_reward(fn, [completions[i]], [prompts[i]], r), remaining
-            )
-            outcomes.append(Outcome(score=score))
-        except TimeoutError:
-            outcomes.append(Outcome(timed_out=True))
-        except Exception as error:
-            outcomes.append(Outcome(error=_describe(error)))
-    return outcomes
+            calls.append(((index,), Outcome(error=f"the batch exceeded {timeout_s} s", timed_out=True)))
+        else:
+            calls.append(((index,), _call(fn, batch.select([index]), remaining)))
+    return calls

@@ -7,10 +7,13 @@
 `factory` is pickled to a dedicated worker process (`r1kit.rewards.worker_main`) and
 called there once, so the reward (a reward model, a judge with its client) is
 built in that process, on the device and with the environment given, and never
-pickled itself. Each call sends the whole batch and waits at most `timeout_s`;
+pickled itself. Each call sends the whole batch (completions and prompts as it
+got them, the columns and the trainer's state) and waits at most `timeout_s`;
 past that the process is killed (its memory and device with it) and the call
 raises TimeoutError, which the suite records as a timeout of every completion
-in the batch. The next call starts a fresh process. The factory must be
+in the batch. The next call starts a fresh process. What the reward logs in its
+process (`log_extra`, `log_metric`) comes back with the scores and is replayed
+into the callables this call was given. The factory must be
 importable by reference (a module-level function or class, or a
 functools.partial of one).
 """
@@ -24,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from r1kit.rewards.protocol import RewardFn, check_scores, completion_text, reward_name
+from r1kit.rewards.protocol import RewardBatch, RewardFn, check_scores, reward_name
 from r1kit.rewards.worker_pool import WorkerProcess, WorkerStartError, worker_command, worker_env
 
 
@@ -87,16 +90,27 @@ class IsolatedReward:
                 raise WorkerStartError(f"reward {self.__name__!r} could not be built in its process:\n{reply[1]}")
         return self._process
 
-    def __call__(self, completions: list[Any], *, prompts: list[Any], **columns: Any) -> list[float | None]:
-        texts = [completion_text(c) for c in completions]
-        prompts = [completion_text(p) for p in prompts]
+    def __call__(
+        self,
+        completions: list[Any],
+        *,
+        prompts: list[Any],
+        trainer_state: Any = None,
+        log_extra: Callable[[str, list], None] | None = None,
+        log_metric: Callable[[str, float], None] | None = None,
+        **columns: Any,
+    ) -> list[float | None]:
+        """Score the batch in the reward's process; what the reward logs there is replayed into
+        `log_extra` and `log_metric`."""
+        batch = RewardBatch(list(completions), list(prompts), columns, trainer_state)
         with self._lock:
             process = self._started()
-            process.send(("batch", 0, texts, prompts, columns))
-            _, scores, error = self._reply(process, time.monotonic() + self.timeout_s, "a call")
+            process.send(("score", [(0, 0, batch)]))
+            _, _, scores, error, log = self._reply(process, time.monotonic() + self.timeout_s, "a call")
         if error is not None:
             raise RuntimeError(f"reward {self.__name__!r} failed in its process:\n{error}")
-        return check_scores(scores, len(texts), reward_name(self))
+        log.replay(log_extra, log_metric)
+        return check_scores(scores, len(batch), reward_name(self))
 
     def _stop(self) -> int:
         process, self._process = self._process, None

@@ -1,22 +1,31 @@
 """The reward suite: several weighted reward functions scored safely, every training step.
 
     suite = RewardSuite(["math_accuracy", "format"], weights=[1.0, 0.2])
-    result = suite.score(prompts, completions, {"answer": answers})   # one row per completion
+    result = suite.score(prompts, completions, {"answer": answers}, trainer_state=state)
     result.total            # (N,) weighted sum, the GRPO reward r
     result.scores["format"] # (N,) that function's scores, NaN where it gave None
     result.metrics()        # means, failure and timeout counts, ready to log
+    result.extra            # columns the functions added to the completions table (log_extra)
+    result.logged_metrics   # scalars the functions logged (log_metric), averaged
 
-Where each function runs:
+Every function is called under TRL's reward contract (`protocol`): the prompts
+as the dataset holds them, the completions as TRL passes them (one assistant
+message each when the prompts are conversational), the columns, the trainer's
+state and the two logging callables. Where each function runs:
 
-- In the suite's worker processes (`num_workers` > 0), one completion per task,
-  for plain picklable functions (all built-in rule rewards, anything resolved
-  from "pkg.module:function"). Each completion has a hard time limit
-  (`timeout_s`): a worker past it is killed and replaced.
+- In the suite's worker processes (`num_workers` > 0), for picklable functions
+  (anything resolved from "pkg.module:function", the built-in rules):
+  - one call with the whole batch, as TRL makes it, under a hard limit of
+    `call_timeout_s`: a worker past it is killed and replaced;
+  - element-wise functions (`elementwise = True`: the built-in rules) one
+    completion per task, each under a hard limit of `timeout_s`, spread over
+    the workers.
 - In the calling process, the whole batch in one call under `call_timeout_s`,
-  for functions marked `batched = True` (reward models, judges), `async`
-  functions, functions that cannot be pickled (lambdas, closures, anything
-  defined in `__main__`), and every function when `num_workers` is 0. This
-  limit is soft: a call past it is abandoned in its thread (see `in_process`).
+  for functions marked `batched = True` (reward models and judges, which hold a
+  model or a client), `async` functions, functions that cannot be pickled
+  (lambdas, closures, anything defined in `__main__`), and every function when
+  `num_workers` is 0. This limit is soft: a call past it is abandoned in its
+  thread (see `in_process`).
 
 Both kinds run concurrently. Workers are started once and reused; close the
 suite (or use it as a context manager) to stop them.
@@ -24,7 +33,18 @@ suite (or use it as a context manager) to stop them.
 Failures: an exception or a timeout on completion i of reward f is logged with
 f's name and i, counted in the result, and then follows `on_error`:
 "zero" scores it 0.0, "none" scores it None (NaN), "raise" raises
-`RewardError` listing every failure once the whole batch is scored.
+`RewardError` listing every failure once the whole batch is scored. A batch
+call that raises is repeated one completion at a time (in a worker under
+`timeout_s` each, in process within what is left of `call_timeout_s`) so that
+the error is pinned on the completions that cause it; a batch call that times
+out, or whose worker dies, fails on every completion of the batch.
+
+Logging: what a function passes to `log_extra` and `log_metric` in a call that
+returned is kept (calls in workers record it and send it back); a call that
+failed logs nothing. `result.extra[column]` holds one value per completion
+(None where no call logged one; a column several functions log holds the last
+one's values; a column of the wrong length is left out, with a warning), and
+`result.logged_metrics[name]` the mean of the values logged.
 
 The total: total_i = sum_f w_f * s_fi, with None/NaN scores counted as 0 in the
 sum (TRL's nansum), while each function's mean leaves them out.
@@ -32,6 +52,7 @@ sum (TRL's nansum), while each function's mean leaves them out.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import pickle
@@ -39,18 +60,27 @@ import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 
 from r1kit.rewards.in_process import score_in_process
-from r1kit.rewards.protocol import RewardFn, completion_text, is_async_reward, reward_name
+from r1kit.rewards.protocol import (
+    TRAINER_KEYWORDS,
+    RewardBatch,
+    RewardFn,
+    is_async_reward,
+    is_elementwise,
+    reward_name,
+    trl_completions,
+)
 from r1kit.rewards.registry import resolve
-from r1kit.rewards.worker_pool import Outcome, Task, WorkerPool
+from r1kit.rewards.worker_pool import Calls, Outcome, Task, WorkerPool
 
 logger = logging.getLogger(__name__)
 ErrorPolicy = Literal["zero", "none", "raise"]
+Placement = Literal["worker_batch", "worker_elementwise", "in_process"]
 MAX_LOGGED_FAILURES = 5  # per function and call; the rest are summarised in one line
 
 
@@ -58,14 +88,14 @@ MAX_LOGGED_FAILURES = 5  # per function and call; the rest are summarised in one
 class RewardSuiteConfig:
     """How the suite runs its reward functions.
 
-    timeout_s: hard time limit, in seconds, for scoring one completion with one
-        function in a worker process.
-    call_timeout_s: soft limit, in seconds, for one whole-batch call of a
-        function that runs in the calling process.
+    timeout_s: hard time limit, in seconds, for scoring one completion with an
+        element-wise function in a worker process.
+    call_timeout_s: time limit, in seconds, for one whole-batch call: hard in a
+        worker process (killed), soft in the calling process (abandoned).
     on_error: what a failed or timed-out score becomes: "zero" (0.0), "none"
         (None: NaN in the matrix, left out of the mean) or "raise" (RewardError).
-    num_workers: worker processes for picklable, non-batched functions; 0 runs
-        every function in the calling process (soft limits only).
+    num_workers: worker processes for picklable, non-batched, non-async functions;
+        0 runs every function in the calling process (soft limits only).
     worker_memory_mb: address-space limit of each worker, in MiB (None: no limit).
     worker_start_timeout_s: how long a worker may take to start and load the functions.
     """
@@ -121,6 +151,8 @@ class RewardResult:
         failed under on_error="none").
     total: float32 tensor (N,), sum_f weight_f * score_f with NaN counted as 0.
     failures: every error and timeout, with the function's name and the completion's index.
+    extra: column -> N values the functions logged with log_extra (None where none was logged).
+    logged_metrics: name -> mean of the values the functions logged with log_metric.
     """
 
     names: list[str]
@@ -128,6 +160,8 @@ class RewardResult:
     scores: dict[str, torch.Tensor]
     total: torch.Tensor
     failures: list[RewardFailure] = field(default_factory=list)
+    extra: dict[str, list[Any]] = field(default_factory=dict)
+    logged_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -185,11 +219,18 @@ def _worker_safe(fn: RewardFn) -> bool:
     return True
 
 
+def _placement(fn: RewardFn, use_workers: bool) -> Placement:
+    """Where and how `fn` is called (see the module docstring)."""
+    if not (use_workers and _worker_safe(fn)):
+        return "in_process"
+    return "worker_elementwise" if is_elementwise(fn) else "worker_batch"
+
+
 def _check_batch(prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Sequence[Any]]) -> None:
     if len(prompts) != len(completions):
         raise ValueError(f"score() got {len(prompts)} prompts for {len(completions)} completions")
     for key, values in columns.items():
-        if key in ("prompts", "completions"):
+        if key in ("prompts", "completions", *TRAINER_KEYWORDS):
             raise ValueError(f"column {key!r} clashes with the reward contract's own argument; rename it")
         if len(values) != len(completions):
             raise ValueError(f"column {key!r} has {len(values)} values for {len(completions)} completions")
@@ -220,22 +261,21 @@ class RewardSuite:
             ]
         )
         self.weights = weights
-        use_workers = self.config.num_workers > 0
-        self._in_workers = [use_workers and _worker_safe(fn) for fn in self.functions]
-        # function index -> its index among the functions loaded by the workers
-        self._worker_index = {f: i for i, f in enumerate(f for f, w in enumerate(self._in_workers) if w)}
+        self._placements = [_placement(fn, self.config.num_workers > 0) for fn in self.functions]
+        # the functions the workers load, in their order (a task names its function by this position)
+        self._worker_functions = [f for f, where in enumerate(self._placements) if where != "in_process"]
         self._lock = threading.Lock()
         self._closed = False
         self._pool = self._start_pool()
-        in_process = len(self.functions) - len(self._worker_index)
+        in_process = len(self.functions) - len(self._worker_functions)
         self._threads = ThreadPoolExecutor(in_process, thread_name_prefix="reward") if in_process else None
         if self._pool is not None:  # workers stop with the suite even if close() is never called
             weakref.finalize(self, self._pool.close)
 
     def _start_pool(self) -> WorkerPool | None:
-        if not self._worker_index:
+        if not self._worker_functions:
             return None
-        functions = [self.functions[f] for f in self._worker_index]
+        functions = [self.functions[f] for f in self._worker_functions]
         return WorkerPool(
             pickle.dumps(functions),
             self.config.num_workers,
@@ -248,75 +288,105 @@ class RewardSuite:
         prompts: Sequence[Any],
         completions: Sequence[Any],
         columns: Mapping[str, Sequence[Any]] | None = None,
+        *,
+        trainer_state: Any = None,
     ) -> RewardResult:
-        """Score every completion with every function; `columns` hold one value per completion."""
+        """Score every completion with every function.
+
+        prompts: one per completion, as the dataset holds them (strings or conversations).
+        completions: the decoded texts; when the prompts are conversational the
+            functions get each as `[{"role": "assistant", "content": text}]`, as in TRL.
+        columns: the dataset's other columns and `completion_ids`, one value per completion.
+        trainer_state: passed on as `trainer_state` (a `transformers.TrainerState`
+            in training); it must be picklable to reach functions in workers.
+        """
         columns = {key: list(values) for key, values in (columns or {}).items()}
         _check_batch(prompts, completions, columns)
-        texts = [completion_text(c) for c in completions]
-        prompts = list(prompts)  # strings or conversations: passed on as they are, like TRL does
+        prompts = list(prompts)
+        batch = RewardBatch(trl_completions(prompts, completions), prompts, columns, trainer_state)
         with self._lock:
             if self._closed:
                 raise RuntimeError("this RewardSuite is closed")
             futures = {
-                f: self._threads.submit(score_in_process, fn, texts, prompts, columns, self.config.call_timeout_s)
+                f: self._threads.submit(score_in_process, fn, batch, self.config.call_timeout_s)
                 for f, fn in enumerate(self.functions)
-                if not self._in_workers[f]
+                if self._placements[f] == "in_process"
             }
-            outcomes = self._score_in_workers(texts, prompts, columns)
-            outcomes.update({f: future.result() for f, future in futures.items()})
-        return self._assemble(outcomes, len(texts))
+            calls = self._score_in_workers(batch)
+            calls.update({f: future.result() for f, future in futures.items()})
+        return self._assemble(calls, len(batch))
 
-    def _score_in_workers(
-        self, texts: list[str], prompts: list[Any], columns: dict[str, list[Any]]
-    ) -> dict[int, list[Outcome]]:
-        """Outcomes of the worker-placed functions, by function index; one task per (function, completion)."""
-        if self._pool is None or not texts:
-            return {f: [Outcome() for _ in texts] for f in self._worker_index}
-        tasks = [
-            Task(task_id=len(texts) * slot + item, fn_index=slot, item=item)
-            for slot in range(len(self._worker_index))
-            for item in range(len(texts))
+    def _worker_tasks(self, n: int) -> list[Task]:
+        """A whole-batch task per worker function, or a task per completion for element-wise ones."""
+        specs = []
+        for slot, f in enumerate(self._worker_functions):
+            if self._placements[f] == "worker_batch":
+                specs.append((slot, tuple(range(n)), self.config.call_timeout_s))
+            else:
+                specs += [(slot, (item,), self.config.timeout_s) for item in range(n)]
+        return [Task(task_id, *spec) for task_id, spec in enumerate(specs)]
+
+    def _task_batch(self, batch: RewardBatch, task: Task) -> RewardBatch:
+        """What `task` sends its worker: its completions, with the trainer's state unless the function is
+        element-wise (which does not get it, and should not pay for unpickling it)."""
+        selected = batch.select(task.items)
+        fn = self.functions[self._worker_functions[task.fn_index]]
+        return replace(selected, trainer_state=None) if is_elementwise(fn) else selected
+
+    def _score_in_workers(self, batch: RewardBatch) -> dict[int, Calls]:
+        """The calls of the worker functions, by function index; a batch task that raised is replaced
+        by one task per completion."""
+        calls: dict[int, Calls] = {f: [] for f in self._worker_functions}
+        if self._pool is None or not len(batch):
+            return calls
+        payload = functools.partial(self._task_batch, batch)
+        tasks = self._worker_tasks(len(batch))
+        outcomes = self._pool.run(tasks, payload)
+        raised = [task for task in tasks if outcomes[task.task_id].raised and len(task.items) > 1]
+        retries = [
+            Task(len(tasks) + k, task.fn_index, (item,), self.config.timeout_s)
+            for k, (task, item) in enumerate((task, item) for task in raised for item in task.items)
         ]
+        outcomes.update(self._pool.run(retries, payload))
+        replaced = {task.task_id for task in raised}
+        for task in [task for task in tasks if task.task_id not in replaced] + retries:
+            calls[self._worker_functions[task.fn_index]].append((task.items, outcomes[task.task_id]))
+        return calls
 
-        def payload(task: Task) -> tuple[Any, ...]:
-            row = {key: values[task.item] for key, values in columns.items()}
-            return texts[task.item], prompts[task.item], row
-
-        results = self._pool.run(tasks, payload, self.config.timeout_s)
-        return {
-            f: [results[len(texts) * slot + item] for item in range(len(texts))]
-            for f, slot in self._worker_index.items()
-        }
-
-    def _assemble(self, outcomes: dict[int, list[Outcome]], n: int) -> RewardResult:
-        failure_value = 0.0 if self.config.on_error == "zero" else math.nan
+    def _assemble(self, calls: dict[int, Calls], n: int) -> RewardResult:
         scores: dict[str, torch.Tensor] = {}
         failures: list[RewardFailure] = []
+        logs = _Logs(n)
         for f, name in enumerate(self.names):
-            values = torch.full((n,), math.nan, dtype=torch.float32)
-            function_failures = []
-            for item, outcome in enumerate(outcomes[f]):
-                if outcome.timed_out or outcome.error is not None:
-                    kind = "timeout" if outcome.timed_out else "error"
-                    message = self._timeout_message(f) if outcome.timed_out else str(outcome.error)
-                    function_failures.append(RewardFailure(name, item, kind, message))
-                    values[item] = failure_value
-                elif outcome.score is not None:
-                    values[item] = outcome.score
+            scores[name], function_failures = self._function_scores(name, calls[f], n, logs)
             _log_failures(function_failures)
             failures.extend(function_failures)
-            scores[name] = values
         if failures and self.config.on_error == "raise":
             raise RewardError(failures)
         weights = torch.tensor(self.weights, dtype=torch.float32)
         stacked = torch.stack([scores[name] for name in self.names], dim=1) if n else torch.zeros(0, len(self.names))
         total = (stacked.nan_to_num(0.0) * weights).sum(dim=1)
-        return RewardResult(list(self.names), list(self.weights), scores, total, failures)
+        return RewardResult(
+            list(self.names), list(self.weights), scores, total, failures, logs.extra, logs.metric_means()
+        )
 
-    def _timeout_message(self, f: int) -> str:
-        if self._in_workers[f]:
-            return f"exceeded {self.config.timeout_s} s; the worker was killed"
-        return f"the batch call exceeded {self.config.call_timeout_s} s"
+    def _function_scores(
+        self, name: str, calls: Calls, n: int, logs: _Logs
+    ) -> tuple[torch.Tensor, list[RewardFailure]]:
+        """One function's (n,) scores and failures from its calls; the logs of the calls that returned go to `logs`."""
+        values = torch.full((n,), math.nan, dtype=torch.float32)
+        failures = []
+        for items, outcome in calls:
+            if outcome.scores is None:
+                kind = "timeout" if outcome.timed_out else "error"
+                failures += [RewardFailure(name, item, kind, str(outcome.error)) for item in items]
+                values[list(items)] = 0.0 if self.config.on_error == "zero" else math.nan
+                continue
+            for item, score in zip(items, outcome.scores, strict=True):
+                if score is not None:
+                    values[item] = score
+            logs.add(name, items, outcome)
+        return values, sorted(failures, key=lambda failure: failure.index)
 
     def close(self) -> None:
         """Stop the worker processes and threads; the suite cannot score afterwards."""
@@ -336,11 +406,50 @@ class RewardSuite:
         self.close()
 
     def __repr__(self) -> str:
+        where = {
+            "worker_batch": "workers, whole batch",
+            "worker_elementwise": "workers, per completion",
+            "in_process": "in-process",
+        }
         placed = [
-            f"{n}({'workers' if w else 'in-process'}, w={wt})"
-            for n, w, wt in zip(self.names, self._in_workers, self.weights, strict=False)
+            f"{name}({where[placement]}, w={weight})"
+            for name, placement, weight in zip(self.names, self._placements, self.weights, strict=True)
         ]
         return f"RewardSuite({', '.join(placed)}, {self.config})"
+
+
+class _Logs:
+    """What the calls of one `score()` logged, gathered per completion (see the module docstring)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.extra: dict[str, list[Any]] = {}
+        self.metrics: dict[str, list[float]] = {}
+
+    def add(self, reward: str, items: tuple[int, ...], outcome: Outcome) -> None:
+        """The log of a call of `reward` that returned, on the completions `items`."""
+        columns: dict[str, list[Any]] = {}
+        for column, values in outcome.log.extra:  # a column logged twice in one call is extended, as in TRL
+            columns.setdefault(column, []).extend(values)
+        for column, values in columns.items():
+            if len(values) != len(items):
+                logger.warning(
+                    "reward %r logged %d values in column %r for %d completions; the column is left empty there",
+                    reward,
+                    len(values),
+                    column,
+                    len(items),
+                )
+                continue
+            target = self.extra.setdefault(column, [None] * self.n)
+            for item, value in zip(items, values, strict=True):
+                target[item] = value
+        for name, value in outcome.log.metrics:
+            self.metrics.setdefault(name, []).append(value)
+
+    def metric_means(self) -> dict[str, float]:
+        """Each logged metric's mean over the values logged (TRL averages them within a step)."""
+        return {name: sum(values) / len(values) for name, values in self.metrics.items()}
 
 
 def _log_failures(failures: list[RewardFailure]) -> None:

@@ -4,19 +4,19 @@ It reads framed messages (`r1kit.rewards.channel`) on stdin and writes framed re
 on stdout:
 
     parent -> worker   ("load", functions_pickle, build)   once, first
-                       ("score", [(task_id, fn_index, completion, prompt, row), ...])
-                       ("batch", fn_index, completions, prompts, columns)
+                       ("score", [(task_id, fn_index, reward_batch), ...])   reward_batch: a RewardBatch
     worker -> parent   ("ready", None) | ("load_error", message)
-                       ("result", task_id, score_or_None, error_or_None)   one per task, in order
-                       ("batch_result", scores_or_None, error_or_None)
+                       ("result", task_id, scores_or_None, error_or_None, log)   one per task, in order
 
 With `build` true the pickled objects are factories, called once in the worker
 to build the reward functions (a reward model is loaded there, not pickled).
-A "score" task scores one completion with one function, so the parent knows
-exactly which completion a worker is on and can kill it when that completion
-runs past its time limit; a "batch" scores a whole batch in one call. The real
-stdin/stdout are moved aside before any reward code runs: a reward that prints
-writes to stderr and cannot corrupt the channel.
+Each task is one call of one function on some completions (the whole batch, or
+one completion of an element-wise function), answered before the next starts,
+so the parent knows exactly which task a worker is on and can kill it when it
+runs past its time limit. The function's `log_extra` and `log_metric` record
+into a `RewardLog` that goes back with the scores, for the parent to replay. The
+real stdin/stdout are moved aside before any reward code runs: a reward that
+prints writes to stderr and cannot corrupt the channel.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import traceback
 from typing import Any, BinaryIO
 
 from r1kit.rewards.channel import encode_frame, read_frame
-from r1kit.rewards.protocol import call_reward
+from r1kit.rewards.protocol import RewardLog
 
 
 def _private_channel() -> tuple[BinaryIO, BinaryIO]:
@@ -50,25 +50,24 @@ def _limit_memory(limit_mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _score(functions: list[Any], task: tuple[Any, ...]) -> tuple[str, int, float | None, str | None]:
-    task_id, fn_index, completion, prompt, row = task
+def _describe(error: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(error), error)).strip()
+
+
+def _call(functions: list[Any], task: tuple[Any, ...]) -> bytes:
+    """Run one task; the framed reply carries the scores and the call's log, or the exception."""
+    task_id, fn_index, batch = task
+    log = RewardLog()
     try:
-        columns = {key: [value] for key, value in row.items()}
-        (score,) = call_reward(functions[fn_index], [completion], [prompt], columns)
-        return ("result", task_id, score, None)
+        scores = batch.score(functions[fn_index], log)
     except BaseException as error:  # SystemExit from a reward is an error too; the parent decides
         if isinstance(error, KeyboardInterrupt):
             raise
-        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
-        return ("result", task_id, None, detail)
-
-
-def _score_batch(functions: list[Any], message: tuple[Any, ...]) -> tuple[str, Any, str | None]:
-    _, fn_index, completions, prompts, columns = message
+        return encode_frame(("result", task_id, None, _describe(error), RewardLog()))
     try:
-        return ("batch_result", call_reward(functions[fn_index], completions, prompts, columns), None)
-    except Exception:
-        return ("batch_result", None, traceback.format_exc())
+        return encode_frame(("result", task_id, scores, None, log))
+    except Exception as error:  # something it logged cannot travel back
+        return encode_frame(("result", task_id, None, f"its log cannot be pickled: {_describe(error)}", RewardLog()))
 
 
 def main(argv: list[str]) -> None:
@@ -84,11 +83,9 @@ def main(argv: list[str]) -> None:
         return
     _send(channel_out, ("ready", None))
     while (message := read_frame(channel_in)) is not None:
-        if message[0] == "batch":
-            _send(channel_out, _score_batch(functions, message))
-            continue
         for task in message[1]:  # answer task by task: the parent times each one
-            _send(channel_out, _score(functions, task))
+            channel_out.write(_call(functions, task))
+            channel_out.flush()
 
 
 def _send(channel: BinaryIO, message: Any) -> None:

@@ -1,4 +1,4 @@
-"""Persistent reward worker processes with a hard time limit on every completion.
+"""Persistent reward worker processes with a hard time limit on every call.
 
 Workers are plain subprocesses (`python -m r1kit.rewards.worker_main`), not
 multiprocessing children: they start the same way from the main thread, from
@@ -7,15 +7,17 @@ accelerate or a daemonic multiprocessing pool started, and they never re-import
 the caller's `__main__`. Each loads the reward functions once and is reused
 across calls.
 
-The parent hands each idle worker a chunk of tasks (one function, one
-completion each) and multiplexes the replies with `select`. A worker answers
-task by task, so the parent always knows which completion it is on and since
-when; past the time limit it kills the worker's whole process group (SIGKILL:
-nothing in Python can catch it), records a timeout for that completion, puts
-the rest of the chunk back in the queue and starts a fresh worker. A worker
-that dies on its own (a crash, `os._exit`, the OOM killer) costs only the
-completion it was on, which is recorded as an error. Nothing is retried, so a
-completion that kills workers cannot loop the run.
+A task is one call of one function on some completions: the whole batch, or
+one completion (element-wise functions). The parent hands each idle worker a
+chunk of tasks (a task covering several completions goes alone) and
+multiplexes the replies with `select`. A worker answers task by task, so the
+parent always knows which task it is on and since when; past that task's time
+limit it kills the worker's whole process group (SIGKILL: nothing in Python can
+catch it), records a timeout for that task, puts the rest of the chunk back in
+the queue and starts a fresh worker. A worker that dies on its own (a crash,
+`os._exit`, the OOM killer) costs only the task it was on, which is recorded as
+an error. Nothing is retried, so a completion that kills workers cannot loop
+the run.
 """
 
 from __future__ import annotations
@@ -29,30 +31,47 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from r1kit.rewards.channel import encode_frame, split_frames
+from r1kit.rewards.protocol import RewardBatch, RewardLog
 
 _POLL_S = 0.5  # longest wait between checks of the deadlines
+MAX_CHUNK = 32  # most tasks sent to a worker at once
 
 
 @dataclass(frozen=True)
 class Task:
-    """Score completion `item` with reward function `fn_index`; `task_id` keys its outcome."""
+    """Call reward function `fn_index` on completions `items` (indices into the batch) within `timeout_s`."""
 
     task_id: int
     fn_index: int
-    item: int
+    items: tuple[int, ...]
+    timeout_s: float
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """One (function, completion): a score (None = not applicable), an error message, or a timeout."""
+    """How one call of one reward function on some completions ended.
 
-    score: float | None = None
+    scores: one per completion (None = not applicable), when the call returned.
+    error: why there are no scores: the exception the call raised, the worker's
+        exit, or the time limit it ran past.
+    timed_out: the call ran past its time limit.
+    raised: the call raised an exception (the suite then scores its completions one at a time).
+    log: what the call logged through log_extra and log_metric (empty unless it returned).
+    """
+
+    scores: list[float | None] | None = None
     error: str | None = None
     timed_out: bool = False
+    raised: bool = False
+    log: RewardLog = field(default_factory=RewardLog)
+
+
+# How one function scored a batch: its calls, each with the completions (indices) it covered.
+Calls = list[tuple[tuple[int, ...], Outcome]]
 
 
 class WorkerStartError(RuntimeError):
@@ -111,7 +130,7 @@ def worker_env() -> dict[str, str]:
 
 
 class WorkerPool:
-    """`num_workers` processes that score (function, completion) tasks under a per-task time limit."""
+    """`num_workers` processes that run reward calls (tasks) under a per-task time limit."""
 
     def __init__(
         self, functions_pickle: bytes, num_workers: int, *, memory_mb: int | None, start_timeout_s: float
@@ -130,29 +149,38 @@ class WorkerPool:
     def _spawn(self) -> WorkerProcess:
         return WorkerProcess(self._command, self._env, self._functions_pickle, build=False)
 
-    def run(
-        self, tasks: list[Task], payload: Callable[[Task], tuple[Any, ...]], timeout_s: float
-    ) -> dict[int, Outcome]:
-        """Outcome of every task, by task_id. `payload(task)` gives (completion, prompt, row_columns)."""
+    def run(self, tasks: list[Task], payload: Callable[[Task], RewardBatch]) -> dict[int, Outcome]:
+        """Outcome of every task, by task_id; `payload(task)` is what the task's call is given."""
         pending = deque(tasks)
         outcomes: dict[int, Outcome] = {}
+        poll_s = min([_POLL_S, *(task.timeout_s for task in tasks)])
         while len(outcomes) < len(tasks):
             self._dispatch(pending, payload)
-            self._receive(outcomes, pending, timeout_s=min(_POLL_S, timeout_s))
-            self._enforce_deadlines(outcomes, pending, timeout_s)
+            self._receive(outcomes, pending, timeout_s=poll_s)
+            self._enforce_deadlines(outcomes, pending)
             self._check_starts()
         return outcomes
 
-    def _dispatch(self, pending: deque[Task], payload: Callable[[Task], tuple[Any, ...]]) -> None:
+    def _next_chunk(self, pending: deque[Task]) -> list[Task]:
+        """The tasks to send one idle worker: a task covering several completions alone, else up to
+        MAX_CHUNK single-completion tasks, fewer when there are few tasks per worker."""
+        if len(pending[0].items) > 1:
+            return [pending.popleft()]
+        size = max(1, min(MAX_CHUNK, len(pending) // (2 * len(self._workers))))
+        chunk = []
+        while pending and len(chunk) < size and len(pending[0].items) == 1:
+            chunk.append(pending.popleft())
+        return chunk
+
+    def _dispatch(self, pending: deque[Task], payload: Callable[[Task], RewardBatch]) -> None:
         idle = [worker for worker in self._workers if worker.ready and not worker.tasks]
         for worker in idle:
             if not pending:
                 return
-            size = max(1, min(32, len(pending) // (2 * len(self._workers))))
-            chunk = [pending.popleft() for _ in range(min(size, len(pending)))]
+            chunk = self._next_chunk(pending)
             worker.tasks.extend(chunk)
             worker.since = time.monotonic()
-            message = ("score", [(t.task_id, t.fn_index, *payload(t)) for t in chunk])
+            message = ("score", [(t.task_id, t.fn_index, payload(t)) for t in chunk])
             try:
                 worker.send(message)
             except BrokenPipeError:  # it died while idle: requeue, and the next _receive replaces it
@@ -166,12 +194,9 @@ class WorkerPool:
             if messages is None:
                 if not worker.ready:
                     raise WorkerStartError(f"a reward worker exited with code {worker.kill()} while starting")
-                self._replace(
-                    worker,
-                    outcomes,
-                    pending,
-                    lambda code: Outcome(error=f"the worker process exited with code {code}"),
-                )
+                running, code = self._replace(worker, pending)
+                if running is not None:
+                    outcomes[running.task_id] = Outcome(error=f"the worker process exited with code {code}")
                 continue
             for message in messages:
                 self._handle(worker, message, outcomes)
@@ -184,30 +209,27 @@ class WorkerPool:
             worker.kill()
             raise WorkerStartError(f"a reward worker could not load the reward functions:\n{message[1]}")
         else:
-            _, task_id, score, error = message
+            _, task_id, scores, error, log = message
             worker.tasks.popleft()
             worker.since = time.monotonic()
-            outcomes[task_id] = Outcome(score=score, error=error)
+            outcomes[task_id] = Outcome(scores=scores, error=error, raised=error is not None, log=log)
 
-    def _enforce_deadlines(self, outcomes: dict[int, Outcome], pending: deque[Task], timeout_s: float) -> None:
+    def _enforce_deadlines(self, outcomes: dict[int, Outcome], pending: deque[Task]) -> None:
         now = time.monotonic()
         for worker in list(self._workers):
-            if worker.tasks and now - worker.since > timeout_s:
-                self._replace(worker, outcomes, pending, lambda code: Outcome(timed_out=True))
+            if worker.tasks and now - worker.since > worker.tasks[0].timeout_s:
+                running, _ = self._replace(worker, pending)
+                message = f"exceeded {running.timeout_s} s; the worker was killed"
+                outcomes[running.task_id] = Outcome(error=message, timed_out=True)
 
-    def _replace(
-        self,
-        worker: WorkerProcess,
-        outcomes: dict[int, Outcome],
-        pending: deque[Task],
-        outcome_of: Callable[[int], Outcome],
-    ) -> None:
-        """Kill `worker`, give its running task `outcome_of(exit_code)`, requeue its other tasks, respawn."""
+    def _replace(self, worker: WorkerProcess, pending: deque[Task]) -> tuple[Task | None, int]:
+        """Kill `worker`, requeue the tasks queued behind its running one, respawn it; returns the
+        running task (None if it was idle) and the worker's exit code."""
         code = worker.kill()
-        if worker.tasks:
-            outcomes[worker.tasks[0].task_id] = outcome_of(code)
-            pending.extendleft(reversed(list(worker.tasks)[1:]))
+        running = worker.tasks[0] if worker.tasks else None
+        pending.extendleft(reversed(list(worker.tasks)[1:]))
         self._workers[self._workers.index(worker)] = self._spawn()
+        return running, code
 
     def _check_starts(self) -> None:
         now = time.monotonic()

@@ -50,20 +50,32 @@ CHATML_TEMPLATE = (
 )
 
 
-def save_chat_model(directory, architecture: str = "llama"):
-    """A tiny random instruct model saved to `directory`: the arithmetic BPE tokenizer plus ChatML's
-    <|im_start|> / <|im_end|> and template, <|im_end|> as EOS and a generation config ending at it and at
-    the end of text (as Qwen2's instruct models do). architecture: "llama" or "qwen2". Returns the tokenizer."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
+def build_chat_tokenizer():
+    """The arithmetic BPE tokenizer with ChatML's <|im_start|> / <|im_end|> special tokens and chat template."""
     from r1kit.recipes.embedded import task_tokenizer
     from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
 
     tokenizer = task_tokenizer(arithmetic_dataset(300, seed=0))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """`build_chat_tokenizer()`, built once."""
+    return build_chat_tokenizer()
+
+
+def save_chat_model(directory, architecture: str = "llama"):
+    """A tiny random instruct model saved to `directory`: `build_chat_tokenizer()` with <|im_end|> as EOS and a
+    generation config ending at it and at the end of text (as Qwen2's instruct models do).
+    architecture: "llama" or "qwen2". Returns the tokenizer."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_chat_tokenizer()
     end_of_text = tokenizer.eos_token_id
-    tokenizer.eos_token = "<|im_end|>"  # as instruct tokenizers say; the generation config lists both
+    tokenizer.eos_token = "<|im_end|>"
     end_of_turn = tokenizer.eos_token_id
     config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
         architecture
@@ -84,3 +96,28 @@ def chat_model(request, tmp_path):
     directory = tmp_path / f"chat-{request.param}"
     save_chat_model(directory, request.param)
     return directory
+
+
+@pytest.fixture
+def sft_config(tmp_path):
+    """sft_config(steps=6, **overrides): an SFTConfig on CPU, batches of 8, 128 tokens, no checkpoints, no reports."""
+    from trl import SFTConfig
+
+    from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING
+
+    def build(steps: int = 6, **overrides) -> SFTConfig:
+        fields = dict(
+            output_dir=str(tmp_path / "run"),
+            max_steps=steps,
+            per_device_train_batch_size=8,
+            learning_rate=5e-3,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            max_length=128,
+            disable_tqdm=True,
+        )
+        return SFTConfig(**{**fields, ACTIVATION_CHECKPOINTING: False, **overrides})
+
+    return build

@@ -28,7 +28,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from r1kit.grpo.options import ConfigError
 from r1kit.recipes.tasks.gsm8k import to_rows as gsm8k_rows
-from r1kit.sft.data import is_conversation
+from r1kit.rewards.protocol import is_conversational
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -80,7 +80,7 @@ def to_training_rows(dataset: Dataset) -> Dataset:
     if len(dataset) == 0:
         raise ConfigError("the dataset has no rows")
     if "prompt" in columns:
-        if "completion" in columns and is_conversation(dataset[0]["prompt"]) != is_conversation(
+        if "completion" in columns and is_conversational(dataset[0]["prompt"]) != is_conversational(
             dataset[0]["completion"]
         ):
             raise ConfigError("prompt and completion must both be text or both be lists of messages")
@@ -98,14 +98,9 @@ def to_training_rows(dataset: Dataset) -> Dataset:
 def split_conversation(row: dict[str, Any]) -> dict[str, Any]:
     """A `messages` row as prompt (every turn before the last) and completion (the last, an assistant turn)."""
     messages = row["messages"]
-    if not is_conversation(messages) or messages[-1]["role"] != "assistant" or len(messages) < 2:
+    if not is_conversational(messages) or messages[-1]["role"] != "assistant" or len(messages) < 2:
         raise ConfigError("every 'messages' row must be a conversation ending with an assistant turn")
     return {"prompt": messages[:-1], "completion": messages[-1:]}
-
-
-def prompt_rows(dataset: Dataset) -> Dataset:
-    """The rows GRPO samples from: every column but `completion` (TRL passes rewards no reference completion)."""
-    return dataset.remove_columns([c for c in ("completion",) if c in dataset.column_names])
 
 
 def held_out_split(train: Dataset, test: Dataset | None, num_eval: int, seed: int = 0) -> tuple[Dataset, Dataset]:

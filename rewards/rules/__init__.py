@@ -1,6 +1,9 @@
 """Rule-based rewards, registered by name on import: math_accuracy, format, length_penalty,
 language_consistency, code_execution. Each is a frozen dataclass instance whose
-class can be built with other settings (another answer column, other tags, ...)."""
+class can be built with other settings (another answer column, other tags, ...),
+and each is element-wise (`elementwise = True`): it scores a completion from its
+own text, prompt and columns alone, so the suite may score it one completion per
+task, each under its own hard time limit."""
 
 from r1kit.rewards.rules.code import CodeExecution, code_execution
 from r1kit.rewards.rules.format import FormatReward, format_reward

@@ -68,6 +68,7 @@ class CodeExecution:
     require_code_block: bool = True
     max_parallel: int = 4
     __name__ = "code_execution"
+    elementwise = True  # scores each completion on its own: the suite may run one per task
 
     def __post_init__(self) -> None:
         if self.max_parallel < 1:

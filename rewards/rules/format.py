@@ -38,6 +38,7 @@ class FormatReward:
     answer_tags: tuple[str, str] | None = ("<answer>", "</answer>")
     think_opened_in_prompt: bool = False
     __name__ = "format"
+    elementwise = True  # scores each completion on its own: the suite may run one per task
 
     def __post_init__(self) -> None:
         _tags_ok(self.think_tags, "think_tags")

@@ -83,6 +83,7 @@ class LanguageConsistency:
 
     think_tags: tuple[str, str] = ("<think>", "</think>")
     __name__ = "language_consistency"
+    elementwise = True  # scores each completion on its own: the suite may run one per task
 
     def __call__(self, completions: list[Any], *, prompts: list[Any], **columns: Any) -> list[float | None]:
         scores: list[float | None] = []

@@ -52,6 +52,7 @@ class OverlongPenalty:
     unit: Literal["tokens", "characters"] = "tokens"
     length_column: str = "completion_ids"
     __name__ = "length_penalty"
+    elementwise = True  # scores each completion on its own: the suite may run one per task
 
     def __post_init__(self) -> None:
         if not 0 < self.cache_length <= self.max_length:

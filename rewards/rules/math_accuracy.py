@@ -58,6 +58,7 @@ class MathAccuracy:
     relations_as_sets: bool = True
     strict_variables: bool = True
     __name__ = "math_accuracy"  # the name in metrics (instances have no __name__ of their own)
+    elementwise = True  # scores each completion on its own: the suite may run one per task
 
     def __post_init__(self) -> None:
         if not self.answer_column:

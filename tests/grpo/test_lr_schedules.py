@@ -11,12 +11,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
-from trl import SFTConfig
 
 from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.lr_schedules import DEFAULT_MILESTONES, LR_SCHEDULES, multi_step_factor, multi_step_schedule
 from r1kit.grpo.options import ConfigError
-from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING
 from r1kit.recipes import pipeline
 from r1kit.recipes.arguments import RecipeArguments, parse_arguments
 from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
@@ -164,22 +162,11 @@ def test_constant_linear_and_cosine_are_transformers_schedules(name, transformer
         assert ours.lr_lambdas[0](step) == theirs.lr_lambdas[0](step), step
 
 
-def test_sft_follows_the_multi_step_schedule(debug_policy, arithmetic_tokenizer, tmp_path):
-    args = SFTConfig(
-        output_dir=str(tmp_path / "run"),
-        max_steps=10,
-        warmup_steps=2,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant_with_warmup",
+def test_sft_follows_the_multi_step_schedule(debug_policy, arithmetic_tokenizer, sft_config):
+    args = sft_config(
+        steps=10, warmup_steps=2, learning_rate=1e-3, lr_scheduler_type="constant_with_warmup",
         per_device_train_batch_size=4,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        max_length=128,
-        disable_tqdm=True,
-        **{ACTIVATION_CHECKPOINTING: False},
-    )
+    )  # fmt: skip
     trainer = PolicySFTTrainer(
         model=copy.deepcopy(debug_policy).train(),
         args=args,

@@ -171,3 +171,13 @@ def test_completions_end_at_every_eos_id_of_the_generation_config(arithmetic_tok
     chat.save_pretrained(tmp_path)
     assert checkpoint_stop_token_ids(arithmetic_tokenizer, str(tmp_path)) == (eos, eos + 1, eos + 2)
     assert checkpoint_stop_token_ids(arithmetic_tokenizer, str(tmp_path / "no-generation-config")) == (eos,)
+
+
+def test_completions_end_at_the_configured_stop_strings(make_trainer, arithmetic_tokenizer):
+    free = make_trainer(max_completion_length=16).collector.collect(0).rollout
+    stop = next(ch for ch in "eoatn" if sum(ch in text for text in free.completion_text) >= 2)  # some rows emit it
+    rollout = make_trainer(max_completion_length=16, stop_strings=[stop]).collector.collect(0).rollout
+    stopped = [ids for ids, text in zip(rollout.completion_ids, rollout.completion_text, strict=True) if stop in text]
+    assert stopped, "no completion reached the stop string"
+    for ids in rollout.completion_ids:  # nothing is sampled after the token that completes it
+        assert stop not in arithmetic_tokenizer.decode(ids[:-1], skip_special_tokens=True)

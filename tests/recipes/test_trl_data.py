@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import pytest
 from datasets import Dataset
 
@@ -34,23 +35,25 @@ def test_grpo_on_a_conversational_prompt_only_jsonl(tmp_path, chat_model):
     rows = [{"prompt": [{"role": "user", "content": q}], "answer": a} for q, a in QUESTIONS]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     run = tmp_path / "run"
-    reward = "tests.recipes.contract_rewards:sees_conversations"
+    reward = "tests.rewards.contract_rewards:sees_trl_completions"
     run_recipe("grpo_math", ["--model", str(chat_model), "--dataset", str(data), *TINY_GRPO, "--output_dir", str(run),
                              "--reward", "math_accuracy", reward, "--system_prompt", "r1"])  # fmt: skip
-    step = next(m for m in metrics(run) if "rewards/sees_conversations/mean" in m)
-    assert step["rewards/sees_conversations/mean"] == 1.0  # completions reached the reward as messages
+    step = next(m for m in metrics(run) if "rewards/sees_trl_completions/mean" in m)
+    assert step["rewards/sees_trl_completions/mean"] == 1.0  # completions reached the reward as messages
     assert (run / "final" / "config.json").exists()
 
 
-def test_grpo_on_a_standard_prompt_only_dataset_with_extra_columns(tmp_path, chat_model):
+def test_grpo_in_bfloat16_on_a_standard_prompt_only_dataset_with_extra_columns(tmp_path, chat_model):
     rows = [{"prompt": q, "solution": a, "difficulty": len(q)} for q, a in QUESTIONS]
     data = write_jsonl(tmp_path / "plain.jsonl", rows)
     run = tmp_path / "run"
     run_recipe("grpo_math", ["--model", str(chat_model), "--dataset", str(data), *TINY_GRPO, "--output_dir", str(run),
-                             "--reward", "tests.recipes.contract_rewards:sees_extra_columns",
-                             "--accuracy_reward", "tests.recipes.contract_rewards:sees_extra_columns"])  # fmt: skip
+                             "--bf16", "true",  # TRL's name for --dtype bfloat16, on CPU
+                             "--reward", "tests.rewards.contract_rewards:sees_extra_columns",
+                             "--accuracy_reward", "tests.rewards.contract_rewards:sees_extra_columns"])  # fmt: skip
     step = next(m for m in metrics(run) if "rewards/sees_extra_columns/mean" in m)
     assert step["rewards/sees_extra_columns/mean"] == 1.0
+    assert json.loads((run / "final" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize("packing", ["false", "true"])
@@ -93,7 +96,8 @@ def test_local_files_with_renamed_columns_and_a_held_out_split(tmp_path, suffix)
     assert not set(train["prompt"]) & set(held_out["prompt"])
 
 
-def test_a_directory_with_a_test_split_and_bad_sources(tmp_path):
+def test_a_directory_with_a_test_split_and_bad_sources(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as on a machine without the hub, without retries
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": q, "answer": a} for q, a in QUESTIONS])
     write_jsonl(tmp_path / "test.jsonl", [{"prompt": "What is 9 + 9?", "answer": "18"}])
     train, held_out = load_trl_dataset(str(tmp_path), num_eval=5)

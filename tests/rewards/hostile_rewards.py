@@ -1,7 +1,8 @@
 """Reward functions that misbehave on purpose; workers import them as "tests.rewards.hostile_rewards:NAME".
 
 Each looks at the completion text: "hang" loops forever, "boom" raises, "exit" kills
-its process, anything else scores its length.
+its process, anything else scores its length. Like any user function they get
+whole-batch calls, except `misbehaving`, which declares itself element-wise.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def misbehaving(completions: list[str], **columns: object) -> list[float | None]
             os._exit(3)
         scores.append(None if text == "none" else float(len(text)))
     return scores
+
+
+misbehaving.elementwise = True  # scored one completion per task in workers, each under `timeout_s`
 
 
 def sleepy(completions: list[str], *, seconds: list[float], **columns: object) -> list[float]:

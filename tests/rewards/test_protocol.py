@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from r1kit.rewards.protocol import RewardOutputError, call_reward, check_scores, completion_text, reward_name
+from r1kit.rewards.protocol import (
+    RewardLog,
+    RewardOutputError,
+    call_reward,
+    check_scores,
+    completion_text,
+    reward_name,
+    trl_completions,
+)
 
 
 def test_trl_style_function_gets_prompts_and_columns_by_keyword():
@@ -66,3 +74,29 @@ def test_conversational_completion_and_names():
 
     assert reward_name(named) == "named"
     assert reward_name(Scorer()) == "Scorer"
+
+
+def test_trainer_keywords_reach_a_function_unless_it_is_elementwise():
+    def trl_reward(completions, trainer_state, log_extra, log_metric, **kwargs):
+        log_extra("step", [trainer_state] * len(completions))
+        log_metric("calls", 1)
+        return [1.0] * len(completions)
+
+    def rule(completions, **columns):
+        return [float(not {"trainer_state", "log_extra", "log_metric"} & set(columns))] * len(completions)
+
+    rule.elementwise = True
+    log = RewardLog()
+    assert call_reward(trl_reward, ["a", "b"], ["p", "q"], {}, trainer_state=7, log=log) == [1.0, 1.0]
+    assert log == RewardLog(extra=[("step", [7, 7])], metrics=[("calls", 1.0)])
+    assert call_reward(rule, ["a"], ["p"], {}, trainer_state=7) == [1.0]
+
+
+def test_trl_completions_are_messages_when_the_first_prompt_is_a_conversation():
+    chat = [{"role": "user", "content": "1 + 1?"}]
+    assert trl_completions([chat, chat], ["2", [{"role": "assistant", "content": "3"}]]) == [
+        [{"role": "assistant", "content": "2"}],
+        [{"role": "assistant", "content": "3"}],
+    ]
+    assert trl_completions(["1 + 1 =", chat], [" 2", "2"]) == [" 2", "2"]  # TRL looks at the first prompt only
+    assert trl_completions([], []) == []
