@@ -45,7 +45,7 @@ from r1kit.recipes.tasks.gsm8k import load_gsm8k
 from r1kit.recipes.tasks.trl_formats import load_trl_dataset
 from r1kit.recipes.tracking import grpo_trackers, sft_run_name, sft_tracker_environment, start_trackers
 from r1kit.rewards import RewardSuite, RewardSuiteConfig, resolve
-from r1kit.rewards.protocol import reward_name
+from r1kit.rewards.suite import suite_name
 from r1kit.rollout.engine import RolloutEngine, SamplingParams
 from r1kit.rollout.messages import AUTHKEY_ENV
 from r1kit.rollout.remote import RemoteRolloutEngine
@@ -256,7 +256,7 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig, recipe: str = "grpo_
             print(f"held-out accuracy before GRPO: {sft_result.accuracy:.3f}")
         trainer = GRPOTrainer(
             config, policy, tokenizer, engine, suite, train, reference=reference,
-            accelerator=accelerator, accuracy_reward=accuracy_reward_name(args),
+            accelerator=accelerator, accuracy_reward=suite_name(args.accuracy_reward),
             evaluate=lambda step: accuracy().as_metrics(),
         )  # fmt: skip
         if checkpoints:
@@ -297,12 +297,6 @@ def rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedToken
     options = WorkerOptions(engine="vllm" if args.rollout == "vllm" else "torch", device=device, dtype=args.dtype,
                             num_threads=threads)  # fmt: skip
     return RemoteRolloutEngine.launch(start, args.rollout_workers, options=options)
-
-
-def accuracy_reward_name(args: RecipeArguments) -> str:
-    """--accuracy_reward as the reward suite names it: a registered name, or an import path's function name."""
-    spec = args.accuracy_reward
-    return reward_name(resolve(spec)) if ":" in spec else spec
 
 
 def reward_suite(args: RecipeArguments) -> RewardSuite:
@@ -374,7 +368,7 @@ def held_out_accuracy(
         max_new_tokens=config.max_completion_length, stop_token_ids=checkpoint_stop_token_ids(tokenizer, checkpoint),
         stop_strings=tuple(config.stop_strings), seed=1234,
     )  # fmt: skip
-    name = accuracy_reward_name(args)
+    name = suite_name(args.accuracy_reward)
     accuracy = lambda p, c, columns: suite.score(p, c, columns).scores[name].tolist()
     return lambda: evaluate(engine, tokenizer, prompts, accuracy, params)
 

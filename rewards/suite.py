@@ -197,6 +197,14 @@ def _nanmean(values: torch.Tensor) -> float:
     return scored.mean().item() if scored.numel() else math.nan
 
 
+def suite_name(spec: str | RewardFn, fn: RewardFn | None = None) -> str:
+    """The name reward `spec` has in a suite's scores and metrics: a registered name as given, else the name
+    of the function it resolves to (`fn`, when already resolved). A name given twice gets _2, _3, ... there."""
+    if isinstance(spec, str) and ":" not in spec:
+        return spec
+    return reward_name(fn if fn is not None else resolve(spec))
+
+
 def _unique_names(names: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     unique = []
@@ -254,12 +262,7 @@ class RewardSuite:
             raise ValueError(f"RewardSuite weights must be finite, got {weights}")
         self.config = config or RewardSuiteConfig()
         self.functions = [resolve(spec) for spec in rewards]
-        self.names = _unique_names(
-            [
-                spec if isinstance(spec, str) and ":" not in spec else reward_name(fn)
-                for spec, fn in zip(rewards, self.functions, strict=True)
-            ]
-        )
+        self.names = _unique_names([suite_name(spec, fn) for spec, fn in zip(rewards, self.functions, strict=True)])
         self.weights = weights
         self._placements = [_placement(fn, self.config.num_workers > 0) for fn in self.functions]
         # the functions the workers load, in their order (a task names its function by this position)
