@@ -13,7 +13,8 @@ clip 1.0). One optimizer step consumes B * G completions on both sides.
     ours  GRPOTrainer with the built-in TorchRolloutEngine (a copy of the policy,
           weights synced after every step) and a RewardSuite running
           math_accuracy in-process; micro_batch_size completions per backward;
-          tis_cap=None (TRL applies no sampler correction without vLLM).
+          importance_correction="none" (TRL applies no sampler correction without
+          vLLM).
     TRL   trl.GRPOTrainer, transformers `generate` (use_vllm=False), loss_type
           "grpo", use_bias_correction_kl=False (TRL's default multiplies the KL by
           the importance ratio; ours does not); per_device_train_batch_size =
@@ -152,7 +153,7 @@ def run_ours(start: Path, tokenizer, prompts, args: argparse.Namespace, output_d
     config = GRPOConfig(
         num_generations=args.samples, prompts_per_step=args.prompts, max_completion_length=args.max_new_tokens,
         temperature=1.0, top_p=1.0, beta=args.beta, epsilon=0.2, objective="grpo", aggregation="sequence_mean",
-        tis_cap=None, learning_rate=args.lr, adam_beta2=0.99, max_grad_norm=1.0,
+        importance_correction="none", learning_rate=args.lr, adam_beta2=0.99, max_grad_norm=1.0,
         micro_batch_size=args.micro_batch_size, max_steps=args.warmup + args.steps, seed=0,
         log_completions_steps=0, output_dir=str(output_dir),
     )  # fmt: skip

@@ -131,15 +131,7 @@ class _Round:
 
 def select_groups(rollout: RolloutBatch, groups: list[int], group_size: int) -> RolloutBatch:
     """The rows of `rollout` belonging to the given groups, in that order."""
-    index = [g * group_size + j for g in groups for j in range(group_size)]
-    return RolloutBatch(
-        prompt_ids=[rollout.prompt_ids[i] for i in index],
-        completion_ids=[rollout.completion_ids[i] for i in index],
-        completion_text=[rollout.completion_text[i] for i in index],
-        sampler_logprobs=[rollout.sampler_logprobs[i] for i in index],
-        finish_reason=[rollout.finish_reason[i] for i in index],
-        policy_version=rollout.policy_version,
-    )
+    return rollout.select([g * group_size + j for g in groups for j in range(group_size)])
 
 
 def repeat_each(values: list[Any], times: int) -> list[Any]:
@@ -183,9 +175,10 @@ class RolloutCollector:
         rows = self.sampler.next_batch()
         prompts = [encode_prompt(self.tokenizer, row[self.prompt_column]) for row in rows]
         params = SamplingParams(
-            n=config.num_generations, temperature=config.temperature, top_p=config.top_p,
-            max_new_tokens=config.max_completion_length, stop_token_ids=self.stop_ids,
+            n=config.num_generations, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+            min_p=config.min_p, max_new_tokens=config.max_completion_length, stop_token_ids=self.stop_ids,
             stop_strings=tuple(config.stop_strings), seed=config.seed * 1_000_003 + step * 101 + round_index,
+            record_routing=config.keep_routing, record_kept_tokens=config.keep_sampling_mask,
         )  # fmt: skip
         generate = self.engine.generate_async if background else self.engine.generate
         return _Round(rows, generate(prompts, params), trainer_state)

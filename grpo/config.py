@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from r1kit.grpo.advantages import ADVANTAGE_ESTIMATORS
-from r1kit.grpo.loss import AGGREGATIONS, OBJECTIVES
+from r1kit.grpo.importance import IS_CORRECTIONS
+from r1kit.grpo.loss import AGGREGATIONS, KL_ESTIMATORS, OBJECTIVES
 from r1kit.grpo.lr_schedules import DEFAULT_MILESTONES, LR_SCHEDULES, Milestones, check_milestones
 from r1kit.grpo.options import ConfigError, option
 
@@ -25,13 +26,26 @@ class GRPOConfig:
     max_completion_length: int = option(256, "Completion length cap, in tokens.")
     temperature: float = option(1.0, "Sampling temperature; the loss uses log-probs at the same temperature.")
     top_p: float = option(1.0, "Nucleus sampling mass.")
+    top_k: int = option(0, "Sample among the k most likely tokens (0: all).")
+    min_p: float = option(0.0, "Drop tokens less likely than min_p times the most likely one (0: none).")
     stop_strings: list[str] = option([], "A completion also ends once its text contains one of these.")
 
     # objective
-    beta: float = option(0.04, "Weight of the k3 KL to the reference policy; 0 skips the reference forward.")
-    epsilon: float = option(0.2, "Clip range: ratios outside [1 - epsilon, 1 + epsilon_high] are clipped.")
+    beta: float = option(0.04, "Weight of the KL to the reference policy; 0 skips the reference forward.")
+    kl_estimator: str = option(
+        "k3", "In grpo.loss.KL_ESTIMATORS: k3 (DeepSeekMath) | k3_unbiased (DeepSeek-V3.2: k3 * pi_theta / pi_old)."
+    )
+    epsilon: float = option(
+        0.2,
+        "Clip range: ratios outside [1 - epsilon, 1 + epsilon_high] are clipped (>= 1: no lower clip, as CISPO "
+        "runs); gmpo clips log-ratios to [-epsilon, epsilon_high] (its paper: 0.4).",
+    )
     epsilon_high: float | None = option(None, "Upper clip range (DAPO's clip-higher); None uses epsilon.")
-    objective: str = option("grpo", "Per-token objective in grpo.loss.OBJECTIVES: grpo | gspo.")
+    objective: str = option(
+        "grpo", "Per-token objective in grpo.loss.OBJECTIVES: grpo | gspo | cispo | sapo | gmpo (docs/loss.md)."
+    )
+    sapo_temperature_pos: float = option(1.0, "sapo: the soft gate's temperature tau for positive advantages.")
+    sapo_temperature_neg: float = option(1.05, "sapo: the soft gate's temperature tau for other advantages.")
     aggregation: str = option(
         "sequence_mean", "Loss aggregation in grpo.loss.AGGREGATIONS: sequence_mean | token_mean | constant."
     )
@@ -52,11 +66,30 @@ class GRPOConfig:
 
     # sampler / trainer mismatch
     overlap: bool = option(False, "Generate step t+1's batch while training on step t (one step off-policy).")
-    tis_cap: float | None = option(
-        2.0, "Truncated importance sampling: weight tokens by min(pi_old / pi_sampler, cap); None disables."
+    keep_routing: bool = option(
+        False,
+        "Replay the experts the sampler chose in the trainer's forwards (DeepSeek-V3.2's keep routing; "
+        "MoE policies, torch engine).",
     )
-    mismatch_mask: float | None = option(
-        None, "Mask completions whose geometric-mean pi_old / pi_sampler leaves [1/t, t]; None disables."
+    keep_sampling_mask: bool = option(
+        False,
+        "Score tokens under the sampler's top-k/top-p/min-p kept set, renormalised, in the trainer too "
+        "(DeepSeek-V3.2's keep sampling mask).",
+    )
+    importance_correction: str = option(
+        "token_tis",
+        "Correction of pi_old / pi_sampler in grpo.importance.IS_CORRECTIONS: none | token_tis | sequence_tis "
+        "(weights truncated at importance_cap) | token_mis | icepop (tokens outside importance_bounds masked) | "
+        "sequence_mis (completions whose geometric-mean ratio leaves importance_bounds masked).",
+    )
+    importance_cap: float = option(2.0, "token_tis / sequence_tis: weights are min(ratio, cap).")
+    importance_bounds: list[float] = option(
+        [0.5, 2.0], "token_mis / icepop / sequence_mis: the ratio's accepted range, low high (IcePop's: 0.5 5)."
+    )
+    off_policy_mask_threshold: float | None = option(
+        None,
+        "DeepSeek-V3.2's delta: completions with a negative advantage whose mean log(pi_sampler / pi_theta) "
+        "exceeds it leave the policy-gradient term; None disables.",
     )
 
     # optimisation
@@ -104,20 +137,28 @@ class GRPOConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.beta < 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
-        if not 0 < self.epsilon < 1:
-            raise ConfigError(f"epsilon must be in (0, 1), got {self.epsilon}")
+        if self.epsilon <= 0:
+            raise ConfigError(f"epsilon must be > 0, got {self.epsilon}")
         if self.epsilon_high is not None and self.epsilon_high <= 0:
             raise ConfigError(f"epsilon_high must be > 0, got {self.epsilon_high}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise ConfigError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.dynamic_sampling not in ("off", "drop", "refill"):
             raise ConfigError(f"dynamic_sampling must be off, drop or refill, got {self.dynamic_sampling!r}")
         if self.dynamic_sampling_max_rounds < 1:
             raise ConfigError(f"dynamic_sampling_max_rounds must be >= 1, got {self.dynamic_sampling_max_rounds}")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ConfigError(f"tis_cap must be > 0, got {self.tis_cap}")
-        if self.mismatch_mask is not None and self.mismatch_mask <= 1:
-            raise ConfigError(f"mismatch_mask must be > 1, got {self.mismatch_mask}")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "importance_cap"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        bounds = self.importance_bounds
+        if len(bounds) != 2 or not 0 <= bounds[0] < 1 < bounds[1]:
+            raise ConfigError(f"importance_bounds must be low high with 0 <= low < 1 < high, got {bounds}")
+        if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold < 0:
+            raise ConfigError(f"off_policy_mask_threshold must be >= 0, got {self.off_policy_mask_threshold}")
         if len(self.lr_milestones) % 2:
             raise ConfigError(f"lr_milestones must be (fraction, multiplier) pairs, got {self.lr_milestones}")
         try:
@@ -126,7 +167,9 @@ class GRPOConfig:
             raise ConfigError(f"lr_milestones: {error}") from None
         for value, registry in (
             (self.objective, OBJECTIVES),
+            (self.kl_estimator, KL_ESTIMATORS),
             (self.aggregation, AGGREGATIONS),
+            (self.importance_correction, IS_CORRECTIONS),
             (self.advantage_estimator, ADVANTAGE_ESTIMATORS),
             (self.lr_schedule, LR_SCHEDULES),
         ):

@@ -23,21 +23,35 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from r1kit.rollout.token_sets import TokenSets
+
 
 def _chunk_logprobs(
-    hidden: Tensor, targets: Tensor, head: nn.Module, temperature: float, softcap: float | None
+    hidden: Tensor,
+    targets: Tensor,
+    head: nn.Module,
+    temperature: float,
+    softcap: float | None,
+    kept: TokenSets | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """log p(target) and entropy for hidden (n, H), targets (n,): each (n,) float32."""
+    """log p(target) and entropy for hidden (n, H), targets (n,): each (n,) float32.
+
+    kept: the n positions' kept sets; logits outside them are -inf before normalisation.
+    """
     logits = head(hidden).float()  # (n, V)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     if temperature != 1.0:
         logits = logits / temperature
+    mask = None if kept is None else kept.to_mask(logits.shape[-1], logits.device)  # (n, V)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
     log_norm = torch.logsumexp(logits, dim=-1)  # (n,)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
     with torch.no_grad():
         probs = torch.softmax(logits, dim=-1)
-        entropy = log_norm - (probs * logits).sum(dim=-1)
+        finite_logits = logits if mask is None else logits.masked_fill(~mask, 0.0)  # 0 * -inf would be nan
+        entropy = log_norm - (probs * finite_logits).sum(dim=-1)
     return logp, entropy
 
 
@@ -49,25 +63,35 @@ def token_logprobs_from_hidden(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     softcap: float | None = None,
+    kept: TokenSets | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-probs and entropies of `targets` under `head(hidden) / temperature`.
 
     hidden: (N, T, H) decoder states whose next token is `targets` (N, T).
     head: the output projection (H -> V).
+    kept: the sampler's kept set of each of the N * T positions, row-major
+        (`TokenSets.grid`); the distribution at a position is then renormalised
+        over its kept set (logits outside it are -inf after softcap and
+        temperature), as the sampler's was. Unrestricted positions are unchanged;
+        a target outside its kept set gets -inf.
     Returns (logp, entropy), each (N, T) float32; entropy carries no gradient.
     """
     if hidden.shape[:2] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree")
     n, t, h = hidden.shape
+    if kept is not None and len(kept) != n * t:
+        raise ValueError(f"kept has {len(kept)} rows, expected N * T = {n * t}")
     flat_hidden, flat_targets = hidden.reshape(n * t, h), targets.reshape(n * t)
     logps, entropies = [], []
     for start in range(0, n * t, chunk_size):
+        chunk_kept = None if kept is None else kept.slice(start, min(start + chunk_size, n * t))
         args = (
             flat_hidden[start : start + chunk_size],
             flat_targets[start : start + chunk_size],
             head,
             temperature,
             softcap,
+            None if chunk_kept is None or chunk_kept.ids.numel() == 0 else chunk_kept,  # all unrestricted: no mask
         )
         if torch.is_grad_enabled() and hidden.requires_grad:
             logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
@@ -117,10 +141,19 @@ class TokenLogprobModel(nn.Module):
         prompt_length: int,
         completion_mask: Tensor | None = None,
         with_mtp: bool = False,
+        routed_experts: Tensor | None = None,
+        kept_tokens: TokenSets | None = None,
     ) -> TokenLogprobs:
-        """input_ids, attention_mask, position_ids: (N, P + T); completion_mask (N, T) for the MTP loss."""
+        """input_ids, attention_mask, position_ids: (N, P + T); completion_mask (N, T) for the MTP loss.
+
+        routed_experts (num_moe_layers, N, P + T, K): the sampler's experts to replay (keep
+        routing; DeepSeek-V3 policies). kept_tokens: the sampler's kept set of each of the
+        N * T completion positions; log-probs are then under the same truncated, renormalised
+        distribution (keep sampling mask).
+        """
+        replay = {} if routed_experts is None else {"routed_experts": routed_experts}
         decoder_output = self.model.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **replay
         )
         hidden = decoder_output.last_hidden_state  # (N, P + T, H)
         logp, entropy = token_logprobs_from_hidden(
@@ -130,6 +163,7 @@ class TokenLogprobModel(nn.Module):
             temperature=self.temperature,
             chunk_size=self.chunk_size,
             softcap=self.softcap,
+            kept=kept_tokens,
         )
         mtp_loss = None
         if with_mtp:

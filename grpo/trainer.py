@@ -93,6 +93,8 @@ class GRPOTrainer:
         if self.accelerator.is_main_process and (engine is None or rewards is None):
             raise ConfigError("the main process needs a rollout engine and a reward suite")
         torch.manual_seed(config.seed)
+        if config.keep_routing and not getattr(policy, "routers", list)():
+            raise ConfigError(f"keep_routing needs a policy with DeepSeekMoE layers; {type(policy).__name__} has none")
         self.policy = policy.train()
         if hasattr(policy, "mtp") and not config.mtp_on_completions:
             policy.mtp.requires_grad_(False)  # untrained here; frozen so data-parallel sees no unused parameter

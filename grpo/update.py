@@ -8,10 +8,12 @@ Given a padded batch of completions and their advantages, `PolicyUpdate`:
 2. accumulates gradients of the GRPO loss over micro-batches, with normalisers
    of the whole batch so that the result equals one full-batch backward; adds
    the MoE balance loss and, optionally, the MTP loss on the completions;
-3. weights the policy-gradient term by truncated importance weights
-   min(pi_old / pi_sampler, cap) per token, which corrects for the sampler
-   (another process, engine or precision, or the previous step's weights)
-   drawing tokens from a slightly different distribution than pi_old;
+3. corrects for the sampler (another process, engine or precision, or the
+   previous step's weights) drawing tokens from a slightly different
+   distribution than pi_old, with the importance correction named by
+   `importance_correction` (grpo/importance.py; by default truncated weights
+   min(pi_old / pi_sampler, cap) per token on the policy-gradient term) and,
+   optionally, DeepSeek-V3.2's off-policy sequence mask (grpo/loss.py);
 4. clips gradients, steps optimizer and scheduler, and updates the MoE routing
    biases once per optimizer step.
 
@@ -31,26 +33,8 @@ from torch import Tensor, nn
 from r1kit.grpo.adapters import is_peft_model
 from r1kit.grpo.batch import PolicyBatch
 from r1kit.grpo.config import GRPOConfig
+from r1kit.grpo.importance import IS_CORRECTIONS
 from r1kit.grpo.loss import grpo_loss, k3_kl, masked_mean
-
-
-def importance_weights(
-    old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, *, cap: float | None, sequence_threshold: float | None
-) -> tuple[Tensor | None, Tensor]:
-    """Truncated per-token weights min(pi_old / pi_sampler, cap) and the sequence mask.
-
-    old_logp, sampler_logp, mask: (N, T). Returns (weights (N, T) or None when
-    `cap` is None, keep (N,) float: 0 for completions whose geometric-mean ratio
-    exp(mean_t(old - sampler)) lies outside [1 / threshold, threshold]).
-    """
-    log_ratio = (old_logp - sampler_logp) * mask
-    weights = None if cap is None else torch.exp(log_ratio).clamp(max=cap)
-    keep = torch.ones(mask.shape[0], device=mask.device)
-    if sequence_threshold is not None:
-        mean_log_ratio = log_ratio.sum(1) / mask.sum(1).clamp(min=1)
-        bound = torch.log(torch.tensor(sequence_threshold))
-        keep = (mean_log_ratio.abs() <= bound).float()
-    return weights, keep
 
 
 class PolicyUpdate:
@@ -96,7 +80,8 @@ class PolicyUpdate:
         chunks = []
         for rows in self.micro_batches(len(batch)):
             part = batch.rows(rows)
-            logp = model(part.input_ids, part.attention_mask, part.position_ids, part.prompt_length).logp
+            logp = model(part.input_ids, part.attention_mask, part.position_ids, part.prompt_length,
+                         routed_experts=part.routed_experts, kept_tokens=part.kept_tokens).logp  # fmt: skip
             chunks.append(nn.functional.pad(logp, (0, width - logp.shape[1])))
         return torch.cat(chunks)
 
@@ -120,16 +105,20 @@ class PolicyUpdate:
             part = batch.rows(rows)
             width, share = part.completion_mask.shape[1], len(part) / len(batch)
             out = self.model(part.input_ids, part.attention_mask, part.position_ids, part.prompt_length,
-                             completion_mask=part.completion_mask, with_mtp=self.use_mtp)  # fmt: skip
+                             completion_mask=part.completion_mask, with_mtp=self.use_mtp,
+                             routed_experts=part.routed_experts, kept_tokens=part.kept_tokens)  # fmt: skip
             old = out.logp.detach() if old_logp is None else old_logp[rows, :width]
-            weights, keep = importance_weights(old, part.sampler_logprobs, part.completion_mask,
-                                               cap=config.tis_cap, sequence_threshold=config.mismatch_mask)  # fmt: skip
+            correct = IS_CORRECTIONS[config.importance_correction]
+            weights, keep = correct(old, part.sampler_logprobs, part.completion_mask,
+                                    cap=config.importance_cap, bounds=tuple(config.importance_bounds))  # fmt: skip
             loss_out = grpo_loss(
                 out.logp, old, advantages[rows], part.completion_mask * keep.unsqueeze(1),
                 ref_logp=None if reference_logp is None else reference_logp[rows, :width],
                 beta=config.beta, epsilon_low=config.epsilon, epsilon_high=config.upper_epsilon,
-                objective=config.objective, aggregation=config.aggregation, importance_weights=weights,
-                **normalizers,
+                sapo_temperature_pos=config.sapo_temperature_pos, sapo_temperature_neg=config.sapo_temperature_neg,
+                objective=config.objective, aggregation=config.aggregation, kl_estimator=config.kl_estimator,
+                importance_weights=weights, sampler_logp=part.sampler_logprobs,
+                off_policy_threshold=config.off_policy_mask_threshold, **normalizers,
             )  # fmt: skip
             loss = loss_out.loss  # this micro-batch's part of the batch loss
             for name, auxiliary in (("aux_loss", out.aux_loss), ("mtp_loss", out.mtp_loss)):
@@ -146,6 +135,7 @@ class PolicyUpdate:
                 ("mismatch/abs_logp_diff", masked_mean(sampler_gap.abs(), completion)),
                 ("mismatch/kl", masked_mean(k3_kl(part.sampler_logprobs, old), completion)),
                 ("mismatch/masked_fraction", 1 - keep.mean()),
+                ("off_policy/masked_fraction", loss_out.off_policy_masked),
             ):  # fmt: skip
                 sums[key] += value * share
         names = sorted(sums)

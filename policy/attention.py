@@ -19,7 +19,11 @@ Absorbed path (decoding): fold W_UK into the query and W_UV into the output,
 
 so attention reads only the cached (c + d_r) values per token (one shared
 "head" of width 576 for V3) and never expands the cache. The model uses the
-absorbed path whenever the cache already holds earlier tokens.
+absorbed path whenever the cache already holds earlier tokens, unless
+`absorb_decode` is off (`DeepseekV3ForCausalLM.set_mla_decode("expanded")`):
+then decoding re-expands the cache every step, as the training forward does.
+That costs compute but rounds like the trainer: in bf16 it cuts the sampler /
+trainer log-prob gap about tenfold (benchmarks/bench_consistency.py).
 
 The softmax scale includes YaRN's mscale^2 correction (see policy/rope.py). All
 five projections are plain `nn.Linear`, or `FP8Linear` under FP8 training.
@@ -102,11 +106,13 @@ def build_attention_mask(
 
 
 class MultiheadLatentAttention(nn.Module):
-    """MLA for one layer; `layer_idx` selects its slot in the latent cache."""
+    """MLA for one layer; `layer_idx` selects its slot in the latent cache; `absorb_decode`: decode
+    with the absorbed path (default) or the expanded one."""
 
     def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.absorb_decode = True
         self.num_heads = config.num_attention_heads
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.v_dim, self.kv_rank = config.v_head_dim, config.kv_lora_rank
@@ -141,7 +147,7 @@ class MultiheadLatentAttention(nn.Module):
         if cache is None:
             kv, absorbed = entries, False
         else:
-            absorbed = cache.get_seq_length(self.layer_idx) > 0
+            absorbed = self.absorb_decode and cache.get_seq_length(self.layer_idx) > 0
             kv = cache.update(self.layer_idx, entries)  # (B, S, c + d_r)
         attend = self._absorbed if absorbed else self._expanded
         return self.o_proj(attend(q_nope, q_rope, kv, mask))

@@ -53,6 +53,8 @@ from r1kit.policy.mtp import MTPModule, mtp_loss
 from r1kit.policy.rope import RotaryEmbedding
 from r1kit.policy.transformers_compat import CACHE_NAME, pop_cache_argument, with_cache_field
 
+MLA_DECODE_PATHS = ("absorbed", "expanded")
+
 
 class DecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block: MLA then a dense SwiGLU or a DeepSeekMoE feed-forward."""
@@ -71,36 +73,44 @@ class DecoderLayer(GradientCheckpointingLayer):
         mask: torch.Tensor | None,
         cache: LatentCache | None = None,
         token_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """hidden (B, T, H) -> (hidden, balance loss or None, expert load (E,) or None)."""
+        routed_experts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """hidden (B, T, H) -> (hidden, balance loss or None, expert load (E,) or None,
+        routed experts (B, T, K) or None for a dense layer).
+
+        routed_experts (B, T, K): experts to replay in a MoE layer, -1 where the router chooses.
+        """
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, mask, cache)
         ffn_in = self.post_attention_layernorm(hidden)
         if isinstance(self.mlp, MoE):
-            out = self.mlp(ffn_in, token_mask)
-            return hidden + out.hidden, out.aux_loss, out.load
-        return hidden + self.mlp(ffn_in), None, None
+            out = self.mlp(ffn_in, token_mask, routed_experts)
+            return hidden + out.hidden, out.aux_loss, out.load, out.experts
+        return hidden + self.mlp(ffn_in), None, None, None
 
 
 @dataclass
 @with_cache_field
 class DeepseekV3ModelOutput(ModelOutput):
     """last_hidden_state (B, T, H) after the final norm; aux_loss: alpha-weighted balance loss summed
-    over MoE layers (0 outside training); the latent cache, when one is used, under `CACHE_NAME`."""
+    over MoE layers (0 outside training); routed_experts (num_moe_layers, B, T, K) int16 when asked
+    for (`output_routed_experts`); the latent cache, when one is used, under `CACHE_NAME`."""
 
     last_hidden_state: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    routed_experts: torch.Tensor | None = None
 
 
 @dataclass
 @with_cache_field
 class DeepseekV3CausalLMOutput(ModelOutput):
     """loss = CE + aux_loss + mtp_loss when labels are given; logits (B, T or logits_to_keep, V);
-    the latent cache, when one is used, under `CACHE_NAME`."""
+    routed_experts as in `DeepseekV3ModelOutput`; the latent cache, when one is used, under `CACHE_NAME`."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
+    routed_experts: torch.Tensor | None = None
 
 
 class DeepseekV3PreTrainedModel(PreTrainedModel):
@@ -138,6 +148,15 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         `save_pretrained` writes it and loading the checkpoint builds the model in FP8 again.
         """
         enable_fp8(self, recipe if recipe is not None else FP8Config())
+
+    def set_mla_decode(self, path: str) -> None:
+        """Decode with the "absorbed" MLA path (fast, the default) or the "expanded" one (the training
+        forward's arithmetic: sampler log-probs closest to the trainer's in bf16 and FP8)."""
+        if path not in MLA_DECODE_PATHS:
+            raise ValueError(f"MLA decode path must be one of {MLA_DECODE_PATHS}, got {path!r}")
+        for module in self.modules():
+            if isinstance(module, MultiheadLatentAttention):
+                module.absorb_decode = path == "absorbed"
 
     def routers(self) -> list[Router]:
         """Every MoE router: main layers in order, then the MTP modules' layers."""
@@ -191,6 +210,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         cache: LatentCache | None = None,
         use_cache: bool = False,
         inputs_embeds: torch.Tensor | None = None,
+        routed_experts: torch.Tensor | None = None,
+        output_routed_experts: bool = False,
         **kwargs,
     ) -> DeepseekV3ModelOutput:
         """input_ids (B, T); attention_mask (B, past + T), 0 on padding; position_ids (B, T).
@@ -198,6 +219,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         Samples packed into one row, their position_ids restarting at 0, attend only
         within themselves (block-diagonal causal mask, see `build_attention_mask`).
         The cache may also come as `past_key_values` (transformers before 5.24).
+        routed_experts (num_moe_layers, B, T, K): experts to replay in each MoE layer
+        (keep routing), -1 for tokens the routers choose for; `output_routed_experts`
+        returns the experts used, in the same layout, as int16.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -212,13 +236,31 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         token_mask = None if attention_mask is None else attention_mask[:, -seq:].bool()
         record_load = self.training and torch.is_grad_enabled()
         aux_loss = hidden.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
-            hidden, layer_aux, load = layer(hidden, rope, mask, cache=cache, token_mask=token_mask)
+        moe_layers = self.layers[self.config.first_k_dense_replace :]
+        if routed_experts is not None and routed_experts.shape[:3] != (len(moe_layers), batch, seq):
+            raise ValueError(
+                f"routed_experts has shape {tuple(routed_experts.shape)}, expected "
+                f"({len(moe_layers)}, {batch}, {seq}, K) (num_moe_layers, batch, tokens, experts per token)"
+            )
+        used = []
+        for index, layer in enumerate(self.layers):
+            moe_index = index - self.config.first_k_dense_replace
+            replay = routed_experts[moe_index] if routed_experts is not None and moe_index >= 0 else None
+            hidden, layer_aux, load, experts = layer(
+                hidden, rope, mask, cache=cache, token_mask=token_mask, routed_experts=replay
+            )
             if layer_aux is not None:
                 aux_loss = aux_loss + layer_aux
             if load is not None and record_load:
                 layer.mlp.gate.record_load(load)
-        return DeepseekV3ModelOutput(last_hidden_state=self.norm(hidden), aux_loss=aux_loss, **{CACHE_NAME: cache})
+            if experts is not None and output_routed_experts:
+                used.append(experts.to(torch.int16))
+        return DeepseekV3ModelOutput(
+            last_hidden_state=self.norm(hidden),
+            aux_loss=aux_loss,
+            routed_experts=torch.stack(used) if used else None,
+            **{CACHE_NAME: cache},
+        )
 
     def _cache(self, cache: object, use_cache: bool) -> LatentCache | None:
         if cache is None:
@@ -263,11 +305,14 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         use_cache: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
         inputs_embeds: torch.Tensor | None = None,
+        routed_experts: torch.Tensor | None = None,
+        output_routed_experts: bool = False,
         **kwargs,
     ) -> DeepseekV3CausalLMOutput:
         """HF causal-LM forward. labels (B, T) are unshifted token ids, -100 where ignored; the cache
-        may also come as `past_key_values`; other extra kwargs than `num_items_in_batch` (used by
-        the CE normalisation) are ignored."""
+        may also come as `past_key_values`; routed_experts / output_routed_experts as in
+        `DeepseekV3Model.forward` (main layers; the MTP modules always route); other extra kwargs
+        than `num_items_in_batch` (used by the CE normalisation) are ignored."""
         out = self.model(
             input_ids,
             attention_mask,
@@ -275,6 +320,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             pop_cache_argument(cache, kwargs),
             use_cache,
             inputs_embeds,
+            routed_experts=routed_experts,
+            output_routed_experts=output_routed_experts,
         )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -295,7 +342,12 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 mtp = self.mtp_loss(hidden, input_ids, labels != -100, attention_mask, position_ids)
                 loss = loss + mtp
         return DeepseekV3CausalLMOutput(
-            loss=loss, logits=logits, aux_loss=out.aux_loss, mtp_loss=mtp, **{CACHE_NAME: getattr(out, CACHE_NAME)}
+            loss=loss,
+            logits=logits,
+            aux_loss=out.aux_loss,
+            mtp_loss=mtp,
+            routed_experts=out.routed_experts,
+            **{CACHE_NAME: getattr(out, CACHE_NAME)},
         )
 
     def mtp_loss(

@@ -115,13 +115,23 @@ class Router(nn.Module):
         self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
         self.expert_load = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (N, hidden) -> affinities (N, E) fp32, chosen experts (N, K), gate values (N, K) fp32."""
+    def forward(
+        self, x: torch.Tensor, replay: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, hidden) -> affinities (N, E) fp32, chosen experts (N, K), gate values (N, K) fp32.
+
+        replay (N, K): experts to use instead of choosing (keep routing); rows of -1
+        are routed as usual. Gate values always come from this router's affinities
+        over the experts used, so the router keeps learning under replay.
+        """
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         with torch.no_grad():
             topk_idx = group_limited_topk(
                 scores + self.e_score_correction_bias, self.n_group, self.topk_group, self.top_k
             )
+            if replay is not None:
+                replayed = replay[:, :1] >= 0  # (N, 1)
+                topk_idx = torch.where(replayed, replay.to(topk_idx.dtype), topk_idx)
         gates = scores.gather(1, topk_idx)
         if self.norm_topk_prob:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
@@ -252,11 +262,13 @@ class RoutedExperts(nn.Module):
 @dataclass
 class MoEOutput:
     """hidden (B, T, H); aux_loss: alpha-weighted balance loss (None outside training or when alpha is 0);
-    load (E,): tokens per expert in this forward (None outside training)."""
+    load (E,): tokens per expert in this forward (None outside training); experts (B, T, K): the
+    routed experts of every token."""
 
     hidden: torch.Tensor
     aux_loss: torch.Tensor | None
     load: torch.Tensor | None
+    experts: torch.Tensor
 
 
 class MoE(nn.Module):
@@ -273,16 +285,22 @@ class MoE(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> MoEOutput:
-        """x (B, T, H); token_mask (B, T) bool, False for padding (excluded from balance statistics)."""
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, replay: torch.Tensor | None = None
+    ) -> MoEOutput:
+        """x (B, T, H); token_mask (B, T) bool, False for padding (excluded from balance statistics);
+        replay (B, T, K): experts to route each token to, -1 where the router chooses (see `Router`).
+        Balance loss and load count the experts actually used, replayed or chosen."""
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
-        scores, topk_idx, gates = self.gate(flat)  # (N, E), (N, K), (N, K)
+        flat_replay = None if replay is None else replay.reshape(batch * seq, -1)
+        scores, topk_idx, gates = self.gate(flat, flat_replay)  # (N, E), (N, K), (N, K)
         out = self.experts(flat, topk_idx, gates).view(batch, seq, hidden)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
+        experts = topk_idx.view(batch, seq, -1)
         if not self.training:
-            return MoEOutput(out, None, None)
+            return MoEOutput(out, None, None, experts)
         aux_loss = None
         if self.alpha > 0:
             aux_loss = self.alpha * sequence_balance_loss(
@@ -290,4 +308,4 @@ class MoE(nn.Module):
             )
         counted = topk_idx if token_mask is None else topk_idx[token_mask.reshape(-1)]
         load = torch.bincount(counted.flatten(), minlength=self.gate.num_experts)
-        return MoEOutput(out, aux_loss, load)
+        return MoEOutput(out, aux_loss, load, experts)

@@ -59,7 +59,8 @@ class MTPModule(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """hidden, next_embeds (B, T, H) -> h^k (B, T, H), the block's balance loss and expert load."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        return self.block(x, rope, mask, token_mask=token_mask)
+        hidden, aux_loss, load, _ = self.block(x, rope, mask, token_mask=token_mask)
+        return hidden, aux_loss, load
 
 
 def shift_left(x: torch.Tensor, k: int, fill: int | bool = 0) -> torch.Tensor:

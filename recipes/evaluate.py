@@ -36,7 +36,8 @@ def run_evaluation(args: RecipeArguments, config: GRPOConfig) -> EvalResult:
     output = Path(config.output_dir) / RESULT_FILE
     output.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": args.model, "dataset": args.dataset, "accuracy_reward": args.accuracy_reward,
-              "temperature": config.temperature, "top_p": config.top_p, **asdict(result)}  # fmt: skip
+              "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
+              "min_p": config.min_p, **asdict(result)}  # fmt: skip
     output.write_text(json.dumps(record, indent=2) + "\n")
     print(f"{args.model}: held-out accuracy {result.accuracy:.1%} ({result.num_prompts} problems x "
           f"{result.samples_per_prompt} samples, temperature {config.temperature}) -> {output}")  # fmt: skip

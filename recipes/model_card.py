@@ -27,7 +27,7 @@ ALGORITHM_OPTIONS = (
     ("advantage estimator", "advantage_estimator"),
     ("loss aggregation", "aggregation"),
     ("objective", "objective"),
-    ("sampling temperature / top-p", "temperature"),
+    ("sampling temperature / top-p / top-k / min-p", "temperature"),
     ("max completion length", "max_completion_length"),
     ("training dtype", "dtype"),
     ("LoRA rank (0: full fine-tuning)", "lora_r"),
@@ -73,7 +73,8 @@ def _value(options: dict, key: str) -> str:
         high = options["epsilon_high"] if options["epsilon_high"] is not None else options["epsilon"]
         return f"{options['epsilon']} / {high}"
     if key == "temperature":
-        return f"{options['temperature']} / {options['top_p']}"
+        return " / ".join(str(options.get(name, off)) for name, off in
+                          (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("min_p", 0.0)))  # fmt: skip
     return str(options[key])
 
 

@@ -64,6 +64,26 @@ class PipelineResult:
     final_model: str
 
 
+def check_sampler_options(args: RecipeArguments, config: GRPOConfig) -> None:
+    """keep_routing and keep_sampling_mask need what only the built-in engine records."""
+    if args.rollout.startswith("vllm") and (config.keep_routing or config.keep_sampling_mask):
+        option = "keep_routing" if config.keep_routing else "keep_sampling_mask"
+        raise ConfigError(
+            f"--{option} needs the built-in engine (--rollout worker or local): vLLM returns neither the experts "
+            f"it routes to nor its top-k/top-p kept sets; pass --{option} false to sample with vLLM"
+        )
+
+
+def routing_replay(config: GRPOConfig, policy: torch.nn.Module, announce: bool) -> GRPOConfig:
+    """`config` with keep_routing off for a policy without MoE layers (nothing to replay), said once."""
+    routers = getattr(policy, "routers", None)
+    if not config.keep_routing or (callable(routers) and routers()):
+        return config
+    if announce:
+        print(f"keep_routing: {type(policy).__name__} has no MoE layers, so there is no routing to replay; off")
+    return dataclasses.replace(config, keep_routing=False)
+
+
 def check_inputs(args: RecipeArguments) -> RecipeArguments:
     """Fail fast, naming the culprit, before any data is loaded or model built.
 
@@ -230,6 +250,7 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig, recipe: str = "grpo_
     card), pushes to the hub when asked, and returns the result (the others return None).
     """
     args = check_inputs(args)
+    check_sampler_options(args, config)
     args = dataclasses.replace(args, run_name=resolved_run_name(args, config))
     accelerator = Accelerator(log_with=grpo_trackers(args.report_to, config.output_dir, args.run_name) or None,
                               project_dir=config.output_dir)  # fmt: skip
@@ -242,6 +263,7 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig, recipe: str = "grpo_
     checkpoints = list_checkpoints(config.output_dir) if args.resume else []
     tokenizer, dtype = load_tokenizer(start), _dtype(args)
     policy = _trainable_policy(args, start, checkpoints[-1] if checkpoints else None, accelerator)
+    config = routing_replay(config, policy, accelerator.is_main_process)
     reference = load_policy(start, dtype=dtype) if config.beta > 0 else None
     if args.report_to:
         start_trackers(accelerator, args.tracker_project, args.run_name, resolved_options(args, config))
@@ -283,7 +305,10 @@ def rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedToken
     `device` is the training process's (for --rollout local), `num_processes` how many train.
     """
     if args.rollout == "local":
-        return TorchRolloutEngine(load_policy(start, dtype=_dtype(args), device=device), tokenizer)
+        policy = load_policy(start, dtype=_dtype(args), device=device)
+        if hasattr(policy, "set_mla_decode"):
+            policy.set_mla_decode(args.mla_decode)
+        return TorchRolloutEngine(policy, tokenizer)
     if args.rollout == "vllm-colocated":
         if num_processes > 1:
             raise ConfigError("--rollout vllm-colocated runs with one training process; use --rollout vllm")
@@ -295,7 +320,7 @@ def rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedToken
     device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = args.rollout_threads or (torch.get_num_threads() if device == "cpu" else None)  # as the trainer's
     options = WorkerOptions(engine="vllm" if args.rollout == "vllm" else "torch", device=device, dtype=args.dtype,
-                            num_threads=threads)  # fmt: skip
+                            num_threads=threads, mla_decode=args.mla_decode)  # fmt: skip
     return RemoteRolloutEngine.launch(start, args.rollout_workers, options=options)
 
 
@@ -364,9 +389,10 @@ def held_out_accuracy(
     checkpoint: where the engine's model came from; its generation config's EOS ids also end completions.
     """
     params = SamplingParams(
-        n=args.eval_samples_per_prompt, temperature=config.temperature, top_p=config.top_p,
-        max_new_tokens=config.max_completion_length, stop_token_ids=checkpoint_stop_token_ids(tokenizer, checkpoint),
-        stop_strings=tuple(config.stop_strings), seed=1234,
+        n=args.eval_samples_per_prompt, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+        min_p=config.min_p, max_new_tokens=config.max_completion_length,
+        stop_token_ids=checkpoint_stop_token_ids(tokenizer, checkpoint), stop_strings=tuple(config.stop_strings),
+        seed=1234,
     )  # fmt: skip
     name = suite_name(args.accuracy_reward)
     accuracy = lambda p, c, columns: suite.score(p, c, columns).scores[name].tolist()

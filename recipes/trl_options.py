@@ -6,8 +6,16 @@ max_steps, seed, ...). The rest are translated into r1kit's options:
 
     TRL                                     r1kit
     loss_type grpo | dr_grpo | dapo | bnpo  aggregation sequence_mean | constant | token_mean | token_mean
+    loss_type cispo | sapo                  objective cispo, aggregation token_mean | objective sapo,
+                                              aggregation sequence_mean; cispo: TRL's epsilon_high E is
+                                              the cap on the ratio: epsilon 1 (no lower clip), epsilon_high E - 1
     scale_rewards group | batch | none      advantage_estimator grpo | batch_std | dr_grpo
     importance_sampling_level token | seq.  objective grpo | gspo
+    use_bias_correction_kl true | false     kl_estimator k3_unbiased | k3
+    vllm_importance_sampling_correction,    importance_correction none (correction false) | token_tis |
+      _mode token_truncate | token_mask |     token_mis | sequence_tis, importance_cap C_max (truncate),
+      sequence_truncate, _clip_max C_max,     importance_bounds C_min C_max (token_mask); TRL's
+      _clip_min C_min                         sequence_mask is refused (see grpo/importance.py)
     per_device_train_batch_size P,          micro_batch_size P, and prompts_per_step = P * A * processes / G
       gradient_accumulation_steps A           (TRL: one generation batch of P * A completions per process
                                               and optimizer step); sft recipe: sft_batch_size P * A * processes
@@ -27,8 +35,10 @@ lr_scheduler_type set the sft_* options. bnpo differs from dapo only in normalis
 micro-batch by its own token count, which TRL documents as an approximation of
 dapo; r1kit always divides by the step's tokens. An option TRL has and r1kit
 does not support is refused, naming it. Options left out of a file keep
-r1kit's defaults, which differ from TRL's for beta (0.04, TRL 0.0) and the
-loss aggregation (sequence_mean = TRL's grpo; TRL defaults to dapo).
+r1kit's defaults, which differ from TRL's for beta (0.04, TRL 0.0), the
+loss aggregation (sequence_mean = TRL's grpo; TRL defaults to dapo), the KL
+estimator (k3; TRL defaults to use_bias_correction_kl=True) and the importance
+correction (token_tis with cap 2; TRL: none without vLLM, sequence_mask with it).
 """
 
 from __future__ import annotations
@@ -41,7 +51,19 @@ from typing import Any
 from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.options import ConfigError, option
 
-LOSS_TYPES = {"grpo": "sequence_mean", "dr_grpo": "constant", "dapo": "token_mean", "bnpo": "token_mean"}
+LOSS_TYPES = {
+    "grpo": "sequence_mean",
+    "dr_grpo": "constant",
+    "dapo": "token_mean",
+    "bnpo": "token_mean",
+    "cispo": "token_mean",
+    "sapo": "sequence_mean",
+}
+VLLM_IMPORTANCE_SAMPLING_MODES = {
+    "token_truncate": "token_tis",
+    "sequence_truncate": "sequence_tis",
+    "token_mask": "token_mis",
+}
 SCALE_REWARDS = {"group": "grpo", "true": "grpo", "batch": "batch_std", "none": "dr_grpo", "false": "dr_grpo"}
 IMPORTANCE_SAMPLING_LEVELS = {"token": "grpo", "sequence": "gspo"}
 LR_SCHEDULER_TYPES = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear",
@@ -59,9 +81,24 @@ SFT_MEANINGS = {
 class TRLOptions:
     """TRL's names for options r1kit has under other names (see recipes/trl_options.py); unset: None."""
 
-    loss_type: str | None = option(None, "TRL's: grpo | dr_grpo | dapo | bnpo (sets --aggregation).")
+    loss_type: str | None = option(
+        None, "TRL's: grpo | dr_grpo | dapo | bnpo | cispo | sapo (sets --aggregation; cispo, sapo: --objective)."
+    )
     scale_rewards: str | None = option(None, "TRL's: group | batch | none (sets --advantage_estimator).")
     importance_sampling_level: str | None = option(None, "TRL's: token | sequence (sets --objective).")
+    use_bias_correction_kl: bool | None = option(None, "TRL's: k3 times the ratio (sets --kl_estimator).")
+    vllm_importance_sampling_correction: bool | None = option(
+        None, "TRL's: correct the sampler mismatch (false sets --importance_correction none)."
+    )
+    vllm_importance_sampling_mode: str | None = option(
+        None, "TRL's: token_truncate | token_mask | sequence_truncate (sets --importance_correction)."
+    )
+    vllm_importance_sampling_clip_max: float | None = option(
+        None, "TRL's C_max, default 3 (sets --importance_cap or the upper --importance_bounds)."
+    )
+    vllm_importance_sampling_clip_min: float | None = option(
+        None, "TRL's C_min, token_mask only (sets the lower --importance_bounds)."
+    )
     per_device_train_batch_size: int | None = option(
         None, "TRL's: completions per process and forward (sets --micro_batch_size and --prompts_per_step)."
     )
@@ -117,6 +154,11 @@ def apply_trl_options(trl: TRLOptions, args, config: GRPOConfig, recipe: str, gi
     if trl.importance_sampling_level is not None:
         levels = IMPORTANCE_SAMPLING_LEVELS
         config_updates["objective"] = _choice("importance_sampling_level", trl.importance_sampling_level, levels)
+    if trl.loss_type is not None and _flag(trl.loss_type) in ("cispo", "sapo"):
+        config_updates.update(_objective_of(_flag(trl.loss_type), config, config_updates.get("objective")))
+    if trl.use_bias_correction_kl is not None:
+        config_updates["kl_estimator"] = "k3_unbiased" if trl.use_bias_correction_kl else "k3"
+    config_updates.update(_importance_correction_of(trl))
     if trl.per_device_train_batch_size is not None or trl.gradient_accumulation_steps is not None:
         per_device = trl.per_device_train_batch_size or 8  # TRL's defaults
         completions = per_device * (trl.gradient_accumulation_steps or 1) * int(os.environ.get("WORLD_SIZE", "1"))
@@ -154,3 +196,48 @@ def apply_trl_options(trl: TRLOptions, args, config: GRPOConfig, recipe: str, gi
     if sft:
         recipe_updates.update({SFT_MEANINGS[name]: getattr(config, name) for name in SFT_MEANINGS if name in given})
     return dataclasses.replace(args, **recipe_updates), dataclasses.replace(config, **config_updates)
+
+
+def _objective_of(loss_type: str, config: GRPOConfig, level_objective: str | None) -> dict[str, Any]:
+    """TRL's loss_type cispo or sapo as r1kit's objective (and cispo's clip range), both token-level."""
+    if level_objective == "gspo":
+        raise ConfigError(
+            f"loss_type {loss_type} with importance_sampling_level sequence: r1kit's {loss_type} is token-level"
+        )
+    if loss_type == "sapo":
+        return {"objective": "sapo"}
+    cap = config.upper_epsilon  # TRL: epsilon_high (or epsilon) caps CISPO's ratio, with no lower bound
+    if cap <= 1:
+        raise ConfigError(
+            f"loss_type cispo: TRL caps the ratio at epsilon_high ({cap}); give epsilon_high > 1 (ScaleRL's: 5.0)"
+        )
+    return {"objective": "cispo", "epsilon": 1.0, "epsilon_high": cap - 1}
+
+
+def _importance_correction_of(trl: TRLOptions) -> dict[str, Any]:
+    """TRL's vllm_importance_sampling_* options as importance_correction, importance_cap / importance_bounds."""
+    names = (
+        "vllm_importance_sampling_correction",
+        "vllm_importance_sampling_mode",
+        "vllm_importance_sampling_clip_max",
+        "vllm_importance_sampling_clip_min",
+    )
+    if all(getattr(trl, name) is None for name in names):
+        return {}
+    if trl.vllm_importance_sampling_correction is False:
+        return {"importance_correction": "none"}
+    mode = _flag(trl.vllm_importance_sampling_mode or "sequence_mask")  # TRL's default mode
+    if mode == "sequence_mask":
+        raise ConfigError(
+            "vllm_importance_sampling_mode sequence_mask (TRL's default): TRL bounds the product of "
+            "the token ratios and weights the completions it keeps by it; r1kit's nearest is "
+            "--importance_correction sequence_mis (geometric mean, no weights)"
+        )
+    correction = _choice("vllm_importance_sampling_mode", mode, VLLM_IMPORTANCE_SAMPLING_MODES)
+    clip_max = trl.vllm_importance_sampling_clip_max or 3.0  # TRL's default C_max
+    clip_min = trl.vllm_importance_sampling_clip_min
+    if correction == "token_mis":
+        return {"importance_correction": correction, "importance_bounds": [clip_min or 0.0, clip_max]}
+    if clip_min is not None:
+        raise ConfigError(f"vllm_importance_sampling_clip_min with {mode}: r1kit truncates weights from above only")
+    return {"importance_correction": correction, "importance_cap": clip_max}

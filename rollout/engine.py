@@ -22,6 +22,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
+from r1kit.rollout.token_sets import TokenSets
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -30,8 +32,12 @@ class SamplingParams:
     """How to sample completions.
 
     n: completions per prompt (GRPO's group size G).
-    temperature: softmax temperature; 0 means greedy.
+    temperature: softmax temperature; 0 means greedy (top_p, top_k and min_p are then ignored).
     top_p: nucleus sampling mass in (0, 1]; 1 keeps the whole distribution.
+    top_k: keep only the k most likely tokens; 0 or -1 (vLLM's "off") keeps them all.
+    min_p: drop tokens whose probability is below min_p times the most likely one's,
+        in [0, 1]; 0 keeps them all. Truncation runs min-p, top-k, then top-p on what
+        is left, renormalised, as vLLM does (rollout/sampling.py).
     max_new_tokens: completion length cap, in tokens.
     stop_token_ids: generation of a sample ends after it emits one of these
         (the stop token is kept in the completion, as EOS is in training).
@@ -39,15 +45,23 @@ class SamplingParams:
         of these; the token that completes the string is its last token (kept,
         so the text may run a few characters past the string).
     seed: makes sampling reproducible when set.
+    record_routing: also return the experts every MoE layer chose for every token
+        (keep routing; DeepSeek-V3 policies in the torch engine).
+    record_kept_tokens: also return, for every sampled token, the set of tokens the
+        truncation (top-k, top-p, min-p) kept (keep sampling mask).
     """
 
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
+    record_routing: bool = False
+    record_kept_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -56,6 +70,10 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be an int >= 1, or 0 / -1 for off, got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
@@ -73,9 +91,16 @@ class RolloutBatch:
     completion_text: the completion decoded without special tokens.
     sampler_logprobs: per completion, a float32 tensor (len(completion_ids[k]),)
         with the log-probability the sampler assigned to each drawn token,
-        after temperature scaling and before top-p truncation.
+        after temperature and truncation (top-k, top-p, min-p), renormalised:
+        log softmax of the tempered logits masked to the token's kept set
+        (untempered and untruncated when temperature == 0, greedy).
     finish_reason: "stop" if a stop token or string ended the sample, "length" if the cap did.
     policy_version: the weights version that generated every row of the batch.
+    routed_experts: with `record_routing`, per row an int16 tensor (num_moe_layers,
+        len(prompt) + len(completion) - 1, K): the experts each MoE layer used for
+        every token the model read to sample the completion (the last token is never read).
+    kept_tokens: with `record_kept_tokens`, per row a `TokenSets` with one set per
+        completion token: the tokens the truncation kept when it was drawn (empty: all).
     """
 
     prompt_ids: list[list[int]]
@@ -84,29 +109,39 @@ class RolloutBatch:
     sampler_logprobs: list[torch.Tensor]
     finish_reason: list[FinishReason]
     policy_version: int
+    routed_experts: list[torch.Tensor] | None = None
+    kept_tokens: list[TokenSets] | None = None
     num_generated_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
         rows = len(self.completion_ids)
-        for name in ("prompt_ids", "completion_text", "sampler_logprobs", "finish_reason"):
-            if len(getattr(self, name)) != rows:
-                raise ValueError(f"RolloutBatch.{name} has {len(getattr(self, name))} rows, expected {rows}")
+        for name in ("prompt_ids", *_ROW_FIELDS):
+            values = getattr(self, name)
+            if values is not None and len(values) != rows:
+                raise ValueError(f"RolloutBatch.{name} has {len(values)} rows, expected {rows}")
         self.num_generated_tokens = sum(len(ids) for ids in self.completion_ids)
 
     def __len__(self) -> int:
         return len(self.completion_ids)
 
+    def select(self, index: Sequence[int]) -> RolloutBatch:
+        """The rows `index`, in that order."""
+        return concat_rollouts([self], index)
 
-def concat_rollouts(batches: Sequence[RolloutBatch]) -> RolloutBatch:
-    """One batch of all rows of `batches`, in order; its policy version is the oldest one."""
-    return RolloutBatch(
-        prompt_ids=[row for b in batches for row in b.prompt_ids],
-        completion_ids=[row for b in batches for row in b.completion_ids],
-        completion_text=[row for b in batches for row in b.completion_text],
-        sampler_logprobs=[row for b in batches for row in b.sampler_logprobs],
-        finish_reason=[row for b in batches for row in b.finish_reason],
-        policy_version=min(b.policy_version for b in batches),
-    )
+
+_ROW_FIELDS = ("completion_ids", "completion_text", "sampler_logprobs", "finish_reason", "routed_experts",
+               "kept_tokens")  # fmt: skip
+
+
+def concat_rollouts(batches: Sequence[RolloutBatch], index: Sequence[int] | None = None) -> RolloutBatch:
+    """One batch of all rows of `batches` (or the rows `index` of them), in order; its policy
+    version is the oldest one. Recorded routing and kept sets survive only if every batch has them."""
+    columns = {}
+    for name in ("prompt_ids", *_ROW_FIELDS):
+        parts = [getattr(b, name) for b in batches]
+        rows = None if any(part is None for part in parts) else [row for part in parts for row in part]
+        columns[name] = rows if rows is None or index is None else [rows[i] for i in index]
+    return RolloutBatch(**columns, policy_version=min(b.policy_version for b in batches))
 
 
 @runtime_checkable

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from r1kit.rollout.buckets import Bucket
 from r1kit.rollout.engine import FinishReason, RolloutBatch, SamplingParams
 from r1kit.rollout.sync_group import Rendezvous
+from r1kit.rollout.token_sets import TokenSets
 
 AUTHKEY_ENV = "R1KIT_ROLLOUT_AUTHKEY"
 
@@ -50,13 +52,21 @@ class Generate:
 
 @dataclass(frozen=True)
 class Generated:
-    """A RolloutBatch without its prompts (the client has them); log-probs as raw float32 bytes."""
+    """A RolloutBatch without its prompts (the client has them).
+
+    Tensors travel as numpy arrays (log-probs as raw float32 bytes): a pickled torch
+    tensor would go through torch's shared-memory reducers, which need a second
+    connection. Recorded routing is int16 (layers, tokens, K); a kept set is its
+    (ids int32, offsets int64) pair.
+    """
 
     completion_ids: list[list[int]]
     completion_text: list[str]
     sampler_logprobs: list[bytes]
     finish_reason: list[FinishReason]
     policy_version: int
+    routed_experts: list[np.ndarray] | None = None
+    kept_tokens: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     @classmethod
     def from_batch(cls, batch: RolloutBatch) -> Generated:
@@ -66,6 +76,10 @@ class Generated:
             sampler_logprobs=[lp.detach().to("cpu", torch.float32).numpy().tobytes() for lp in batch.sampler_logprobs],
             finish_reason=batch.finish_reason,
             policy_version=batch.policy_version,
+            routed_experts=None if batch.routed_experts is None else [row.numpy() for row in batch.routed_experts],
+            kept_tokens=None
+            if batch.kept_tokens is None
+            else [(row.ids.numpy(), row.offsets.numpy()) for row in batch.kept_tokens],
         )
 
     def to_batch(self, prompts: list[list[int]], n: int) -> RolloutBatch:
@@ -76,6 +90,10 @@ class Generated:
             sampler_logprobs=[_float32(raw) for raw in self.sampler_logprobs],
             finish_reason=self.finish_reason,
             policy_version=self.policy_version,
+            routed_experts=None if self.routed_experts is None else [torch.from_numpy(r) for r in self.routed_experts],
+            kept_tokens=None
+            if self.kept_tokens is None
+            else [TokenSets(torch.from_numpy(ids), torch.from_numpy(offsets)) for ids, offsets in self.kept_tokens],
         )
 
 

@@ -1,45 +1,105 @@
-"""Next-token sampling: temperature, nucleus (top-p), and the sampler's log-probs.
+"""Next-token sampling: temperature, min-p, top-k and top-p truncation, and the sampler's log-probs.
 
-The log-prob reported for a drawn token is taken from the temperature-scaled
-distribution before top-p truncation, the distribution the trainer recomputes
-(it cannot cheaply reproduce the truncation). With temperature 0 the engine is
-greedy and reports log-probs of the untempered distribution.
+The steps follow vLLM's V1 sampler (`vllm/v1/sample/sampler.py`), in its order:
+
+1. temperature: z / T, in float32;
+2. min-p (vLLM's argmax-invariant MinPLogitsProcessor): drop every token with
+   p < min_p * max p, p = softmax(z / T);
+3. top-k (`apply_top_k_top_p`): drop every token whose logit is below the k-th
+   largest surviving logit (ties with it are kept);
+4. top-p, on the distribution renormalised over the tokens min-p and top-k
+   kept: sort ascending, drop every token whose cumulative mass (its own
+   included) is <= 1 - top_p; the most likely token is always kept.
+
+The token is drawn from softmax over the kept tokens, and the reported
+log-prob is its log-prob under that renormalised truncated distribution,
+log softmax(z / T masked to -inf outside the kept set), which is what vLLM
+reports with logprobs_mode="processed_logprobs". Without truncation (top_p = 1,
+top_k off, min_p = 0) it is log softmax(z / T). With temperature 0 the engine
+is greedy (argmax; truncation is ignored, as vLLM does) and reports the
+untempered log softmax(z).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from r1kit.rollout.token_sets import TokenSets
 
-def top_p_filter(logprobs: Tensor, top_p: float) -> Tensor:
-    """Set to -inf every token outside the smallest set whose probability reaches `top_p`.
 
-    logprobs: (R, V) normalised log-probs. Returns (R, V); the most likely token is always kept.
+@dataclass
+class SampledTokens:
+    """One drawn token per row.
+
+    tokens: (R,) int64 drawn token ids.
+    logprobs: (R,) float32 log-prob of each token under the renormalised truncated
+        distribution it was drawn from (see the module docstring).
+    kept: the kept set of each row (R rows, unrestricted where nothing was cut)
+        when asked for with return_kept, else None.
     """
-    if top_p >= 1.0:
-        return logprobs
-    sorted_logprobs, order = torch.sort(logprobs, dim=-1, descending=True)
-    mass_before = torch.cumsum(sorted_logprobs.exp(), dim=-1) - sorted_logprobs.exp()
-    drop_sorted = mass_before >= top_p  # the first token has mass_before 0 and is never dropped
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logprobs.masked_fill(drop, float("-inf"))
+
+    tokens: Tensor
+    logprobs: Tensor
+    kept: TokenSets | None = None
+
+
+def truncation_mask(scaled_logits: Tensor, *, top_p: float, top_k: int, min_p: float) -> Tensor | None:
+    """The tokens that min-p, then top-k, then top-p keep, as vLLM's V1 sampler; None when none is active.
+
+    scaled_logits: (R, V) float32 logits already divided by the temperature.
+    top_k <= 0 or >= V means no top-k. Returns a (R, V) bool mask, True = kept.
+    """
+    use_top_k = 0 < top_k < scaled_logits.shape[-1]
+    if min_p <= 0 and not use_top_k and top_p >= 1:
+        return None
+    keep = torch.ones_like(scaled_logits, dtype=torch.bool)  # (R, V)
+    if min_p > 0:
+        probs = torch.softmax(scaled_logits, dim=-1)
+        keep = probs >= min_p * probs.amax(dim=-1, keepdim=True)
+    if use_top_k:
+        masked = scaled_logits.masked_fill(~keep, float("-inf"))
+        kth_largest = masked.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
+        keep &= masked >= kth_largest
+    if top_p < 1:
+        sorted_logits, order = scaled_logits.masked_fill(~keep, float("-inf")).sort(dim=-1)  # ascending
+        mass_up_to = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (R, V)
+        drop_sorted = mass_up_to <= 1 - top_p
+        drop_sorted[:, -1] = False  # the most likely token always stays
+        keep &= ~torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return keep
 
 
 def sample_next_tokens(
-    logits: Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """Draw one token per row from logits (R, V).
+    logits: Tensor,
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    generator: torch.Generator | None = None,
+    return_kept: bool = False,
+) -> SampledTokens:
+    """Draw one token per row from logits (R, V); see the module docstring for the steps.
 
-    Returns (tokens (R,) int64, logprobs (R,) float32), the log-probs under the
-    temperature-scaled distribution (untempered when temperature == 0, greedy).
+    top_k <= 0 (vLLM's 0 or -1) or >= V turns top-k off. return_kept: also return
+    each row's kept set (on the logits' device); it costs a (R, V) nonzero.
     """
     logits = logits.float()
+    keep = None
     if temperature == 0:
         logprobs = torch.log_softmax(logits, dim=-1)
         tokens = logprobs.argmax(dim=-1)
     else:
-        logprobs = torch.log_softmax(logits / temperature, dim=-1)
-        probs = top_p_filter(logprobs, top_p).exp()
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        logits = logits / temperature
+        keep = truncation_mask(logits, top_p=top_p, top_k=top_k, min_p=min_p)
+        if keep is not None:
+            logits = logits.masked_fill(~keep, float("-inf"))
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+    kept = None
+    if return_kept:
+        kept = TokenSets.unrestricted(len(tokens), logits.device) if keep is None else TokenSets.from_mask(keep)
+    return SampledTokens(tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), kept)

@@ -49,6 +49,10 @@ class WorkerOptions:
     max_model_len: int | None = field(default=None, metadata={"help": "vLLM: prompt + completion tokens cap"})
     enforce_eager: bool = field(default=False, metadata={"help": "vLLM: no CUDA graphs (faster start-up)"})
     seed: int = field(default=0, metadata={"help": "vLLM: engine seed"})
+    mla_decode: Literal["absorbed", "expanded"] = field(
+        default="absorbed",
+        metadata={"help": "torch engine, DeepSeek-V3 policies: MLA decode path (expanded: the trainer's arithmetic)"},
+    )
 
     def __post_init__(self) -> None:
         if self.engine not in ("torch", "vllm"):
@@ -136,6 +140,8 @@ def build_host(model: str, options: WorkerOptions):
 
     dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
     policy = load_policy(model, dtype=dtype, device=options.device)
+    if hasattr(policy, "set_mla_decode"):
+        policy.set_mla_decode(options.mla_decode)
     tokenizer = AutoTokenizer.from_pretrained(options.tokenizer or model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # left padding only; padded positions are masked

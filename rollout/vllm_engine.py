@@ -25,12 +25,14 @@ rollout/vllm_weights.py.
 
 Sampler log-probs: vLLM runs with `logprobs_mode="processed_logprobs"` and
 `logprobs=0`, which returns, for each sampled token, log softmax of the logits
-after temperature and after top-k / top-p masking. With top_p = 1 (and no
-top-k, min-p or penalties, which SamplingParams does not expose) that is
-exactly the RolloutBatch contract: the log-prob under the temperature-scaled
-distribution. With top_p < 1 vLLM renormalises over the nucleus, so each
-value is larger by -log(nucleus mass) than the contract's; the engine warns
-once. With temperature 0 it is the untempered log-prob, as in the torch engine.
+after temperature and after min-p, top-k and top-p masking: the log-prob under
+the renormalised truncated distribution the token was drawn from, which is the
+RolloutBatch contract and what the torch engine reports (rollout/sampling.py
+follows vLLM's order and rules). With temperature 0 it is the untempered
+log-prob, as in the torch engine. vLLM does not return the kept sets.
+`vllm_sampling_kwargs` refuses what vLLM would refuse or silently change:
+temperature 0 with n > 1 (vLLM raises) and temperatures in (0, 0.01) (vLLM
+raises them to 0.01, so its log-probs would no longer match the trainer's).
 Generation stops at `stop_token_ids` and `stop_strings` only (`ignore_eos=True`),
 as in the torch engine; the stop token or string stays in the completion.
 """
@@ -38,7 +40,6 @@ as in the torch engine; the stop token or string stays in the completion.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 import threading
@@ -53,17 +54,35 @@ from r1kit.rollout.buckets import Bucket
 from r1kit.rollout.engine import RolloutBatch, SamplingParams
 from r1kit.rollout.sync_group import Rendezvous
 
-logger = logging.getLogger(__name__)
-
 EXTENSION = "r1kit.rollout.vllm_extension.WeightSyncExtension"
+VLLM_MIN_TEMPERATURE = 0.01  # vLLM raises smaller positive temperatures to this (its _MAX_TEMP)
 
 
 def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
-    """Keyword arguments of `vllm.SamplingParams` that sample as `params` says and report sampler log-probs."""
+    """Keyword arguments of `vllm.SamplingParams` that sample as `params` says and report sampler log-probs.
+
+    top_k off (0 or -1) becomes -1, which every vLLM release accepts. Raises ValueError
+    where vLLM would refuse `params` or sample with another temperature.
+    """
+    if params.temperature == 0 and params.n > 1:
+        raise ValueError(f"vLLM samples greedily (temperature 0) only with n = 1, got n = {params.n}")
+    if params.record_routing or params.record_kept_tokens:
+        option = "keep_routing" if params.record_routing else "keep_sampling_mask"
+        raise ValueError(
+            f"{option}: vLLM engines return neither the experts they route to nor the kept sets of "
+            "top-k/top-p/min-p; use the built-in torch engine (--rollout worker or local) or turn the option off"
+        )
+    if 0 < params.temperature < VLLM_MIN_TEMPERATURE:
+        raise ValueError(
+            f"vLLM raises temperatures below {VLLM_MIN_TEMPERATURE} to {VLLM_MIN_TEMPERATURE}, "
+            f"so its log-probs would not match the trainer's; got {params.temperature}"
+        )
     return {
         "n": params.n,
         "temperature": params.temperature,
         "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+        "min_p": params.min_p,
         "max_tokens": params.max_new_tokens,
         "stop_token_ids": list(params.stop_token_ids),
         "stop": list(params.stop_strings),
@@ -163,16 +182,12 @@ class VLLMRolloutEngine:
         self._executor: ThreadPoolExecutor | None = None
         self._asleep = False
         self._weights_discarded = False
-        self._warned_top_p = False
 
     # ------------------------------------------------------------------ RolloutEngine
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         """Samples `params.n` completions per prompt; rows are grouped by prompt."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt and no empty prompt")
-        if params.top_p < 1 and not self._warned_top_p:
-            logger.warning("vLLM reports log-probs renormalised over the top-p nucleus (top_p=%s)", params.top_p)
-            self._warned_top_p = True
         with self._lock:
             if self._weights_discarded:
                 raise RuntimeError("sleep level 2 discarded vLLM's weights: call update_weights before generate")

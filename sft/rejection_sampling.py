@@ -62,6 +62,8 @@ class RejectionSamplingConfig:
     require_stop: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
     max_new_tokens: int = 256
     seed: int = 0
     prompts_per_batch: int = 32
@@ -79,8 +81,8 @@ class RejectionSamplingConfig:
 
     def sampling_params(self, stop_token_ids: tuple[int, ...]) -> SamplingParams:
         return SamplingParams(
-            n=self.samples_per_prompt, temperature=self.temperature, top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens, stop_token_ids=stop_token_ids, seed=self.seed,
+            n=self.samples_per_prompt, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, max_new_tokens=self.max_new_tokens, stop_token_ids=stop_token_ids, seed=self.seed,
         )  # fmt: skip
 
 

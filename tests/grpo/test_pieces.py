@@ -1,4 +1,4 @@
-"""Batch layout, prompt order, importance weights, checkpoints, group selection, the PNG report."""
+"""Batch layout, prompt order, checkpoints, group selection, the PNG report."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from r1kit.grpo.data import (
 )
 from r1kit.grpo.options import ConfigError
 from r1kit.grpo.plotting import plot_run, report_panels
-from r1kit.grpo.update import importance_weights
 from r1kit.rollout.engine import RolloutBatch, concat_rollouts
 
 
@@ -93,17 +92,6 @@ def test_config_validation_names_the_field():
         GRPOConfig(aggregation="median")
     with pytest.raises(ConfigError, match="dynamic_sampling"):
         GRPOConfig(dynamic_sampling="sometimes")
-
-
-def test_importance_weights_are_truncated_and_the_sequence_mask_uses_the_geometric_mean():
-    old = torch.log(torch.tensor([[1.0, 4.0], [1.0, 1.0]]))
-    sampler = torch.zeros(2, 2)
-    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    weights, keep = importance_weights(old, sampler, mask, cap=2.0, sequence_threshold=1.5)
-    assert weights.tolist() == [[1.0, 2.0], [1.0, 1.0]]
-    assert keep.tolist() == [0.0, 1.0]  # row 0: exp(mean(0, log 4)) = 2 > 1.5
-    weights, keep = importance_weights(old, sampler, mask, cap=None, sequence_threshold=None)
-    assert weights is None and keep.tolist() == [1.0, 1.0]
 
 
 def test_select_and_concat_groups():

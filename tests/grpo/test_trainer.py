@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from r1kit.grpo.batch import build_policy_batch
+from r1kit.grpo.options import ConfigError
 from r1kit.policy import load_policy
+from tests.rollout.test_torch_engine import tiny_llama
 
 
 def read_metrics(output_dir: str) -> list[dict]:
@@ -190,3 +192,22 @@ def test_rollouts_stop_at_the_end_of_turn_ids_of_the_policys_generation_config(m
     policy.generation_config.eos_token_id = [eos, 7]  # e.g. <|im_end|> beside <|endoftext|>
     trainer = make_trainer(policy=policy)
     assert trainer.tokenizer.eos_token_id == eos and trainer.collector.stop_ids == (eos, 7)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_routing_and_sampling_mask_make_the_trainer_score_what_the_sampler_sampled(make_trainer, keep):
+    trainer = make_trainer(keep_routing=keep, keep_sampling_mask=keep, top_k=12, top_p=0.9, max_steps=1)
+    generator = torch.Generator().manual_seed(0)
+    for router in trainer.collector.engine.model.routers():  # the sampler would route elsewhere
+        router.e_score_correction_bias.add_(5 * torch.randn(router.num_experts, generator=generator))
+    trainer.train()
+    (metrics,) = read_metrics(trainer.config.output_dir)
+    if keep:
+        assert metrics["mismatch/abs_logp_diff"] < 1e-5
+    else:
+        assert metrics["mismatch/abs_logp_diff"] > 1e-2
+
+
+def test_keep_routing_needs_a_moe_policy(make_trainer):
+    with pytest.raises(ConfigError, match="DeepSeekMoE"):
+        make_trainer(policy=tiny_llama(), keep_routing=True)

@@ -37,9 +37,9 @@ fractions (TRL counts clipped sequences, we count clipped tokens), not tested he
 
 The KL term: TRL 1.16 defaults to use_bias_correction_kl=True, which multiplies
 the per-token k3 by the (differentiable) importance ratio, DeepSeek-V3.2's
-unbiased reverse-KL estimator; ours is DeepSeekMath's plain k3, which TRL
+unbiased reverse-KL estimator; our default is DeepSeekMath's plain k3, which TRL
 computes with use_bias_correction_kl=False. The parity tests set it to False;
-one test pins the difference (TRL's default = ours with k3 weighted by the ratio).
+one test checks TRL's default against our kl_estimator="k3_unbiased".
 
 Advantages: TRL computes them inline in `_generate_and_score_completions`; the
 tests run that method itself (generation by the policy, a recorded reward
@@ -296,8 +296,8 @@ def test_our_token_mean_is_trl_dapo_not_bnpo_when_micro_batches_differ(policy_di
     assert not torch.isclose(ours, totals["bnpo"], rtol=1e-3)
 
 
-def test_trl_default_kl_is_ours_weighted_by_the_ratio(policy_dir, arithmetic_tokenizer, tmp_path):
-    """use_bias_correction_kl=True (TRL's default): k3 * rho instead of our k3, rho = pi_theta / pi_old per token."""
+def test_trl_default_kl_is_our_k3_unbiased(policy_dir, arithmetic_tokenizer, tmp_path):
+    """use_bias_correction_kl=True (TRL's default): k3 * rho, rho = pi_theta / pi_old per token, our k3_unbiased."""
     beta = 0.04
     trainer = trl_trainer(policy_dir, arithmetic_tokenizer, tmp_path, loss_type="dapo", beta=beta)
     trainer.args.use_bias_correction_kl = True
@@ -311,9 +311,13 @@ def test_trl_default_kl_is_ours_weighted_by_the_ratio(policy_dir, arithmetic_tok
     mask = batch.completion_mask.float()
     ours = grpo_loss(logp, batch.old_logp, batch.advantages, mask, ref_logp=batch.ref_logp, beta=beta,
                      epsilon_low=EPSILON, epsilon_high=EPSILON_HIGH, aggregation="token_mean")  # fmt: skip
+    unbiased = grpo_loss(logp, batch.old_logp, batch.advantages, mask, ref_logp=batch.ref_logp, beta=beta,
+                         epsilon_low=EPSILON, epsilon_high=EPSILON_HIGH, aggregation="token_mean",
+                         kl_estimator="k3_unbiased")  # fmt: skip
     weighted_kl = k3_kl(logp, batch.ref_logp) * torch.exp(logp - batch.old_logp)
     expected = ours.policy_loss + beta * (weighted_kl * mask).sum() / mask.sum()
     torch.testing.assert_close(theirs, expected, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(unbiased.loss, theirs, rtol=1e-6, atol=1e-8)
     assert not torch.isclose(theirs, ours.loss, rtol=1e-4)
 
 

@@ -19,7 +19,7 @@ def reference_mtp_terms(model, hidden, ids, loss_mask):
         length = seq - depth
         next_embeds = model.model.embed_tokens(ids[None, depth:])
         x = module.eh_proj(torch.cat((module.enorm(next_embeds), module.hnorm(previous[:, :length])), dim=-1))
-        out, _, _ = module.block(x, rope_of(length), None)
+        out = module.block(x, rope_of(length), None)[0]
         keep = loss_mask[depth + 1 :]  # position i predicts token i + depth + 1
         logits = model.lm_head(module.norm(out[0, : length - 1]))[keep]
         terms.append((logits, ids[depth + 1 :][keep]))

@@ -37,6 +37,44 @@ def test_a_trl_grpo_yaml_means_what_it_means_in_trl(tmp_path, monkeypatch):
     assert (args.dtype, args.rollout, config.log_completions_steps) == ("bfloat16", "vllm-colocated", 0)
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (
+            ["--loss_type", "cispo", "--epsilon_high", "5.0"],
+            {"objective": "cispo", "aggregation": "token_mean", "epsilon": 1.0, "epsilon_high": 4.0},
+        ),
+        (
+            ["--loss_type", "sapo", "--sapo_temperature_neg", "2.0"],
+            {"objective": "sapo", "aggregation": "sequence_mean", "sapo_temperature_neg": 2.0},
+        ),
+        (
+            ["--use_bias_correction_kl", "true", "--off_policy_mask_threshold", "0.5"],
+            {"kl_estimator": "k3_unbiased", "off_policy_mask_threshold": 0.5},
+        ),
+        (["--use_bias_correction_kl", "false"], {"kl_estimator": "k3"}),
+        (["--vllm_importance_sampling_correction", "false"], {"importance_correction": "none"}),
+        (
+            ["--vllm_importance_sampling_mode", "token_truncate", "--vllm_importance_sampling_clip_max", "2.5"],
+            {"importance_correction": "token_tis", "importance_cap": 2.5},
+        ),
+        (
+            ["--vllm_importance_sampling_mode", "sequence_truncate"],
+            {"importance_correction": "sequence_tis", "importance_cap": 3.0},
+        ),
+        (
+            ["--vllm_importance_sampling_mode", "token_mask", "--vllm_importance_sampling_clip_min", "0.5"],
+            {"importance_correction": "token_mis", "importance_bounds": [0.5, 3.0]},
+        ),
+    ],
+)
+def test_trl_loss_kl_and_importance_sampling_options_mean_what_they_mean_in_trl(flags, expected, monkeypatch):
+    """See tests/grpo/test_loss_variants.py for the losses against TRL's (cispo's epsilons, sapo, the KL)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    _, config = parse_arguments("grpo_math", flags)
+    assert {name: getattr(config, name) for name in expected} == expected
+
+
 def test_trl_sft_names_mean_sft_in_the_sft_recipe(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     flags = ["--learning_rate", "3e-5", "--max_steps", "7", "--per_device_train_batch_size", "4",
@@ -52,7 +90,14 @@ def test_trl_sft_names_mean_sft_in_the_sft_recipe(monkeypatch):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--loss_type", "cispo"], "loss_type 'cispo': r1kit supports bnpo, dapo, dr_grpo, grpo"),
+        (["--loss_type", "vespo"], "loss_type 'vespo': r1kit supports bnpo, cispo, dapo, dr_grpo, grpo, sapo"),
+        (["--loss_type", "cispo"], "loss_type cispo: TRL caps the ratio at epsilon_high (0.2)"),
+        (["--loss_type", "sapo", "--importance_sampling_level", "sequence"], "r1kit's sapo is token-level"),
+        (["--vllm_importance_sampling_correction", "true"], "vllm_importance_sampling_mode sequence_mask"),
+        (
+            ["--vllm_importance_sampling_mode", "token_truncate", "--vllm_importance_sampling_clip_min", "0.5"],
+            "r1kit truncates weights from above only",
+        ),
         (["--use_liger_kernel", "true"], "TRL option(s) r1kit does not support: --use_liger_kernel"),
         (["--num_generation", "4"], "unknown option --num_generation; did you mean --num_generations?"),
         (["--per_device_train_batch_size", "3", "--num_generations", "2"], "not a multiple of num_generations"),

@@ -42,22 +42,30 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def sequence_logprobs(
-    model: torch.nn.Module, prompt: list[int], completion: list[int], temperature: float
+    model: torch.nn.Module, prompt: list[int], completion: list[int], temperature: float, kept=None
 ) -> torch.Tensor:
-    """log p(completion[t] | prompt, completion[:t]) under `model`, from one full forward: (T,) float32."""
+    """log p(completion[t] | prompt, completion[:t]) under `model`, from one full forward: (T,) float32.
+
+    kept: the completion's kept sets (a TokenSets); the distribution is then renormalised over them.
+    """
     ids = torch.tensor([prompt + completion])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
-    logprobs = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
+    logits = logits / (temperature if temperature > 0 else 1.0)
+    if kept is not None:
+        logits = logits.masked_fill(~kept.to_mask(logits.shape[-1]), float("-inf"))
+    logprobs = torch.log_softmax(logits, dim=-1)
     return logprobs.gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
 
 
 def max_logprob_error(model: torch.nn.Module, batch, temperature: float) -> float:
-    """Largest |sampler log-prob - full-forward log-prob| over every token of a RolloutBatch."""
+    """Largest |sampler log-prob - full-forward log-prob| over every token of a RolloutBatch
+    (renormalised over the sampler's kept sets when the batch recorded them)."""
+    kept = batch.kept_tokens or [None] * len(batch)
     errors = [
-        (sequence_logprobs(model, prompt, completion, temperature) - sampled).abs().max().item()
-        for prompt, completion, sampled in zip(
-            batch.prompt_ids, batch.completion_ids, batch.sampler_logprobs, strict=True
+        (sequence_logprobs(model, prompt, completion, temperature, sets) - sampled).abs().max().item()
+        for prompt, completion, sampled, sets in zip(
+            batch.prompt_ids, batch.completion_ids, batch.sampler_logprobs, kept, strict=True
         )
         if completion
     ]

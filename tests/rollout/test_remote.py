@@ -105,6 +105,19 @@ def test_a_worker_samples_what_the_in_process_engine_samples(engine: RemoteRollo
     assert remote.completion_text == expected.completion_text
 
 
+def test_recorded_routing_and_kept_sets_come_back_from_the_workers(engine: RemoteRolloutEngine, trainer) -> None:
+    engine.update_weights(trainer.state_dict().items(), version=30)
+    recording = params(seed=6, top_k=12, record_routing=True, record_kept_tokens=True)
+    both = engine.generate(PROMPTS, recording)  # both workers' shards
+    assert len(both.routed_experts) == len(both.kept_tokens) == len(PROMPTS) * 2
+    remote = engine.generate(PROMPTS[:1], recording)  # one prompt: worker 0 alone, seed unchanged
+    local = TorchRolloutEngine(trainer, word_tokenizer(trainer.config.vocab_size)).generate(PROMPTS[:1], recording)
+    for mine, theirs in zip(local.routed_experts, remote.routed_experts, strict=True):
+        assert torch.equal(mine, theirs)
+    for mine, theirs in zip(local.kept_tokens, remote.kept_tokens, strict=True):
+        assert torch.equal(mine.ids, theirs.ids) and torch.equal(mine.offsets, theirs.offsets)
+
+
 def test_a_plan_the_worker_cannot_load_is_refused_and_changes_nothing(engine: RemoteRolloutEngine, trainer) -> None:
     engine.update_weights(trainer.state_dict().items(), version=30)
     bad = [*trainer.state_dict().items(), ("extra.weight", torch.zeros(3))]

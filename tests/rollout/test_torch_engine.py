@@ -37,7 +37,8 @@ MODELS = {
 def test_sampler_logprobs_equal_a_full_forward(kind: str, temperature: float, top_p: float) -> None:
     model = MODELS[kind]()
     engine = TorchRolloutEngine(model, word_tokenizer(128), max_batch_rows=4)  # 3 prompts x 3 samples: 3 batches
-    params = SamplingParams(n=3, temperature=temperature, top_p=top_p, max_new_tokens=12, seed=1)
+    params = SamplingParams(n=3, temperature=temperature, top_p=top_p, max_new_tokens=12, seed=1,
+                            record_kept_tokens=True)  # fmt: skip
     batch = engine.generate(PROMPTS, params)
     assert len(batch) == 9 and batch.prompt_ids[3] == PROMPTS[1]
     assert max_logprob_error(model, batch, temperature) < 1e-4

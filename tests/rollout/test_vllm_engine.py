@@ -19,12 +19,22 @@ from tests.rollout.test_torch_engine import tiny_llama
 
 def test_sampling_kwargs() -> None:
     params = SamplingParams(
-        n=4, temperature=0.7, top_p=0.9, max_new_tokens=33, stop_token_ids=(1, 2), stop_strings=("</answer>",), seed=5
+        n=4,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=20,
+        min_p=0.05,
+        max_new_tokens=33,
+        stop_token_ids=(1, 2),
+        stop_strings=("</answer>",),
+        seed=5,
     )
     assert vllm_sampling_kwargs(params) == {
         "n": 4,
         "temperature": 0.7,
         "top_p": 0.9,
+        "top_k": 20,
+        "min_p": 0.05,
         "max_tokens": 33,
         "stop_token_ids": [1, 2],
         "stop": ["</answer>"],
@@ -34,6 +44,16 @@ def test_sampling_kwargs() -> None:
         "logprobs": 0,
         "skip_special_tokens": True,
     }
+    for off in (0, -1):  # every vLLM release reads -1 as "no top-k"
+        assert vllm_sampling_kwargs(SamplingParams(top_k=off))["top_k"] == -1
+
+
+def test_sampling_kwargs_refuse_what_vllm_would_refuse_or_change() -> None:
+    with pytest.raises(ValueError, match="only with n = 1, got n = 2"):
+        vllm_sampling_kwargs(SamplingParams(n=2, temperature=0.0))
+    with pytest.raises(ValueError, match=r"below 0\.01"):
+        vllm_sampling_kwargs(SamplingParams(temperature=0.005))
+    assert vllm_sampling_kwargs(SamplingParams(n=1, temperature=0.0))["temperature"] == 0.0
 
 
 # The attributes vLLM's RequestOutput / CompletionOutput / Logprob carry (vllm.outputs, vllm.logprobs).
