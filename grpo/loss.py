@@ -57,8 +57,20 @@ from torch import Tensor
 
 from r1kit.grpo.registry import Registry
 
-# fn(logp, old_logp, advantages, mask, *, epsilon_low, epsilon_high, temperature_pos, temperature_neg)
-#   -> (per-token loss, ratio), (N, T) each; each objective reads the scalars it needs
+
+@dataclass(frozen=True)
+class TrustRegion:
+    """How far an objective lets the ratio move: the clip range [1 - epsilon_low, 1 + epsilon_high]
+    (gmpo: of the log-ratio, [-epsilon_low, epsilon_high]) and SAPO's gate temperatures for
+    positive / other advantages. Each objective reads what it needs."""
+
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    temperature_pos: float = 1.0
+    temperature_neg: float = 1.05
+
+
+# fn(logp, old_logp, advantages, mask, trust: TrustRegion) -> (per-token loss, ratio), (N, T) each
 OBJECTIVES: Registry[Callable[..., tuple[Tensor, Tensor]]] = Registry("objective")
 # fn(logp, ref_logp, old_logp) -> (N, T) per-token estimate of KL(pi_theta || pi_ref)
 KL_ESTIMATORS: Registry[Callable[[Tensor, Tensor, Tensor], Tensor]] = Registry("KL estimator")
@@ -93,17 +105,13 @@ def clipped_token_objective(
     old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    *,
-    epsilon_low: float,
-    epsilon_high: float,
-    temperature_pos: float,
-    temperature_neg: float,
+    trust: TrustRegion,
 ) -> tuple[Tensor, Tensor]:
     """-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) per token; returns (loss, rho), both (N, T)."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
     unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
+    clipped = torch.clamp(ratio, 1 - trust.epsilon_low, 1 + trust.epsilon_high) * adv
     return -torch.minimum(unclipped, clipped), ratio
 
 
@@ -113,11 +121,7 @@ def clipped_sequence_objective(
     old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    *,
-    epsilon_low: float,
-    epsilon_high: float,
-    temperature_pos: float,
-    temperature_neg: float,
+    trust: TrustRegion,
 ) -> tuple[Tensor, Tensor]:
     """GSPO: the token ratio of `grpo` replaced by s_i = exp(mean_t(logp - old_logp)) for every token of i.
 
@@ -128,7 +132,7 @@ def clipped_sequence_objective(
     seq_log_ratio = ((logp - old_logp) * mask).sum(dim=1) / lengths  # (N,)
     ratio = torch.exp(seq_log_ratio).unsqueeze(1).expand_as(logp)
     adv = advantages.unsqueeze(1)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
+    clipped = torch.clamp(ratio, 1 - trust.epsilon_low, 1 + trust.epsilon_high) * adv
     return -torch.minimum(ratio * adv, clipped), ratio
 
 
@@ -138,11 +142,7 @@ def clipped_weight_objective(
     old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    *,
-    epsilon_low: float,
-    epsilon_high: float,
-    temperature_pos: float,
-    temperature_neg: float,
+    trust: TrustRegion,
 ) -> tuple[Tensor, Tensor]:
     """CISPO: -sg(clip(rho, 1 - eps_low, 1 + eps_high)) A logp per token; returns (loss, rho), both (N, T).
 
@@ -151,7 +151,7 @@ def clipped_weight_objective(
     bound): ours with epsilon_low >= 1 and epsilon_high = TRL's epsilon_high - 1.
     """
     ratio = torch.exp(logp - old_logp)
-    weight = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high).detach()
+    weight = torch.clamp(ratio, 1 - trust.epsilon_low, 1 + trust.epsilon_high).detach()
     return -weight * advantages.unsqueeze(1) * logp, ratio
 
 
@@ -161,11 +161,7 @@ def soft_gate_objective(
     old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    *,
-    epsilon_low: float,
-    epsilon_high: float,
-    temperature_pos: float,
-    temperature_neg: float,
+    trust: TrustRegion,
 ) -> tuple[Tensor, Tensor]:
     """SAPO: -sigmoid(tau (rho - 1)) 4 / tau A per token, tau = temperature_pos if A > 0 else temperature_neg.
 
@@ -174,7 +170,7 @@ def soft_gate_objective(
     """
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
-    tau = torch.where(adv > 0, temperature_pos, temperature_neg)  # (N, 1)
+    tau = torch.where(adv > 0, trust.temperature_pos, trust.temperature_neg)  # (N, 1)
     gate = torch.sigmoid(tau * (ratio - 1)) * 4 / tau
     return -gate * adv, ratio
 
@@ -185,11 +181,7 @@ def geometric_mean_objective(
     old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    *,
-    epsilon_low: float,
-    epsilon_high: float,
-    temperature_pos: float,
-    temperature_neg: float,
+    trust: TrustRegion,
 ) -> tuple[Tensor, Tensor]:
     """GMPO: -A_i exp(mean_t c_it), c_it the log token ratio clipped to [-eps_low, eps_high] where it helps.
 
@@ -200,7 +192,7 @@ def geometric_mean_objective(
     """
     log_ratio = logp - old_logp
     sign = torch.sign(advantages).unsqueeze(1)  # (N, 1)
-    clipped = torch.clamp(log_ratio, -epsilon_low, epsilon_high)
+    clipped = torch.clamp(log_ratio, -trust.epsilon_low, trust.epsilon_high)
     pessimistic = sign * torch.minimum(sign * log_ratio, sign * clipped)  # (N, T)
     lengths = mask.sum(dim=1).clamp(min=1)
     geometric_mean = torch.exp((pessimistic * mask).sum(dim=1) / lengths)  # (N,)
@@ -317,16 +309,8 @@ def grpo_loss(
         "max_length": logp.shape[1] if max_length is None else max_length,
     }
 
-    per_token_pg, ratio = objective_fn(
-        logp,
-        old_logp,
-        advantages,
-        mask,
-        epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high,
-        temperature_pos=sapo_temperature_pos,
-        temperature_neg=sapo_temperature_neg,
-    )
+    trust = TrustRegion(epsilon_low, epsilon_high, sapo_temperature_pos, sapo_temperature_neg)
+    per_token_pg, ratio = objective_fn(logp, old_logp, advantages, mask, trust)
     if importance_weights is not None:
         per_token_pg = per_token_pg * importance_weights
     keep = torch.ones_like(advantages, dtype=mask.dtype)
@@ -367,6 +351,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "OBJECTIVES",
     "LossOutput",
+    "TrustRegion",
     "grpo_loss",
     "importance_weighted_k3_kl",
     "k3_kl",

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from r1kit.grpo.config import GRPOConfig
-from r1kit.grpo.loss import KL_ESTIMATORS, OBJECTIVES, grpo_loss, k3_kl, off_policy_sequence_mask
+from r1kit.grpo.loss import KL_ESTIMATORS, OBJECTIVES, TrustRegion, grpo_loss, k3_kl, off_policy_sequence_mask
 
 SCALARS = {"epsilon_low": 0.2, "epsilon_high": 0.28, "temperature_pos": 1.0, "temperature_neg": 1.05}
 
@@ -54,7 +54,7 @@ def random_inputs(seed: int = 0) -> Inputs:
 
 def per_token(objective: str, x: Inputs, **scalars) -> tuple[Tensor, Tensor]:
     """The registered objective's masked per-token loss and its gradient with respect to logp."""
-    loss, _ = OBJECTIVES[objective](x.logp, x.old, x.advantages, x.mask, **{**SCALARS, **scalars})
+    loss, _ = OBJECTIVES[objective](x.logp, x.old, x.advantages, x.mask, TrustRegion(**{**SCALARS, **scalars}))
     loss = loss * x.mask
     (grad,) = torch.autograd.grad(loss.sum(), x.logp)
     return loss.detach(), grad
