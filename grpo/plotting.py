@@ -19,7 +19,7 @@ ACCURACY_PANEL = "accuracy"
 PANELS = (
     ("reward (mean over completions)", ("reward", "rewards/")),
     (ACCURACY_PANEL, ("accuracy", "eval/accuracy")),
-    ("KL to reference (k3)", ("kl",)),
+    ("KL to reference", ("kl",)),
     ("completion length (tokens)", ("completion_length/mean",)),
     ("entropy (nats/token)", ("entropy",)),
     ("clipped fraction of tokens", ("clip/",)),
