@@ -17,6 +17,7 @@ FLAGS = [
     "--sft_max_steps", "20", "--sft_batch_size", "8", "--max_steps", "2", "--prompts_per_step", "4",
     "--num_generations", "4", "--max_completion_length", "16", "--eval_samples_per_prompt", "1",
     "--reward_workers", "0", "--micro_batch_size", "4", "--lr_schedule", "cosine",
+    "--keep_routing", "true", "--top_k", "12", "--keep_sampling_mask", "true",  # recorded on rank 0, used on both
 ]  # fmt: skip
 
 
@@ -41,3 +42,5 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     assert first_two["grad_norm"] == pytest.approx(first_one["grad_norm"], rel=1e-5)
     assert first_two["entropy"] == pytest.approx(first_one["entropy"], rel=1e-5)
     assert [m["lr"] for m in two] == pytest.approx([m["lr"] for m in one])  # one schedule step per optimizer step
+    # both ranks score what the sampler sampled: its experts and its top-k sets reached the second rank too
+    assert max(m["mismatch/abs_logp_diff"] for m in two) < 1e-5
