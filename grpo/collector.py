@@ -87,7 +87,7 @@ class ScoredRollout:
     rows: the dataset rows, one per group (B').
     rollout: their completions, G per row, grouped by row.
     rewards: (B', G) total rewards; advantages: (B' * G,) one per completion.
-    metrics: reward and dynamic-sampling statistics of the step.
+    metrics: reward, throughput and dynamic-sampling statistics of the whole step (all processes).
     generation_time: seconds this step waited for the engine.
     """
 
@@ -212,7 +212,9 @@ class RolloutCollector:
         rewards = torch.cat(totals)
         advantages = compute_advantages(rewards, config.advantage_estimator, eps=config.advantage_eps)
         elapsed = time.perf_counter() - start
-        return ScoredRollout(rows, concat_rollouts(rollouts), rewards, advantages.view(-1), metrics, elapsed, samples)
+        rollout = concat_rollouts(rollouts)
+        metrics["tokens_per_second"] = rollout.num_generated_tokens / max(elapsed, 1e-9)  # the whole batch's
+        return ScoredRollout(rows, rollout, rewards, advantages.view(-1), metrics, elapsed, samples)
 
     def _keep_informative(self, step: int, rows: list, rollout: RolloutBatch, rewards: Tensor):
         """Groups with reward variance, refilled from further rounds when configured."""

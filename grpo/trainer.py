@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from r1kit.grpo.adapters import AdapterDisabledReference, engine_weights, is_peft_model
-from r1kit.grpo.batch import build_policy_batch
+from r1kit.grpo.batch import PolicyBatch, build_policy_batch
 from r1kit.grpo.checkpoint import list_checkpoints, load_training_state, save_checkpoint, save_model_atomic
 from r1kit.grpo.collector import RewardScorer, RolloutCollector, ScoredRollout
 from r1kit.grpo.config import GRPOConfig
@@ -167,7 +167,7 @@ class GRPOTrainer:
         """One GRPO step: rollouts, update, weight sync. Returns the step's metrics."""
         start = time.perf_counter()
         scored = self._collect()
-        metrics = dict(scored.metrics)
+        metrics = dict(scored.metrics, lr=self.scheduler.get_last_lr()[0])  # the rate of this step's (first) update
         self.logger.log_samples(self.step + 1, scored.samples)
         if scored.rows:  # dynamic sampling can leave no informative group
             batch = build_policy_batch(scored.rollout, self.tokenizer.pad_token_id)
@@ -175,19 +175,18 @@ class GRPOTrainer:
                 batch.completion_mask *= (~batch.truncated).float().unsqueeze(1)
             batch = batch.to(self.accelerator.device)
             metrics.update(self.update(batch, scored.advantages.to(self.accelerator.device)))
-            metrics.update({
-                "completion_length/mean": batch.completion_mask.sum(1).mean().item(),
-                "truncated_fraction": batch.truncated.float().mean().item(),
-                "policy_lag": self.policy_version - scored.rollout.policy_version,
-            })  # fmt: skip
+            metrics.update(self._batch_shape_metrics(batch))
+            metrics["policy_lag"] = self.policy_version - scored.rollout.policy_version
             self._sync_engine()
-        metrics.update({
-            "tokens_per_second": scored.rollout.num_generated_tokens / max(scored.generation_time, 1e-9),
-            "time/generation_s": scored.generation_time,
-            "time/step_s": time.perf_counter() - start,
-            "lr": self.scheduler.get_last_lr()[0],
-        })  # fmt: skip
+        metrics.update({"time/generation_s": scored.generation_time, "time/step_s": time.perf_counter() - start})
         return metrics
+
+    def _batch_shape_metrics(self, batch: PolicyBatch) -> dict[str, float]:
+        """Mean trained completion length and truncated share over the whole batch, every process's share."""
+        counts = torch.tensor([batch.completion_mask.sum().item(), len(batch), batch.truncated.sum().item()],
+                              device=self.accelerator.device)  # fmt: skip
+        tokens, rows, truncated = self.accelerator.reduce(counts, reduction="sum").tolist()
+        return {"completion_length/mean": tokens / rows, "truncated_fraction": truncated / rows}
 
     def _collect(self) -> ScoredRollout:
         """The main process collects the whole batch; each process keeps its share of whole groups."""

@@ -41,6 +41,8 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     assert first_two["loss"] == pytest.approx(first_one["loss"], rel=1e-4, abs=1e-7)
     assert first_two["grad_norm"] == pytest.approx(first_one["grad_norm"], rel=1e-5)
     assert first_two["entropy"] == pytest.approx(first_one["entropy"], rel=1e-5)
+    for key in ("completion_length/mean", "truncated_fraction"):  # the whole batch's, not rank 0's share
+        assert first_two[key] == pytest.approx(first_one[key])
     assert [m["lr"] for m in two] == pytest.approx([m["lr"] for m in one])  # one schedule step per optimizer step
     # both ranks score what the sampler sampled: its experts and its top-k sets reached the second rank too
     assert max(m["mismatch/abs_logp_diff"] for m in two) < 1e-5
