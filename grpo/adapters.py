@@ -3,17 +3,19 @@
 With a LoRA adapter the frozen base model *is* the reference policy of the
 KL term, so no copy is kept: `AdapterDisabledReference` runs the same module
 with the adapter switched off. The rollout engine holds a plain model without
-adapters; `engine_weights` merges the adapter into the base weights for the
-duration of a weight sync and yields them under the plain model's names.
+adapters; `engine_weights` yields W + delta_W for every adapted weight (summed
+in fp32, rounded once) under the plain model's names, out of place: merging into
+the base and unmerging after each sync would round the frozen base, which is
+the KL reference, a little further every time in bf16.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Iterator
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from r1kit.grpo.logprobs import TokenLogprobs
@@ -51,19 +53,37 @@ def _plain_name(name: str) -> str | None:
     return re.sub(r"(\.base_layer)+\.", ".", name.removeprefix("base_model.model."))
 
 
-@contextlib.contextmanager
-def engine_weights(
-    model: nn.Module, state_dict: dict[str, Tensor] | None = None
-) -> Iterator[Iterator[tuple[str, Tensor]]]:
-    """(name, tensor) pairs for a rollout engine's plain copy of `model`; adapters merged while open.
+def engine_weights(model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) pairs for a rollout engine's plain copy of `model`, adapters merged out of place.
 
     state_dict: the full weights when the module's own are sharded (see GRPOTrainer); ignored for LoRA models.
     """
-    if not is_peft_model(model):
-        yield iter((model.state_dict() if state_dict is None else state_dict).items())
-        return
-    model.base_model.merge_adapter()
-    try:
-        yield ((plain, t) for name, t in model.state_dict().items() if (plain := _plain_name(name)) is not None)
-    finally:
-        model.base_model.unmerge_adapter()
+    if is_peft_model(model):
+        return _merged_weights(model)
+    return iter((model.state_dict() if state_dict is None else state_dict).items())
+
+
+def _merged_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The plain model's (name, tensor) pairs, adapted weights as base + delta, the base untouched."""
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    for name, tensor in model.state_dict().items():
+        plain = _plain_name(name)
+        if plain is None:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        layer = layers.get(owner.removesuffix(".base_layer"))
+        if layer is not None and owner.endswith(".base_layer") and leaf == "weight":
+            tensor = _with_delta(layer, tensor)
+        yield plain, tensor
+
+
+@torch.no_grad()
+def _with_delta(layer: LoraLayer, weight: Tensor) -> Tensor:
+    """weight + the deltas of the layer's active adapters, summed in fp32 and rounded once to weight's dtype."""
+    active = [name for name in layer.active_adapters if name in layer.lora_A or name in layer.lora_embedding_A]
+    if any(layer.use_dora.get(name, False) for name in active):
+        raise ValueError("weight sync of DoRA adapters is not supported; train plain LoRA (use_dora=False)")
+    merged = weight.float()
+    for name in active:
+        merged = merged + layer.get_delta_weight(name).float()
+    return merged.to(weight.dtype)

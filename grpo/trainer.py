@@ -213,8 +213,7 @@ class GRPOTrainer:
         self.policy_version += 1
         state = self._full_state_dict()
         if self.accelerator.is_main_process:
-            with engine_weights(self.policy, state) as named_tensors:
-                self.engine.update_weights(named_tensors, self.policy_version)
+            self.engine.update_weights(engine_weights(self.policy, state), self.policy_version)
 
     # -------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict:
