@@ -147,9 +147,9 @@ def test_grpo_trainer_follows_the_multi_step_schedule(make_trainer):
     trainer = make_trainer(lr_schedule="multi_step", warmup_steps=2, max_steps=5, beta=0.0, learning_rate=1e-2)
     trainer.train()
     metrics = (Path(trainer.config.output_dir) / "metrics.jsonl").read_text().splitlines()
-    logged = [json.loads(line)["lr"] for line in metrics]  # after step k: the rate of update k + 1
-    assert logged == pytest.approx([1e-2 * paper_factor(k, 5, 2) for k in range(1, 6)], rel=1e-12)
-    assert logged == pytest.approx([5e-3, 1e-2, 1e-2, 3.16e-3, 1e-3], rel=1e-12)
+    logged = [json.loads(line)["lr"] for line in metrics]  # step k: the rate its update used
+    assert logged == pytest.approx([1e-2 * paper_factor(k, 5, 2) for k in range(5)], rel=1e-12)
+    assert logged == pytest.approx([0.0, 5e-3, 1e-2, 1e-2, 3.16e-3], rel=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -211,9 +211,3 @@ def test_keep_routing_and_sampling_mask_make_the_trainer_score_what_the_sampler_
 def test_keep_routing_needs_a_moe_policy(make_trainer):
     with pytest.raises(ConfigError, match="DeepSeekMoE"):
         make_trainer(policy=tiny_llama(), keep_routing=True)
-
-
-def test_each_step_logs_the_learning_rate_its_update_used(make_trainer):
-    trainer = make_trainer(warmup_steps=2, max_steps=3, learning_rate=1e-3)
-    trainer.train()
-    assert [m["lr"] for m in read_metrics(trainer.config.output_dir)] == pytest.approx([0.0, 5e-4, 1e-3])
