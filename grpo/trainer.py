@@ -37,6 +37,7 @@ from r1kit.grpo.metrics import MetricsLogger
 from r1kit.grpo.options import ConfigError
 from r1kit.grpo.plotting import plot_run, settings_summary
 from r1kit.grpo.update import PolicyUpdate
+from r1kit.policy.moe import has_moe_layers
 from r1kit.rollout.engine import RolloutEngine
 
 # evaluate(step) -> metrics such as {"eval/accuracy": 0.5}
@@ -93,7 +94,7 @@ class GRPOTrainer:
         if self.accelerator.is_main_process and (engine is None or rewards is None):
             raise ConfigError("the main process needs a rollout engine and a reward suite")
         torch.manual_seed(config.seed)
-        if config.keep_routing and not getattr(policy, "routers", list)():
+        if config.keep_routing and not has_moe_layers(policy):
             raise ConfigError(f"keep_routing needs a policy with DeepSeekMoE layers; {type(policy).__name__} has none")
         self.policy = policy.train()
         if hasattr(policy, "mtp") and not config.mtp_on_completions:

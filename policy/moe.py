@@ -158,6 +158,13 @@ class Router(nn.Module):
         return self
 
 
+def has_moe_layers(model: nn.Module) -> bool:
+    """Whether the decoder of `model` (ours, possibly under a peft adapter) has DeepSeekMoE layers, whose
+    routing can be recorded and replayed (the MTP modules' are not: the sampler never runs them)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return any(isinstance(module, Router) for module in decoder.modules())
+
+
 @dataclass
 class ExpertLayout:
     """Where each (token, expert) pair goes once the N*K pairs are sorted by expert.

@@ -33,6 +33,7 @@ from r1kit.grpo.evaluation import EvalResult, evaluate
 from r1kit.grpo.options import ConfigError
 from r1kit.grpo.trainer import GRPOTrainer
 from r1kit.policy import PRESETS, DeepseekV3ForCausalLM, load_policy
+from r1kit.policy.moe import has_moe_layers
 from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING, enable_activation_checkpointing
 from r1kit.recipes.arguments import RecipeArguments, resolved_run_name
 from r1kit.recipes.embedded import embedded_policy, task_tokenizer
@@ -76,8 +77,7 @@ def check_sampler_options(args: RecipeArguments, config: GRPOConfig) -> None:
 
 def routing_replay(config: GRPOConfig, policy: torch.nn.Module, announce: bool) -> GRPOConfig:
     """`config` with keep_routing off for a policy without MoE layers (nothing to replay), said once."""
-    routers = getattr(policy, "routers", None)
-    if not config.keep_routing or (callable(routers) and routers()):
+    if not config.keep_routing or has_moe_layers(policy):
         return config
     if announce:
         print(f"keep_routing: {type(policy).__name__} has no MoE layers, so there is no routing to replay; off")

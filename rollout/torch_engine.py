@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from r1kit.policy.moe import has_moe_layers
 from r1kit.policy.transformers_compat import CACHE_NAME
 from r1kit.rollout.engine import FinishReason, RolloutBatch, SamplingParams
 from r1kit.rollout.kv_cache import make_decode_cache
@@ -79,7 +80,7 @@ class TorchRolloutEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         prompts_per_batch = max(1, self.max_batch_rows // params.n)  # a group is never split
-        if params.record_routing and not hasattr(self.model, "routers"):
+        if params.record_routing and not has_moe_layers(self.model):
             raise ValueError(
                 f"record_routing (keep routing) needs a policy with DeepSeekMoE layers; "
                 f"{type(self.model).__name__} has none"

@@ -92,3 +92,10 @@ def test_recording_routing_needs_a_moe_policy() -> None:
     engine = TorchRolloutEngine(tiny_llama(), word_tokenizer(128))
     with pytest.raises(ValueError, match="DeepSeekMoE"):
         engine.generate(PROMPTS, SamplingParams(n=2, record_routing=True))
+
+
+def test_recording_routing_needs_moe_layers_not_just_our_class() -> None:
+    dense = DeepseekV3ForCausalLM(preset_config("tiny-debug", first_k_dense_replace=2)).eval()
+    engine = TorchRolloutEngine(dense, word_tokenizer(dense.config.vocab_size))
+    with pytest.raises(ValueError, match="DeepSeekMoE"):
+        engine.generate(PROMPTS, SamplingParams(n=2, record_routing=True))
