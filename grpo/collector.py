@@ -70,6 +70,18 @@ class RewardScorer(Protocol):
     ) -> RewardScores: ...
 
 
+def speculation_metrics(rollout: RolloutBatch) -> dict[str, float]:
+    """Acceptance rate of the drafted tokens and tokens emitted per verifying forward, when the engine
+    decoded speculatively; {} otherwise."""
+    counts = rollout.draft_counts
+    rounds = sum(row.rounds for row in counts) if counts else 0
+    if rounds == 0:
+        return {}
+    accepted = sum(row.accepted for row in counts)
+    return {"speculation/acceptance_rate": accepted / sum(row.drafted for row in counts),
+            "speculation/tokens_per_forward": (rounds + accepted) / rounds}  # fmt: skip
+
+
 def reward_columns(column_names: list[str], prompt_column: str) -> list[str]:
     """The dataset columns rewards get, as in TRL: all but the prompt, "completion" and "completion_ids"
     (`completion_ids` comes from generation instead).
@@ -214,6 +226,7 @@ class RolloutCollector:
         elapsed = time.perf_counter() - start
         rollout = concat_rollouts(rollouts)
         metrics["tokens_per_second"] = rollout.num_generated_tokens / max(elapsed, 1e-9)  # the whole batch's
+        metrics.update(speculation_metrics(rollout))
         return ScoredRollout(rows, rollout, rewards, advantages.view(-1), metrics, elapsed, samples)
 
     def _keep_informative(self, step: int, rows: list, rollout: RolloutBatch, rewards: Tensor):

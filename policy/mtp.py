@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1kit.policy.cache import LatentCache
 from r1kit.policy.config import DeepseekV3Config
 from r1kit.policy.layers import RMSNorm
 
@@ -56,10 +57,15 @@ class MTPModule(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         token_mask: torch.Tensor | None,
+        cache: LatentCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """hidden, next_embeds (B, T, H) -> h^k (B, T, H), the block's balance loss and expert load."""
+        """hidden, next_embeds (B, T, H) -> h^k (B, T, H), the block's balance loss and expert load.
+
+        cache: a latent cache with a slot for the block's layer index (speculative drafting,
+        rollout/speculative.py); the block's attention then also reads the cached positions.
+        """
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        hidden, aux_loss, load, _ = self.block(x, rope, mask, token_mask=token_mask)
+        hidden, aux_loss, load, _ = self.block(x, rope, mask, cache=cache, token_mask=token_mask)
         return hidden, aux_loss, load
 
 

@@ -103,6 +103,11 @@ class RecipeArguments:
         "Built-in engine, DeepSeek-V3 policies: absorbed (fast MLA decoding) | expanded (the training forward's "
         "arithmetic: in bf16/FP8 the sampler's log-probs are about 10x closer to the trainer's).",
     )
+    num_speculative_tokens: int = option(
+        0,
+        "Built-in engine, DeepSeek-V3 policies with MTP modules: tokens the first MTP module drafts per decoding "
+        "round, verified in one forward; samples stay exactly the policy's (docs/rollout.md). 0: off.",
+    )
     cpu_threads: int | None = option(
         None,
         "torch threads of each training process on CPU (default: this machine's cores divided among its training "
@@ -148,6 +153,8 @@ class RecipeArguments:
             raise ConfigError(f"--mla_decode must be one of {', '.join(MLA_DECODE_PATHS)}, got {self.mla_decode!r}")
         if self.rollout not in ("worker", "local", "vllm", "vllm-colocated"):
             raise ConfigError(f"--rollout must be worker, local, vllm or vllm-colocated, got {self.rollout!r}")
+        if self.num_speculative_tokens < 0:
+            raise ConfigError(f"--num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
         if self.rollout_workers < 1:
             raise ConfigError(f"--rollout_workers must be >= 1, got {self.rollout_workers}")
         for name in ("cpu_threads", "rollout_threads"):

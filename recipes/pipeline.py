@@ -66,12 +66,23 @@ class PipelineResult:
 
 
 def check_sampler_options(args: RecipeArguments, config: GRPOConfig) -> None:
-    """keep_routing and keep_sampling_mask need what only the built-in engine records."""
+    """keep_routing, keep_sampling_mask and MTP speculation need the built-in engine."""
+    if args.rollout.startswith("vllm") and args.num_speculative_tokens > 0:
+        raise ConfigError("--num_speculative_tokens drafts with the built-in engine (--rollout worker or local)")
     if args.rollout.startswith("vllm") and (config.keep_routing or config.keep_sampling_mask):
         option = "keep_routing" if config.keep_routing else "keep_sampling_mask"
         raise ConfigError(
             f"--{option} needs the built-in engine (--rollout worker or local): vLLM returns neither the experts "
             f"it routes to nor its top-k/top-p kept sets; pass --{option} false to sample with vLLM"
+        )
+
+
+def check_speculation(args: RecipeArguments, policy: torch.nn.Module) -> None:
+    """MTP speculative decoding drafts with the policy's MTP modules."""
+    if args.num_speculative_tokens > 0 and len(getattr(policy, "mtp", ())) == 0:
+        raise ConfigError(
+            f"--num_speculative_tokens drafts with the policy's MTP modules; {type(policy).__name__} has none "
+            f"(pass --num_speculative_tokens 0)"
         )
 
 
@@ -264,6 +275,7 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig, recipe: str = "grpo_
     tokenizer, dtype = load_tokenizer(start), _dtype(args)
     policy = _trainable_policy(args, start, checkpoints[-1] if checkpoints else None, accelerator)
     config = routing_replay(config, policy, accelerator.is_main_process)
+    check_speculation(args, policy)
     reference = load_policy(start, dtype=dtype) if config.beta > 0 else None
     if args.report_to:
         start_trackers(accelerator, args.tracker_project, args.run_name, resolved_options(args, config))
@@ -308,7 +320,7 @@ def rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedToken
         policy = load_policy(start, dtype=_dtype(args), device=device)
         if hasattr(policy, "set_mla_decode"):
             policy.set_mla_decode(args.mla_decode)
-        return TorchRolloutEngine(policy, tokenizer)
+        return TorchRolloutEngine(policy, tokenizer, num_speculative_tokens=args.num_speculative_tokens)
     if args.rollout == "vllm-colocated":
         if num_processes > 1:
             raise ConfigError("--rollout vllm-colocated runs with one training process; use --rollout vllm")
@@ -320,7 +332,8 @@ def rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedToken
     device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = args.rollout_threads or (torch.get_num_threads() if device == "cpu" else None)  # as the trainer's
     options = WorkerOptions(engine="vllm" if args.rollout == "vllm" else "torch", device=device, dtype=args.dtype,
-                            num_threads=threads, mla_decode=args.mla_decode)  # fmt: skip
+                            num_threads=threads, mla_decode=args.mla_decode,
+                            num_speculative_tokens=args.num_speculative_tokens)  # fmt: skip
     return RemoteRolloutEngine.launch(start, args.rollout_workers, options=options)
 
 

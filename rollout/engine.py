@@ -80,6 +80,19 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.stop_strings must be non-empty strings, got {self.stop_strings!r}")
 
 
+@dataclass(frozen=True)
+class DraftCounts:
+    """Speculative decoding of one row: verification rounds, tokens drafted and drafts accepted.
+
+    Each round emits the accepted drafts plus one token, so a row of L tokens took
+    rounds = L - 1 - accepted forwards after the prefill (fewer tokens if it stopped mid-round).
+    """
+
+    rounds: int
+    drafted: int
+    accepted: int
+
+
 @dataclass
 class RolloutBatch:
     """Completions for a batch of prompts, `n` per prompt, grouped by prompt.
@@ -101,6 +114,7 @@ class RolloutBatch:
         every token the model read to sample the completion (the last token is never read).
     kept_tokens: with `record_kept_tokens`, per row a `TokenSets` with one set per
         completion token: the tokens the truncation kept when it was drawn (empty: all).
+    draft_counts: with speculative decoding, per row its `DraftCounts`.
     """
 
     prompt_ids: list[list[int]]
@@ -111,6 +125,7 @@ class RolloutBatch:
     policy_version: int
     routed_experts: list[torch.Tensor] | None = None
     kept_tokens: list[TokenSets] | None = None
+    draft_counts: list[DraftCounts] | None = None
     num_generated_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -130,7 +145,7 @@ class RolloutBatch:
 
 
 _ROW_FIELDS = ("completion_ids", "completion_text", "sampler_logprobs", "finish_reason", "routed_experts",
-               "kept_tokens")  # fmt: skip
+               "kept_tokens", "draft_counts")  # fmt: skip
 
 
 def concat_rollouts(batches: Sequence[RolloutBatch], index: Sequence[int] | None = None) -> RolloutBatch:

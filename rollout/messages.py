@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from r1kit.rollout.buckets import Bucket
-from r1kit.rollout.engine import FinishReason, RolloutBatch, SamplingParams
+from r1kit.rollout.engine import DraftCounts, FinishReason, RolloutBatch, SamplingParams
 from r1kit.rollout.sync_group import Rendezvous
 from r1kit.rollout.token_sets import TokenSets
 
@@ -67,6 +67,7 @@ class Generated:
     policy_version: int
     routed_experts: list[np.ndarray] | None = None
     kept_tokens: list[tuple[np.ndarray, np.ndarray]] | None = None
+    draft_counts: list[DraftCounts] | None = None
 
     @classmethod
     def from_batch(cls, batch: RolloutBatch) -> Generated:
@@ -80,6 +81,7 @@ class Generated:
             kept_tokens=None
             if batch.kept_tokens is None
             else [(row.ids.numpy(), row.offsets.numpy()) for row in batch.kept_tokens],
+            draft_counts=batch.draft_counts,
         )
 
     def to_batch(self, prompts: list[list[int]], n: int) -> RolloutBatch:
@@ -94,6 +96,7 @@ class Generated:
             kept_tokens=None
             if self.kept_tokens is None
             else [TokenSets(torch.from_numpy(ids), torch.from_numpy(offsets)) for ids, offsets in self.kept_tokens],
+            draft_counts=self.draft_counts,
         )
 
 

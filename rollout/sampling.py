@@ -72,6 +72,30 @@ def truncation_mask(scaled_logits: Tensor, *, top_p: float, top_k: int, min_p: f
     return keep
 
 
+def processed_logprobs(
+    logits: Tensor, *, temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> tuple[Tensor, Tensor | None]:
+    """The distribution a token is drawn from: log-probs (R, V) float32 and the kept mask (R, V) or None.
+
+    logits (R, V). Temperature 0 gives the untempered log softmax(z) and no
+    truncation (greedy decoding takes its argmax); otherwise log softmax of
+    z / T masked to -inf outside the kept set (see the module docstring).
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return torch.log_softmax(logits, dim=-1), None
+    logits = logits / temperature
+    keep = truncation_mask(logits, top_p=top_p, top_k=top_k, min_p=min_p)
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return torch.log_softmax(logits, dim=-1), keep
+
+
+def kept_sets(keep: Tensor | None, num_rows: int, device: torch.device) -> TokenSets:
+    """The kept set of each of `num_rows` rows from a (R, V) kept mask, or unrestricted ones for None."""
+    return TokenSets.unrestricted(num_rows, device) if keep is None else TokenSets.from_mask(keep)
+
+
 def sample_next_tokens(
     logits: Tensor,
     *,
@@ -87,19 +111,10 @@ def sample_next_tokens(
     top_k <= 0 (vLLM's 0 or -1) or >= V turns top-k off. return_kept: also return
     each row's kept set (on the logits' device); it costs a (R, V) nonzero.
     """
-    logits = logits.float()
-    keep = None
+    logprobs, keep = processed_logprobs(logits, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     if temperature == 0:
-        logprobs = torch.log_softmax(logits, dim=-1)
         tokens = logprobs.argmax(dim=-1)
     else:
-        logits = logits / temperature
-        keep = truncation_mask(logits, top_p=top_p, top_k=top_k, min_p=min_p)
-        if keep is not None:
-            logits = logits.masked_fill(~keep, float("-inf"))
-        logprobs = torch.log_softmax(logits, dim=-1)
         tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
-    kept = None
-    if return_kept:
-        kept = TokenSets.unrestricted(len(tokens), logits.device) if keep is None else TokenSets.from_mask(keep)
+    kept = kept_sets(keep, len(tokens), logits.device) if return_kept else None
     return SampledTokens(tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), kept)

@@ -53,6 +53,9 @@ class WorkerOptions:
         default="absorbed",
         metadata={"help": "torch engine, DeepSeek-V3 policies: MLA decode path (expanded: the trainer's arithmetic)"},
     )
+    num_speculative_tokens: int = field(
+        default=0, metadata={"help": "torch engine, DeepSeek-V3 policies with MTP: tokens drafted per round (0: off)"}
+    )
 
     def __post_init__(self) -> None:
         if self.engine not in ("torch", "vllm"):
@@ -63,6 +66,10 @@ class WorkerOptions:
             raise ValueError(f"WorkerOptions.num_threads must be >= 1, got {self.num_threads}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"WorkerOptions.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"WorkerOptions.num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        if self.engine == "vllm" and self.num_speculative_tokens > 0:
+            raise ValueError("WorkerOptions.num_speculative_tokens is the torch engine's MTP speculation")
         if self.engine == "torch" and self.tensor_parallel_size != 1:
             raise ValueError("WorkerOptions.tensor_parallel_size > 1 needs engine='vllm'")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -145,7 +152,9 @@ def build_host(model: str, options: WorkerOptions):
     tokenizer = AutoTokenizer.from_pretrained(options.tokenizer or model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # left padding only; padded positions are masked
-    return TorchHost(TorchRolloutEngine(policy, tokenizer, max_batch_rows=options.max_batch_rows))
+    engine = TorchRolloutEngine(policy, tokenizer, max_batch_rows=options.max_batch_rows,
+                                num_speculative_tokens=options.num_speculative_tokens)  # fmt: skip
+    return TorchHost(engine)
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:

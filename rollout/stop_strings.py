@@ -23,9 +23,14 @@ class StopStrings:
         self.tokenizer, self.stop_strings = tokenizer, tuple(stop_strings)
         self.window = 4 * max(len(s) for s in self.stop_strings)
 
-    def completed(self, tokens: Tensor) -> Tensor:
-        """tokens: (rows, steps) ids sampled so far. Returns (rows,) bool on tokens' device: whose text now
-        contains a stop string (a row that held one before has already stopped)."""
-        tails = self.tokenizer.batch_decode(tokens[:, -self.window :].tolist(), skip_special_tokens=True)
+    def completed(self, tokens: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """tokens: (rows, steps) ids sampled so far; lengths (rows,): how many of each row's steps are
+        sampled (default all). Returns (rows,) bool on tokens' device: whose text now contains a stop
+        string (a row that held one before has already stopped)."""
+        if lengths is None:
+            lengths = torch.full((len(tokens),), tokens.shape[1])
+        ends = lengths.tolist()
+        tails = [row[max(0, end - self.window) : end] for row, end in zip(tokens.tolist(), ends, strict=True)]
+        tails = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
         hits = [any(stop in text for stop in self.stop_strings) for text in tails]
         return torch.tensor(hits, dtype=torch.bool, device=tokens.device)

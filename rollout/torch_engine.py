@@ -33,9 +33,9 @@ from torch import Tensor, nn
 
 from r1kit.policy.moe import has_moe_layers
 from r1kit.policy.transformers_compat import CACHE_NAME
-from r1kit.rollout.engine import FinishReason, RolloutBatch, SamplingParams
+from r1kit.rollout.engine import DraftCounts, FinishReason, RolloutBatch, SamplingParams
 from r1kit.rollout.kv_cache import make_decode_cache
-from r1kit.rollout.sampling import sample_next_tokens
+from r1kit.rollout.speculative import MTPDrafter, VerifiedTokens, verify_drafts
 from r1kit.rollout.stop_strings import StopStrings
 from r1kit.rollout.token_sets import TokenSets
 
@@ -49,12 +49,25 @@ class TorchRolloutEngine:
     tokenizer: decodes completions; its pad token id pads prompts.
     max_batch_rows: at most this many sequences are decoded together (a prompt's n
         samples always share a batch, so a batch holds max(1, max_batch_rows // n) prompts).
+    num_speculative_tokens: k > 0 drafts k tokens per round with the policy's first MTP
+        module and verifies them in one forward (rollout/speculative.py): the same
+        distribution, fewer forwards. Needs a DeepSeek-V3 policy with MTP modules.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, max_batch_rows: int = 256) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, *, max_batch_rows: int = 256, num_speculative_tokens: int = 0
+    ) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
+        if num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
+        if num_speculative_tokens > 0 and len(getattr(model, "mtp", ())) == 0:
+            raise ValueError(
+                f"num_speculative_tokens={num_speculative_tokens} drafts with the policy's MTP modules; "
+                f"{type(model).__name__} has none (DeepSeek-V3 policies with num_nextn_predict_layers >= 1 do)"
+            )
         self.model = model
+        self.num_speculative_tokens = num_speculative_tokens
         self.tokenizer = tokenizer
         self.max_batch_rows = max_batch_rows
         self.policy_version = 0
@@ -105,17 +118,28 @@ class TorchRolloutEngine:
             policy_version=self.policy_version,
             routed_experts=[row for piece in pieces for row in piece.routed_experts] if params.record_routing else None,
             kept_tokens=[row for piece in pieces for row in piece.kept_tokens] if params.record_kept_tokens else None,
+            draft_counts=[row for piece in pieces for row in piece.drafts] if self.num_speculative_tokens else None,
         )
 
-    def _prefill(
-        self, prompts: list[list[int]], n: int, capacity: int, record_routing: bool
-    ) -> tuple[Tensor, object, Tensor, Tensor, Tensor | None]:
-        """Runs each prompt once and repeats its cache rows n times.
+    def _forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache, *, last_only: bool,
+        record_routing: bool, with_hidden: bool,
+    ) -> _Step:  # fmt: skip
+        """One forward with the decode cache: logits (R, 1 or m, V), and the hidden states and routing when asked."""
+        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": True,
+                  CACHE_NAME: cache, **({"output_routed_experts": True} if record_routing else {})}  # fmt: skip
+        if not with_hidden:
+            out = self.model(input_ids=input_ids, logits_to_keep=1 if last_only else 0, **kwargs)
+            return _Step(out.logits, getattr(out, CACHE_NAME), None, getattr(out, "routed_experts", None))
+        out = self.model.get_decoder()(input_ids=input_ids, **kwargs)
+        hidden = out.last_hidden_state
+        logits = self.model.get_output_embeddings()(hidden[:, -1:] if last_only else hidden)
+        return _Step(logits, getattr(out, CACHE_NAME), hidden, out.routed_experts)
 
-        Returns (logits (P*n, V) of the next token, cache, attention_mask
-        buffer (P*n, capacity) with the prompt columns filled, next position (P*n,),
-        and with `record_routing` the prompts' routed experts (num_moe_layers, P, width, K)).
-        """
+    def _prefill(
+        self, prompts: list[list[int]], n: int, capacity: int, record_routing: bool, drafter: MTPDrafter | None
+    ) -> _Prefilled:
+        """Runs each prompt once and repeats its cache rows n times (the drafter's too, after it read the prompts)."""
         num_prompts, width = len(prompts), max(len(p) for p in prompts)
         input_ids = torch.full((num_prompts, width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((num_prompts, capacity), dtype=torch.long)
@@ -124,99 +148,79 @@ class TorchRolloutEngine:
             attention_mask[i, width - len(prompt) : width] = 1
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         positions = (attention_mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask[:, :width],
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{CACHE_NAME: make_decode_cache(self.model, capacity)},
-            **({"output_routed_experts": True} if record_routing else {}),
-        )
-        cache, logits = getattr(out, CACHE_NAME), out.logits[:, -1]
+        step = self._forward(
+            input_ids, attention_mask[:, :width], positions, make_decode_cache(self.model, capacity),
+            last_only=drafter is None, record_routing=record_routing, with_hidden=drafter is not None,
+        )  # fmt: skip
         rows = torch.arange(num_prompts, device=self.device).repeat_interleave(n)  # row i*n+j -> prompt i
+        last_hidden = None
+        if drafter is not None:
+            if width > 1:  # the MTP module reads (h_i, token i + 1) for every prompt position but the last
+                real = attention_mask[:, : width - 1].bool()
+                drafter.read(step.hidden[:, :-1], input_ids[:, 1:], real, positions[:, :-1])
+                drafter.select(rows)
+            last_hidden = step.hidden[rows, -1]
         if n > 1:
-            cache.reorder_cache(rows)
-        routing = out.routed_experts if record_routing else None
-        return logits[rows], cache, attention_mask[rows], positions[rows, -1] + 1, routing
+            step.cache.reorder_cache(rows)
+        return _Prefilled(step.logits[rows, -1], step.cache, attention_mask[rows], positions[rows, -1] + 1,
+                          step.routing, last_hidden)  # fmt: skip
 
     def _generate_groups(
         self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None
     ) -> _Groups:
-        """Decodes `params.n` samples of each prompt (rows grouped by prompt)."""
-        width, max_new = max(len(p) for p in prompts), params.max_new_tokens
-        logits, cache, attention_mask, next_position, prompt_routing = self._prefill(
-            prompts, params.n, width + max_new, params.record_routing
-        )
-        num_rows = logits.shape[0]
-        decode_routing = None  # (num_moe_layers, rows, max_new, K): experts used when reading each sampled token
-        if prompt_routing is not None:
-            decode_routing = prompt_routing.new_full((*prompt_routing.shape[:1], num_rows, max_new,
-                                                      prompt_routing.shape[-1]), -1)  # fmt: skip
-        step_kept: list[tuple[Tensor, TokenSets]] = []  # (batch rows' original rows, their kept sets) per step
-        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device)
-        stop_strings = StopStrings(self.tokenizer, params.stop_strings) if params.stop_strings else None
-        active = torch.arange(num_rows, device=self.device)  # original row of each batch row
-        tokens = torch.full((num_rows, max_new), -1, dtype=torch.long, device=self.device)
-        token_logprobs = torch.zeros((num_rows, max_new), device=self.device)
-        lengths = torch.full((num_rows,), max_new, dtype=torch.long, device=self.device)
+        """Decodes `params.n` samples of each prompt (rows grouped by prompt).
 
-        stopped = torch.zeros(num_rows, dtype=torch.bool)  # per original row: ended by a stop token or string
-        done = torch.zeros(num_rows, dtype=torch.bool, device=self.device)  # per batch row
-        for step in range(max_new):
-            sampled = sample_next_tokens(
-                logits,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=params.top_k,
-                min_p=params.min_p,
-                generator=generator,
-                return_kept=params.record_kept_tokens,
-            )
-            new_tokens = sampled.tokens
-            tokens[active, step] = new_tokens  # rows already done write past their length: never read
-            token_logprobs[active, step] = sampled.logprobs
-            if sampled.kept is not None:
-                step_kept.append((active.cpu(), sampled.kept.to("cpu")))
-            finished_now = torch.isin(new_tokens, stop_ids) & ~done
-            if stop_strings is not None:
-                finished_now |= stop_strings.completed(tokens[active, : step + 1]) & ~done
-            lengths[active[finished_now]] = step + 1
-            stopped[active[finished_now].cpu()] = True
-            done |= finished_now
-            if step + 1 == max_new or bool(done.all()):
-                break
-            if 4 * int(done.sum()) >= len(active):  # drop finished rows from the batch and the cache
+        Every round reads the last sampled token of each row, and with speculation the k
+        drafts after it (rollout/speculative.py), and emits 1 to k + 1 tokens per row.
+        """
+        width, max_new, k = max(len(p) for p in prompts), params.max_new_tokens, self.num_speculative_tokens
+        drafter = MTPDrafter(self.model, width + 2 * k * max_new) if k > 0 else None
+        sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                    "min_p": params.min_p, "generator": generator}  # fmt: skip
+        prefilled = self._prefill(prompts, params.n, width + (k + 1) * max_new, params.record_routing, drafter)
+        cache, attention_mask, next_position = prefilled.cache, prefilled.attention_mask, prefilled.next_position
+        num_rows = len(next_position)
+        out = _Completions(num_rows, max_new, params, self.tokenizer, prefilled.prompt_routing, self.device)
+        active = torch.arange(num_rows, device=self.device)  # original row of each batch row
+        no_drafts = torch.empty((num_rows, 0), dtype=torch.long, device=self.device)
+        first = verify_drafts(
+            prefilled.logits.unsqueeze(1), no_drafts, None, return_kept=params.record_kept_tokens, **sampling
+        )
+        done = out.emit(active, first)
+        drafts, draft_probs, pending = no_drafts, None, first.tokens[:, 0]
+        if drafter is not None:
+            drafts, draft_probs = drafter.draft(prefilled.last_hidden.unsqueeze(1), pending.unsqueeze(1),
+                                                torch.ones_like(done).unsqueeze(1), next_position.unsqueeze(1) - 1,
+                                                num_tokens=k, **sampling)  # fmt: skip
+        columns = width
+        while not bool(done.all()):
+            if 4 * int(done.sum()) >= len(active):  # drop finished rows from the batch and the caches
                 keep = (~done).nonzero().squeeze(-1)
                 cache.reorder_cache(keep)
-                active, new_tokens, next_position = active[keep], new_tokens[keep], next_position[keep]
+                if drafter is not None:
+                    drafter.select(keep)
+                    draft_probs = None if draft_probs is None else draft_probs[keep]
+                active, pending, drafts, next_position = active[keep], pending[keep], drafts[keep], next_position[keep]
                 attention_mask, done = attention_mask[keep], done[keep]
-            attention_mask[:, width + step] = (~done).long()
-            out = self.model(
-                input_ids=new_tokens.unsqueeze(-1),
-                attention_mask=attention_mask[:, : width + step + 1],
-                position_ids=next_position.unsqueeze(-1),
-                use_cache=True,
-                logits_to_keep=1,
-                **{CACHE_NAME: cache},
-                **({"output_routed_experts": True} if decode_routing is not None else {}),
-            )
-            cache, logits = getattr(out, CACHE_NAME), out.logits[:, -1]
-            if decode_routing is not None:
-                decode_routing[:, active, step] = out.routed_experts[:, :, 0]
-            next_position = next_position + 1
-
-        lengths, tokens, token_logprobs = lengths.cpu(), tokens.cpu(), token_logprobs.cpu()
-        groups = _Groups(
-            completion_ids=[tokens[i, : lengths[i]].tolist() for i in range(num_rows)],
-            logprobs=[token_logprobs[i, : lengths[i]].clone() for i in range(num_rows)],
-            finish_reason=["stop" if row_stopped else "length" for row_stopped in stopped.tolist()],
-        )
-        if prompt_routing is not None:
-            groups.routed_experts = _row_routing(prompts, params.n, prompt_routing.cpu(), decode_routing.cpu(), lengths)
-        if params.record_kept_tokens:
-            groups.kept_tokens = _row_kept_sets(step_kept, lengths, max_new)
-        return groups
+            reads = torch.cat((pending.unsqueeze(1), drafts), dim=1)  # (R, k + 1)
+            attention_mask[:, columns : columns + k + 1] = (~done).long().unsqueeze(1)
+            positions = next_position.unsqueeze(1) + torch.arange(k + 1, device=self.device)
+            step = self._forward(reads, attention_mask[:, : columns + k + 1], positions, cache, last_only=False,
+                                 record_routing=params.record_routing, with_hidden=drafter is not None)  # fmt: skip
+            cache = step.cache
+            verified = verify_drafts(step.logits, drafts, draft_probs, return_kept=params.record_kept_tokens,
+                                     **sampling)  # fmt: skip
+            emitted = torch.arange(k + 1, device=self.device) < verified.counts.unsqueeze(1)  # (R, k + 1)
+            attention_mask[:, columns : columns + k + 1] *= emitted  # rejected drafts' columns are never read again
+            columns += k + 1
+            out.record_reads(active, step.routing, emitted, ~done)
+            done |= out.emit(active, verified, ~done)
+            next_position = next_position + verified.counts
+            pending = verified.tokens.gather(1, verified.counts.unsqueeze(1) - 1).squeeze(1)
+            if drafter is not None and not bool(done.all()):
+                drafts, draft_probs = drafter.draft(step.hidden, verified.tokens, emitted, positions, num_tokens=k,
+                                                    **sampling)  # fmt: skip
+        return out.groups(prompts, params.n)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
         """Copy new weights (state_dict names of the engine's model) in place and stamp `version`."""
@@ -256,6 +260,32 @@ class TorchRolloutEngine:
 
 
 @dataclass
+class _Prefilled:
+    """After the prefill, per batch row (P * n): logits (R, V) of the first token, the decode cache, the
+    attention_mask buffer (R, capacity) with the prompt columns filled, the next position (R,), the
+    prompts' routed experts (num_moe_layers, P, width, K) when recorded, and with a drafter the last
+    prompt position's hidden state (R, H)."""
+
+    logits: Tensor
+    cache: object
+    attention_mask: Tensor
+    next_position: Tensor
+    prompt_routing: Tensor | None
+    last_hidden: Tensor | None
+
+
+@dataclass
+class _Step:
+    """One forward's logits (R, m, V), cache, hidden states (R, m, H) (with a drafter) and routing
+    (num_moe_layers, R, m, K) (when recorded)."""
+
+    logits: Tensor
+    cache: object
+    hidden: Tensor | None
+    routing: Tensor | None
+
+
+@dataclass
 class _Groups:
     """What `_generate_groups` returns: one entry per row, rows grouped by prompt."""
 
@@ -264,6 +294,98 @@ class _Groups:
     finish_reason: list[FinishReason]
     routed_experts: list[Tensor] = field(default_factory=list)
     kept_tokens: list[TokenSets] = field(default_factory=list)
+    drafts: list[DraftCounts] = field(default_factory=list)
+
+
+class _Completions:
+    """The completions of a decode batch as they grow: per original row its tokens, log-probs, length,
+    how it ended, and what is recorded (routing, kept sets, draft counts).
+
+    prompt_routing: the prefill's routed experts (num_moe_layers, P, width, K), or None when
+    routing is not recorded.
+    """
+
+    def __init__(
+        self, num_rows: int, max_new: int, params: SamplingParams, tokenizer, prompt_routing: Tensor | None,
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        self.max_new, self.device = max_new, device
+        self.tokens = torch.full((num_rows, max_new), -1, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros((num_rows, max_new), device=device)
+        self.lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
+        self.stopped = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        self.stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
+        self.stop_strings = StopStrings(tokenizer, params.stop_strings) if params.stop_strings else None
+        self.prompt_routing, self.decode_routing = prompt_routing, None
+        if prompt_routing is not None:  # (num_moe_layers, rows, max_new, K): experts used reading each token
+            layers, _, _, top_k = prompt_routing.shape
+            self.decode_routing = prompt_routing.new_full((layers, num_rows, max_new, top_k), -1)
+        self.kept: list[tuple[Tensor, TokenSets]] = []  # (row * max_new + token index, kept sets) per emission
+        self.draft_counts = torch.zeros((num_rows, 3), dtype=torch.long, device=device)  # rounds, drafted, accepted
+
+    def record_reads(self, active: Tensor, routing: Tensor | None, read: Tensor, live: Tensor) -> None:
+        """Routing of the tokens a round read: routing (num_moe_layers, R, m, K); read (R, m) bool, the
+        columns that held the row's tokens (the last sampled one, then accepted drafts)."""
+        if routing is None:
+            return
+        index = self.lengths[active].unsqueeze(1) - 1 + torch.arange(read.shape[1], device=self.device)  # (R, m)
+        keep = read & live.unsqueeze(1) & (index < self.max_new)
+        rows, columns = keep.nonzero(as_tuple=True)
+        self.decode_routing[:, active[rows], index[rows, columns]] = routing[:, rows, columns]
+
+    def emit(self, active: Tensor, verified: VerifiedTokens, live: Tensor | None = None) -> Tensor:
+        """Appends each live batch row's emitted tokens, up to its first stop and the length cap.
+
+        active (R,): the original row of each batch row; live (R,) bool: rows not finished
+        before (default all). Returns (R,) bool: rows that finished now.
+        """
+        rows, width = verified.tokens.shape
+        live = torch.ones(rows, dtype=torch.bool, device=self.device) if live is None else live
+        start = self.lengths[active]  # (R,)
+        index = start.unsqueeze(1) + torch.arange(width, device=self.device)  # (R, m) token index
+        take = (torch.arange(width, device=self.device) < verified.counts.unsqueeze(1)) & (index < self.max_new)
+        take &= live.unsqueeze(1)
+        rows_taken, columns_taken = take.nonzero(as_tuple=True)
+        self.tokens[active[rows_taken], index[rows_taken, columns_taken]] = verified.tokens[rows_taken, columns_taken]
+        self.logprobs[active[rows_taken], index[rows_taken, columns_taken]] = verified.logprobs[
+            rows_taken, columns_taken
+        ]
+        stop = torch.isin(verified.tokens, self.stop_ids) & take
+        if self.stop_strings is not None:
+            for column in range(width):
+                ends = take[:, column] & ~stop[:, :column].any(dim=1)
+                if bool(ends.any()):
+                    hits = self.stop_strings.completed(self.tokens[active[ends]], index[ends, column] + 1)
+                    stop[ends.nonzero().squeeze(-1), column] |= hits
+        stopped = stop.any(dim=1)
+        count = torch.where(stopped, stop.long().argmax(dim=1) + 1, take.sum(dim=1))  # tokens kept this round
+        if verified.kept is not None:
+            kept = take & (torch.arange(width, device=self.device) < count.unsqueeze(1))
+            flat = kept.flatten().nonzero().squeeze(-1)  # positions in the round's R * m kept sets
+            self.kept.append(((active.unsqueeze(1) * self.max_new + index).flatten()[flat].cpu(),
+                              verified.kept.select(flat).to("cpu")))  # fmt: skip
+        if width > 1:
+            counts = torch.stack((live.long(), live * (width - 1), live * (verified.counts - 1)), dim=1)
+            self.draft_counts[active] += counts
+        self.lengths[active] = start + count
+        self.stopped[active] |= stopped
+        return live & (stopped | (self.lengths[active] == self.max_new))
+
+    def groups(self, prompts: list[list[int]], n: int) -> _Groups:
+        """The finished rows, grouped by prompt."""
+        lengths, tokens, logprobs = self.lengths.cpu(), self.tokens.cpu(), self.logprobs.cpu()
+        groups = _Groups(
+            completion_ids=[tokens[i, : lengths[i]].tolist() for i in range(len(lengths))],
+            logprobs=[logprobs[i, : lengths[i]].clone() for i in range(len(lengths))],
+            finish_reason=["stop" if row_stopped else "length" for row_stopped in self.stopped.tolist()],
+        )
+        if self.prompt_routing is not None:
+            groups.routed_experts = _row_routing(prompts, n, self.prompt_routing.cpu(), self.decode_routing.cpu(),
+                                                 lengths)  # fmt: skip
+        if self.kept:
+            groups.kept_tokens = _row_kept_sets(self.kept, lengths, self.max_new)
+        groups.drafts = [DraftCounts(*row) for row in self.draft_counts.tolist()]
+        return groups
 
 
 def _row_routing(
@@ -283,14 +405,10 @@ def _row_routing(
     return rows
 
 
-def _row_kept_sets(step_kept: list[tuple[Tensor, TokenSets]], lengths: Tensor, max_new: int) -> list[TokenSets]:
-    """Per row, the kept sets of its completion tokens in order, from the per-step sets of the batch rows.
+def _row_kept_sets(emitted: list[tuple[Tensor, TokenSets]], lengths: Tensor, max_new: int) -> list[TokenSets]:
+    """Per row, the kept sets of its completion tokens in order.
 
-    step_kept: for each decode step, the original row of each batch row (R_s,) and their sets.
+    emitted: per emission, the flat index row * max_new + token index of each emitted token and their sets.
     """
-    rows = torch.cat([active for active, _ in step_kept])
-    steps = torch.cat([torch.full_like(active, step) for step, (active, _) in enumerate(step_kept)])
-    sets = TokenSets.cat([kept for _, kept in step_kept])
-    valid = steps < lengths[rows]  # rows stay in the batch a while after they finish
-    order = (rows * max_new + steps)[valid].argsort()
-    return sets.select(valid.nonzero().squeeze(-1)[order]).split(lengths.tolist())
+    order = torch.cat([index for index, _ in emitted]).argsort()
+    return TokenSets.cat([sets for _, sets in emitted]).select(order).split(lengths.tolist())

@@ -1,11 +1,11 @@
-"""The recipe's choices around keep routing and keep sampling mask."""
+"""The recipe's choices around keep routing, keep sampling mask and MTP speculation."""
 
 import pytest
 
 from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.options import ConfigError
 from r1kit.recipes.arguments import RecipeArguments
-from r1kit.recipes.pipeline import check_sampler_options, routing_replay
+from r1kit.recipes.pipeline import check_sampler_options, check_speculation, routing_replay
 from tests.rollout.test_torch_engine import tiny_llama
 
 
@@ -27,3 +27,16 @@ def test_a_dense_policy_has_no_routing_to_replay(debug_policy, capsys):
 def test_the_mla_decode_path_is_checked():
     with pytest.raises(ConfigError, match="--mla_decode must be one of absorbed, expanded"):
         RecipeArguments(mla_decode="latent")
+
+
+def test_speculation_needs_the_built_in_engine_and_mtp_modules(debug_policy):
+    args = RecipeArguments(num_speculative_tokens=1)
+    check_sampler_options(args, GRPOConfig())
+    check_speculation(args, debug_policy)
+    with pytest.raises(ConfigError, match="built-in engine"):
+        check_sampler_options(RecipeArguments(rollout="vllm", num_speculative_tokens=1), GRPOConfig())
+    with pytest.raises(ConfigError, match="LlamaForCausalLM has none"):
+        check_speculation(args, tiny_llama())
+    check_speculation(RecipeArguments(), tiny_llama())
+    with pytest.raises(ConfigError, match=">= 0"):
+        RecipeArguments(num_speculative_tokens=-1)

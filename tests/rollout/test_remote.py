@@ -118,6 +118,23 @@ def test_recorded_routing_and_kept_sets_come_back_from_the_workers(engine: Remot
         assert torch.equal(mine.ids, theirs.ids) and torch.equal(mine.offsets, theirs.offsets)
 
 
+def test_a_speculative_worker_samples_what_the_in_process_engine_samples(checkpoint: Path, trainer) -> None:
+    options = WorkerOptions(dtype="float32", num_threads=1, num_speculative_tokens=2)
+    engine = RemoteRolloutEngine.launch(checkpoint, options=options, config=CONFIG)
+    try:
+        recording = params(seed=7, record_routing=True)
+        remote = engine.generate(PROMPTS, recording)
+        local = TorchRolloutEngine(trainer, word_tokenizer(trainer.config.vocab_size), num_speculative_tokens=2)
+        expected = local.generate(PROMPTS, recording)
+        assert remote.completion_ids == expected.completion_ids
+        assert remote.draft_counts == expected.draft_counts
+        assert sum(row.drafted for row in remote.draft_counts) > 0
+        for mine, theirs in zip(expected.routed_experts, remote.routed_experts, strict=True):
+            assert torch.equal(mine, theirs)
+    finally:
+        engine.close()
+
+
 def test_a_plan_the_worker_cannot_load_is_refused_and_changes_nothing(engine: RemoteRolloutEngine, trainer) -> None:
     engine.update_weights(trainer.state_dict().items(), version=30)
     bad = [*trainer.state_dict().items(), ("extra.weight", torch.zeros(3))]
