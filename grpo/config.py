@@ -114,6 +114,11 @@ class GRPOConfig:
     max_steps: int = option(200, "Number of GRPO steps (rollout batches).")
     seed: int = option(0, "Seed of prompt order, sampling and initialisation.")
     logprob_chunk_size: int = option(1024, "Tokens per chunk when computing log-probs from the output head.")
+    padding_free: bool = option(
+        True,
+        "Log-prob and training forwards over each micro-batch's sequences packed into rows without padding, "
+        "attention kept within each sequence (grpo/packing.py); models that cannot take packed rows run padded.",
+    )
 
     # bookkeeping
     output_dir: str = option("outputs/grpo", "Run directory: checkpoints, metrics.jsonl, report.png, final/.")

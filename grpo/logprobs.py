@@ -17,12 +17,15 @@ their hooks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from r1kit.grpo.packing import plan_packing, row_capacity
+from r1kit.policy.modeling import DeepseekV3Model
 from r1kit.rollout.token_sets import TokenSets
 
 
@@ -110,28 +113,78 @@ class TokenLogprobs:
     entropy: (N, T) float32 entropy of the next-token distribution, no gradient.
     aux_loss: MoE balance loss of this forward (0-dim), or None for dense models.
     mtp_loss: multi-token-prediction loss on the completion tokens, or None.
+    padded_token_slots: token slots of the padded layout, N * (P + T).
+    token_slots: token slots the decoder ran over: padded_token_slots, or rows x capacity when packed.
     """
 
     logp: Tensor
     entropy: Tensor
     aux_loss: Tensor | None = None
     mtp_loss: Tensor | None = None
+    padded_token_slots: int = 0
+    token_slots: int = 0
+
+
+def packed_rows_attention(model: nn.Module) -> str | None:
+    """How `model` (ours or a transformers causal LM, with or without a peft adapter) takes packed rows.
+
+    "mask": our DeepSeek-V3, which builds the block-diagonal causal mask from
+    restarting position_ids and also takes the padding mask (padding then stays
+    out of the MoE balance loss and the router loads). "positions": a
+    transformers model whose masks come from `masking_utils` with sdpa or eager
+    attention over full or sliding-window attention layers, which finds packed
+    samples in position_ids when attention_mask is None. None: anything else
+    (flash-attention kernels pack only a single row, flex attention, recurrent
+    or linear-attention layers, chunked attention, non-causal models): padded
+    batches only.
+    """
+    decoder = model.get_decoder()
+    if isinstance(decoder, DeepseekV3Model):
+        return "mask"
+    config = decoder.config
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if (
+        getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+        and getattr(decoder, "_supports_attention_backend", False)
+        and getattr(config, "is_causal", True)
+        and layer_types <= {"full_attention", "sliding_attention"}
+    ):
+        return "positions"
+    return None
 
 
 class TokenLogprobModel(nn.Module):
     """A causal LM whose forward returns the log-probs of the completion tokens.
 
-    Sequences are laid out as `[left-padded prompt (P) | right-padded completion (T)]`;
+    Sequences come laid out as `[left-padded prompt (P) | right-padded completion (T)]`;
     the hidden state at position p predicts the token at p + 1, so positions
     P - 1 .. P + T - 2 score the completion.
+
+    padding_free: run the decoder over the sequences packed into rows without
+    padding instead (grpo/packing.py): whole sequences back to back, positions
+    restarting at 0 for every sequence, rows of `capacity(lengths)` tokens for the
+    batch's sequence lengths (default `packing.row_capacity`). Results come back in
+    the padded (N, T) layout, zeros on padding; the output head runs on real
+    completion tokens only. Models that cannot take packed rows
+    (`packed_rows_attention`) run padded.
     """
 
-    def __init__(self, model: nn.Module, *, temperature: float = 1.0, chunk_size: int = 1024) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        temperature: float = 1.0,
+        chunk_size: int = 1024,
+        padding_free: bool = False,
+        capacity: Callable[[list[int]], int] = row_capacity,
+    ) -> None:
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+        self.packing = packed_rows_attention(model) if padding_free else None
+        self.capacity = capacity
 
     def forward(
         self,
@@ -151,25 +204,81 @@ class TokenLogprobModel(nn.Module):
         N * T completion positions; log-probs are then under the same truncated, renormalised
         distribution (keep sampling mask).
         """
+        if with_mtp and completion_mask is None:
+            raise ValueError("the MTP loss needs completion_mask")
+        loss_mask = None
+        if with_mtp:  # (N, P + T): the completion tokens that are targets
+            loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            loss_mask[:, prompt_length:] = completion_mask.bool()
+        if self.packing is not None:
+            return self._packed(input_ids, attention_mask, prompt_length, loss_mask, routed_experts, kept_tokens)
         replay = {} if routed_experts is None else {"routed_experts": routed_experts}
         decoder_output = self.model.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **replay
         )
         hidden = decoder_output.last_hidden_state  # (N, P + T, H)
-        logp, entropy = token_logprobs_from_hidden(
-            hidden[:, prompt_length - 1 : -1],
-            input_ids[:, prompt_length:],
+        logp, entropy = self._logprobs(hidden[:, prompt_length - 1 : -1], input_ids[:, prompt_length:], kept_tokens)
+        mtp_loss = None
+        if loss_mask is not None:
+            mtp_loss = self.model.mtp_loss(hidden, input_ids, loss_mask, attention_mask, position_ids)
+        aux_loss = getattr(decoder_output, "aux_loss", None)
+        return TokenLogprobs(logp, entropy, aux_loss, mtp_loss, input_ids.numel(), input_ids.numel())
+
+    def _packed(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        prompt_length: int,
+        loss_mask: Tensor | None,
+        routed_experts: Tensor | None,
+        kept_tokens: TokenSets | None,
+    ) -> TokenLogprobs:
+        """The forward over the sequences packed into rows (see the class docstring); same arguments."""
+        real = attention_mask.bool()
+        prompts = real[:, :prompt_length].sum(dim=1).tolist()
+        completions = real[:, prompt_length:].sum(dim=1).tolist()
+        plan = plan_packing(
+            prompts,
+            completions,
+            prompt_length,
+            input_ids.shape[1] - prompt_length,
+            self.capacity([p + c for p, c in zip(prompts, completions, strict=True)]),
+            input_ids.device,
+        )
+        packed_ids = plan.pack(input_ids, 0)  # (R, C)
+        packed_mask = plan.attention_mask if self.packing == "mask" else None
+        replay = {}
+        if routed_experts is not None:  # (L, N, P + T, K) -> (L, R, C, K), -1 (route live) on padding
+            replay["routed_experts"] = plan.pack(routed_experts.movedim(0, 2), -1).movedim(2, 0)
+        decoder_output = self.model.get_decoder()(
+            input_ids=packed_ids, attention_mask=packed_mask, position_ids=plan.position_ids, use_cache=False, **replay
+        )
+        hidden = decoder_output.last_hidden_state  # (R, C, H)
+        scoring = hidden.flatten(0, 1)[plan.score_index]  # (S, H): the states before each completion token
+        targets = packed_ids.view(-1)[plan.score_index + 1]  # (S,)
+        kept = None if kept_tokens is None else kept_tokens.select(plan.completion_index)
+        logp, entropy = self._logprobs(scoring.unsqueeze(0), targets.unsqueeze(0), kept)  # (1, S) each
+        mtp_loss = None
+        if loss_mask is not None:
+            packed_loss_mask = plan.pack(loss_mask, False)
+            mtp_loss = self.model.mtp_loss(hidden, packed_ids, packed_loss_mask, packed_mask, plan.position_ids)
+        return TokenLogprobs(
+            plan.unpack_completions(logp[0]),
+            plan.unpack_completions(entropy[0]),
+            getattr(decoder_output, "aux_loss", None),
+            mtp_loss,
+            padded_token_slots=input_ids.numel(),
+            token_slots=packed_ids.numel(),
+        )
+
+    def _logprobs(self, hidden: Tensor, targets: Tensor, kept: TokenSets | None) -> tuple[Tensor, Tensor]:
+        """`token_logprobs_from_hidden` with this model's output head, temperature, chunk size and softcap."""
+        return token_logprobs_from_hidden(
+            hidden,
+            targets,
             self.model.get_output_embeddings(),
             temperature=self.temperature,
             chunk_size=self.chunk_size,
             softcap=self.softcap,
-            kept=kept_tokens,
+            kept=kept,
         )
-        mtp_loss = None
-        if with_mtp:
-            if completion_mask is None:
-                raise ValueError("the MTP loss needs completion_mask")
-            loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-            loss_mask[:, prompt_length:] = completion_mask.bool()
-            mtp_loss = self.model.mtp_loss(hidden, input_ids, loss_mask, attention_mask, position_ids)
-        return TokenLogprobs(logp, entropy, getattr(decoder_output, "aux_loss", None), mtp_loss)

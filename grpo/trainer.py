@@ -99,7 +99,12 @@ class GRPOTrainer:
         self.policy = policy.train()
         if hasattr(policy, "mtp") and not config.mtp_on_completions:
             policy.mtp.requires_grad_(False)  # untrained here; frozen so data-parallel sees no unused parameter
-        model = TokenLogprobModel(policy, temperature=config.temperature, chunk_size=config.logprob_chunk_size)
+        model = TokenLogprobModel(
+            policy,
+            temperature=config.temperature,
+            chunk_size=config.logprob_chunk_size,
+            padding_free=config.padding_free,
+        )
         optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad],
             lr=config.learning_rate,
@@ -133,8 +138,12 @@ class GRPOTrainer:
             return AdapterDisabledReference(self.model, policy)
         reference = reference if reference is not None else copy.deepcopy(policy)
         reference.requires_grad_(False).eval()
-        wrapped = TokenLogprobModel(reference, temperature=self.config.temperature,
-                                    chunk_size=self.config.logprob_chunk_size)  # fmt: skip
+        wrapped = TokenLogprobModel(
+            reference,
+            temperature=self.config.temperature,
+            chunk_size=self.config.logprob_chunk_size,
+            padding_free=self.config.padding_free,
+        )
         return wrapped.to(self.accelerator.device)
 
     # ------------------------------------------------------------------ the loop

@@ -93,6 +93,8 @@ class PolicyUpdate:
         With several processes the normalisers are those of the global batch
         divided by the number of processes, so that DDP's gradient average is
         exactly the gradient of the global loss; statistics are averaged over processes.
+        `padding_free/padding_removed`: 1 - token slots the forwards ran over / those of
+        the padded micro-batches, over the step's micro-batches on every process.
         """
         config, accelerator = self.config, self.accelerator
         counts = torch.tensor([float(len(batch)), batch.completion_mask.sum().item()], device=accelerator.device)
@@ -128,6 +130,8 @@ class PolicyUpdate:
             with contextlib.nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(self.model):
                 accelerator.backward(loss)  # gradients are all-reduced once, after the last micro-batch
             sums["loss"] += loss.detach()
+            sums["padding_free/padded_token_slots"] += out.padded_token_slots
+            sums["padding_free/token_slots"] += out.token_slots
             completion, sampler_gap = part.completion_mask, old - part.sampler_logprobs
             for key, value in (
                 ("kl", loss_out.kl), ("clip/low", loss_out.clip_low), ("clip/high", loss_out.clip_high),
@@ -140,7 +144,10 @@ class PolicyUpdate:
                 sums[key] += value * share
         names = sorted(sums)
         means = accelerator.reduce(torch.stack([sums[name] for name in names]), reduction="mean")
-        return dict(zip(names, means.tolist(), strict=True))
+        stats = dict(zip(names, means.tolist(), strict=True))
+        slots = stats.pop("padding_free/token_slots")
+        stats["padding_free/padding_removed"] = 1 - slots / stats.pop("padding_free/padded_token_slots")
+        return stats
 
     def apply_gradients(self) -> dict[str, float]:
         """Clip, optimizer and scheduler step, routing-bias update; returns grad norm and expert load."""

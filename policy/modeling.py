@@ -74,16 +74,19 @@ class DecoderLayer(GradientCheckpointingLayer):
         cache: LatentCache | None = None,
         token_mask: torch.Tensor | None = None,
         routed_experts: torch.Tensor | None = None,
+        sequence_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """hidden (B, T, H) -> (hidden, balance loss or None, expert load (E,) or None,
         routed experts (B, T, K) or None for a dense layer).
 
         routed_experts (B, T, K): experts to replay in a MoE layer, -1 where the router chooses.
+        sequence_ids (B, T): the packed sample of each token (`packed_sequence_ids`), whose balance
+        loss a MoE layer computes one sample at a time; None: one sample per row.
         """
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, mask, cache)
         ffn_in = self.post_attention_layernorm(hidden)
         if isinstance(self.mlp, MoE):
-            out = self.mlp(ffn_in, token_mask, routed_experts)
+            out = self.mlp(ffn_in, token_mask, routed_experts, sequence_ids)
             return hidden + out.hidden, out.aux_loss, out.load, out.experts
         return hidden + self.mlp(ffn_in), None, None, None
 
@@ -217,7 +220,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         """input_ids (B, T); attention_mask (B, past + T), 0 on padding; position_ids (B, T).
 
         Samples packed into one row, their position_ids restarting at 0, attend only
-        within themselves (block-diagonal causal mask, see `build_attention_mask`).
+        within themselves (block-diagonal causal mask, see `build_attention_mask`), and
+        the MoE balance loss is computed per sample, not per row.
         The cache may also come as `past_key_values` (transformers before 5.24).
         routed_experts (num_moe_layers, B, T, K): experts to replay in each MoE layer
         (keep routing), -1 for tokens the routers choose for; `output_routed_experts`
@@ -230,6 +234,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         cache = self._cache(pop_cache_argument(cache, kwargs), use_cache)
         past = cache.get_seq_length() if cache is not None else 0
         mask = build_attention_mask(attention_mask, past, seq, position_ids)
+        # the packed samples of each row, balanced one by one by the MoE layers (as the mask separates them)
+        sequence_ids = packed_sequence_ids(position_ids) if position_ids is not None and past == 0 else None
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=hidden.device).expand(batch, -1)
         rope = self.rotary_emb(position_ids, hidden.dtype)
@@ -247,7 +253,13 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             moe_index = index - self.config.first_k_dense_replace
             replay = routed_experts[moe_index] if routed_experts is not None and moe_index >= 0 else None
             hidden, layer_aux, load, experts = layer(
-                hidden, rope, mask, cache=cache, token_mask=token_mask, routed_experts=replay
+                hidden,
+                rope,
+                mask,
+                cache=cache,
+                token_mask=token_mask,
+                routed_experts=replay,
+                sequence_ids=sequence_ids,
             )
             if layer_aux is not None:
                 aux_loss = aux_loss + layer_aux

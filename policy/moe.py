@@ -23,7 +23,9 @@ Complementary sequence-wise balance loss (eqs. 17-20), per sequence of T tokens:
 
 Departures: TopK_t in f_i is the selection actually made (with bias and group
 limit), as in Megatron and torchtitan; padding tokens count neither in T, f, P
-nor in the bias-update loads.
+nor in the bias-update loads. A "sequence" is a sample: several samples packed
+into one row (position ids restarting, `sequence_ids`) are balanced each on
+its own, so a packed batch has the loss of the same samples padded, one a row.
 
 Dispatch: the N*K (token, expert) pairs are sorted by expert and every
 routed GEMM goes through `RoutedExperts.expert_linear` over the sorted rows
@@ -76,24 +78,39 @@ def group_limited_topk(scores_for_choice: torch.Tensor, n_group: int, topk_group
 
 
 def sequence_balance_loss(
-    scores: torch.Tensor, topk_idx: torch.Tensor, token_mask: torch.Tensor | None = None
+    scores: torch.Tensor,
+    topk_idx: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum_i f_i P_i per sequence, averaged over sequences (without alpha); a scalar.
 
     scores (B, T, E) sigmoid affinities; topk_idx (B, T, K) chosen experts;
-    token_mask (B, T) bool, False for padding. Gradient flows through P only.
+    token_mask (B, T) bool, False for padding; sequence_ids (B, T) int, values in
+    [0, T): the sequence each token belongs to within its row (packed rows,
+    `policy.attention.packed_sequence_ids`), None for one sequence per row.
+    Sequences without a real token are left out. Gradient flows through P only.
     """
-    num_experts, top_k = scores.shape[-1], topk_idx.shape[-1]
-    mask = scores.new_ones(scores.shape[:2]) if token_mask is None else token_mask.to(scores.dtype)
-    mask = mask.unsqueeze(-1)  # (B, T, 1)
-    tokens = mask.sum(dim=1)  # (B, 1)
-    chosen = torch.zeros_like(scores).scatter_(-1, topk_idx, 1.0)  # (B, T, E)
-    f = num_experts / (top_k * tokens.clamp(min=1)) * (chosen * mask).sum(dim=1)  # (B, E)
-    normalised = scores / scores.sum(dim=-1, keepdim=True)
-    p = (normalised * mask).sum(dim=1) / tokens.clamp(min=1)  # (B, E)
-    per_sequence = (f * p).sum(dim=-1)  # (B,)
-    has_tokens = tokens.squeeze(-1) > 0
-    return per_sequence[has_tokens].sum() / has_tokens.sum().clamp(min=1)
+    batch, seq, num_experts = scores.shape
+    top_k = topk_idx.shape[-1]
+    mask = scores.new_ones(batch, seq) if token_mask is None else token_mask.to(scores.dtype)  # (B, T)
+    rows = torch.arange(batch, device=scores.device).unsqueeze(1)  # (B, 1)
+    if sequence_ids is None:
+        segments = batch
+        segment = rows.expand(batch, seq).reshape(-1)  # (B*T,): the row
+    else:
+        segments = batch * seq  # an upper bound: every (row, sequence) pair gets its own index
+        segment = (rows * seq + sequence_ids).reshape(-1)  # (B*T,)
+    tokens = mask.new_zeros(segments).index_add_(0, segment, mask.reshape(-1))  # (S,)
+    chosen = torch.zeros_like(scores).scatter_(-1, topk_idx, 1.0) * mask.unsqueeze(-1)  # (B, T, E)
+    counts = scores.new_zeros(segments, num_experts).index_add_(0, segment, chosen.view(-1, num_experts))
+    normalised = scores / scores.sum(dim=-1, keepdim=True) * mask.unsqueeze(-1)  # (B, T, E)
+    shares = scores.new_zeros(segments, num_experts).index_add(0, segment, normalised.view(-1, num_experts))
+    per_token = 1 / tokens.clamp(min=1).unsqueeze(-1)  # (S, 1)
+    f = num_experts / top_k * counts * per_token  # (S, E)
+    p = shares * per_token  # (S, E)
+    has_tokens = (tokens > 0).to(scores.dtype)  # (S,)
+    return ((f * p).sum(dim=-1) * has_tokens).sum() / has_tokens.sum().clamp(min=1)
 
 
 def routing_bias_update(bias: torch.Tensor, load: torch.Tensor, speed: float) -> torch.Tensor:
@@ -293,10 +310,15 @@ class MoE(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, replay: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        replay: torch.Tensor | None = None,
+        sequence_ids: torch.Tensor | None = None,
     ) -> MoEOutput:
         """x (B, T, H); token_mask (B, T) bool, False for padding (excluded from balance statistics);
-        replay (B, T, K): experts to route each token to, -1 where the router chooses (see `Router`).
+        replay (B, T, K): experts to route each token to, -1 where the router chooses (see `Router`);
+        sequence_ids (B, T): the packed sample of each token, balanced one by one (None: one per row).
         Balance loss and load count the experts actually used, replayed or chosen."""
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
@@ -311,7 +333,7 @@ class MoE(nn.Module):
         aux_loss = None
         if self.alpha > 0:
             aux_loss = self.alpha * sequence_balance_loss(
-                scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1), token_mask
+                scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1), token_mask, sequence_ids
             )
         counted = topk_idx if token_mask is None else topk_idx[token_mask.reshape(-1)]
         load = torch.bincount(counted.flatten(), minlength=self.gate.num_experts)

@@ -4,13 +4,13 @@ Several samples share one row without seeing each other, as DeepSeek-V3 packs
 its training data (sample masking): each sample's position ids restart at 0,
 and the model turns restarting positions into a block-diagonal causal mask.
 
-Packer (`best_fit_decreasing`, lengths in tokens): take the samples longest
-first (ties in dataset order) and put each into the open row with the least
-free space that still holds it, opening a new row when none does. A sample
-longer than the row is cut to its first `row_length` tokens and fills a row
-alone; it is never split over two rows, where the second part's positions
-would restart and it would train on a completion without its prompt (TRL's
-"bfd", not "bfd_split").
+Packer (`best_fit_decreasing`, lengths in tokens; grpo/packing.py, which
+packs GRPO micro-batches with it too): take the samples longest first (ties in
+dataset order) and put each into the open row with the least free space that
+still holds it, opening a new row when none does. A sample longer than the row
+is cut to its first `row_length` tokens and fills a row alone; it is never
+split over two rows, where the second part's positions would restart and it
+would train on a completion without its prompt (TRL's "bfd", not "bfd_split").
 
 Rows (`pack_rows`): the samples' tokens back to back, then padding up to
 `row_length`. Labels are -100 on the padding and on every sample's first token,
@@ -29,8 +29,6 @@ position_ids in any case and also takes the padding mask.
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
-from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,45 +36,9 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from r1kit.grpo.packing import best_fit_decreasing
+
 IGNORE = -100  # label of a token outside the loss
-
-
-def best_fit_decreasing(lengths: Sequence[int], row_length: int) -> list[list[int]]:
-    """Rows of sample indices: every sample in exactly one row, at most `row_length` tokens per row.
-
-    lengths: tokens per sample (>= 1); a longer one than `row_length` counts as
-    `row_length` (it will be cut). Rows come in the order they were opened, their
-    samples in the order placed. O(n log n) for n samples.
-
-    >>> best_fit_decreasing([3, 6, 2, 5, 4], 8)
-    [[1, 2], [3, 0], [4]]
-    """
-    if row_length < 1:
-        raise ValueError(f"row_length must be at least 1, got {row_length}")
-    sizes = [min(length, row_length) for length in lengths]
-    if sizes and min(sizes) < 1:
-        raise ValueError(f"sample {sizes.index(min(sizes))} has no tokens; every sample needs at least one")
-    rows: list[list[int]] = []
-    rows_with_space: dict[int, deque[int]] = defaultdict(deque)  # free tokens -> rows with that much free
-    free_sizes: list[int] = []  # sorted free sizes that some open row has
-    for sample in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        size = sizes[sample]
-        slot = bisect_left(free_sizes, size)  # the tightest free size that still fits
-        if slot == len(free_sizes):
-            row, free = len(rows), row_length
-            rows.append([])
-        else:
-            free = free_sizes[slot]
-            row = rows_with_space[free].popleft()
-            if not rows_with_space[free]:
-                del free_sizes[slot], rows_with_space[free]
-        rows[row].append(sample)
-        free -= size
-        if free > 0:
-            if free not in rows_with_space:
-                insort(free_sizes, free)
-            rows_with_space[free].append(row)
-    return rows
 
 
 def padding_fraction(lengths: Sequence[int], rows: Sequence[Sequence[int]], row_length: int) -> float:

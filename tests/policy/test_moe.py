@@ -11,6 +11,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE a
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 from r1kit.policy import DeepseekV3ForCausalLM
+from r1kit.policy.attention import packed_sequence_ids
 from r1kit.policy.moe import (
     MoE,
     RoutedExperts,
@@ -140,6 +141,40 @@ def test_sequence_balance_loss_equals_the_papers_formula():
     token_mask[1, :2] = False  # left padding is not part of the sequence
     expected = paper_balance_loss(scores, chosen, token_mask, top_k=2)
     torch.testing.assert_close(sequence_balance_loss(scores, chosen, token_mask), torch.as_tensor(expected))
+
+
+def test_per_sequence_balance_loss_is_the_per_row_one_with_one_sequence_per_row():
+    """Left and right padding numbered as the GRPO batch numbers it (cumsum positions) split nothing real."""
+    scores = torch.rand(3, 6, 8)
+    chosen = torch.stack([torch.randperm(8)[:2] for _ in range(18)]).view(3, 6, 2)
+    token_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    positions = (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    per_row = sequence_balance_loss(scores, chosen, token_mask)
+    per_sequence = sequence_balance_loss(scores, chosen, token_mask, packed_sequence_ids(positions))
+    torch.testing.assert_close(per_sequence, per_row)
+    torch.testing.assert_close(per_row, torch.as_tensor(paper_balance_loss(scores, chosen, token_mask, top_k=2)))
+
+
+def test_a_packed_row_is_balanced_sample_by_sample():
+    """One row holding samples of 5, 3 and 4 tokens, then 2 of padding: the mean over the samples as rows."""
+    lengths = (5, 3, 4)
+    scores = torch.rand(1, 14, 8, requires_grad=True)
+    chosen = torch.stack([torch.randperm(8)[:2] for _ in range(14)]).view(1, 14, 2)
+    token_mask = (torch.arange(14) < sum(lengths)).unsqueeze(0)
+    positions = torch.cat([torch.arange(n) for n in (*lengths, 2)]).unsqueeze(0)
+    packed = sequence_balance_loss(scores, chosen, token_mask, packed_sequence_ids(positions))
+    separate = torch.zeros(3, 5, 8)
+    separate_chosen = torch.zeros(3, 5, 2, dtype=torch.long)
+    separate_mask = torch.zeros(3, 5, dtype=torch.bool)
+    for row, (start, n) in enumerate(zip((0, 5, 8), lengths, strict=True)):
+        separate[row, :n] = scores[0, start : start + n].detach()
+        separate_chosen[row, :n] = chosen[0, start : start + n]
+        separate_mask[row, :n] = True
+    expected = paper_balance_loss(separate, separate_chosen, separate_mask, top_k=2)
+    torch.testing.assert_close(packed, torch.as_tensor(expected), check_dtype=False)
+    assert not torch.isclose(sequence_balance_loss(scores, chosen, token_mask), packed)  # the row as one sequence
+    packed.backward()
+    assert scores.grad[0, :12].abs().sum() > 0 and not scores.grad[0, 12:].any()  # padding gets no gradient
 
 
 def test_balance_loss_is_one_for_perfect_balance():

@@ -85,3 +85,20 @@ def test_mtp_loss_of_a_packed_row_equals_that_of_the_padded_batch(tiny_config, r
     with torch.no_grad():
         padded = model(rows, attention_mask=mask, labels=batch_labels).mtp_loss
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_balance_loss_of_a_packed_row_equals_that_of_the_padded_batch(tiny_config, randomized):
+    """In training, each packed sample is balanced on its own: the mean over samples, as for one sample a row."""
+    model = DeepseekV3ForCausalLM(tiny_config(seq_balance_alpha=0.1))
+    randomized(model)
+    model.train()
+    ids = torch.randint(3, model.config.vocab_size, (1, sum(LENGTHS)))
+    with torch.no_grad():
+        packed = model.model(ids, position_ids=packed_positions(LENGTHS)).aux_loss
+        rows, mask = torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long)
+        for row, (a, b) in enumerate(((0, 5), (5, 8), (8, 12))):
+            rows[row, : b - a], mask[row, : b - a] = ids[0, a:b], 1
+        padded = model.model(rows, attention_mask=mask).aux_loss
+        whole_row = model.model(ids).aux_loss  # no restart: one sequence of 12 tokens
+    torch.testing.assert_close(packed, padded, atol=1e-6, rtol=1e-5)
+    assert not torch.isclose(packed, whole_row)
