@@ -103,6 +103,8 @@ def mtp_loss(
     for depth, module in enumerate(modules, start=1):
         next_embeds = embed(shift_left(input_ids, depth))
         token_mask = real & shift_left(real, depth, fill=False)
+        if sequence_ids is not None:  # packed rows: the embedded token must be of the same sample
+            token_mask = token_mask & (shift_left(sequence_ids, depth, fill=-1) == sequence_ids)
         hidden, _, load = module(hidden, next_embeds, rope, mask, token_mask)
         loads.append(load)
         # position i predicts token i + depth + 1, and only from a real (non-padding) position
