@@ -39,7 +39,7 @@ from transformers import PreTrainedTokenizerBase, TrainerState
 from r1kit.grpo.advantages import compute_advantages, zero_std_groups
 from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.data import PromptSampler, encode_prompt, stop_token_ids
-from r1kit.grpo.metrics import nan_mean_std
+from r1kit.grpo.metrics import nan_mean_std, timed
 from r1kit.rollout.engine import RolloutBatch, RolloutEngine, SamplingParams, concat_rollouts
 
 
@@ -170,6 +170,7 @@ class RolloutCollector:
         self.sampler, self.prompt_column, self.accuracy_reward = sampler, prompt_column, accuracy_reward
         self._pending: _Round | None = None
         self._sampler_state = sampler.state_dict()  # position before any prefetched prompts
+        self._times: dict[str, float] = {}  # seconds spent scoring in the current `collect`
 
     def _trainer_state(self, step: int) -> TrainerState:
         """The `trainer_state` rewards get for prompts drawn now for step `step` (see the module docstring)."""
@@ -202,12 +203,14 @@ class RolloutCollector:
         columns = {c: repeat_each([row[c] for row in rows], g) for c in names}
         columns["completion_ids"] = rollout.completion_ids
         prompts = repeat_each([row[self.prompt_column] for row in rows], g)
-        scores = self.rewards.score(prompts, rollout.completion_text, columns, trainer_state=round_.trainer_state)
+        with timed(self._times, "time/rewards_s"):
+            scores = self.rewards.score(prompts, rollout.completion_text, columns, trainer_state=round_.trainer_state)
         return rollout, scores, scores.total.view(len(rows), g)
 
     def collect(self, step: int) -> ScoredRollout:
         """The scored groups for optimizer step `step` (0-based)."""
         config, start = self.config, time.perf_counter()
+        self._times = {"time/rewards_s": 0.0}
         first = self._pending if self._pending is not None else self._start(step, 0, background=False)
         self._pending = None
         rollout, scores, rewards = self._score(first)
@@ -223,11 +226,12 @@ class RolloutCollector:
             self._pending = self._start(step + 1, 0, background=True)
         rewards = torch.cat(totals)
         advantages = compute_advantages(rewards, config.advantage_estimator, eps=config.advantage_eps)
-        elapsed = time.perf_counter() - start
+        generation_time = time.perf_counter() - start - self._times["time/rewards_s"]  # waiting for the engine
         rollout = concat_rollouts(rollouts)
-        metrics["tokens_per_second"] = rollout.num_generated_tokens / max(elapsed, 1e-9)  # the whole batch's
+        metrics["tokens_per_second"] = rollout.num_generated_tokens / max(generation_time, 1e-9)  # the whole batch's
         metrics.update(speculation_metrics(rollout))
-        return ScoredRollout(rows, rollout, rewards, advantages.view(-1), metrics, elapsed, samples)
+        metrics.update(self._times)
+        return ScoredRollout(rows, rollout, rewards, advantages.view(-1), metrics, generation_time, samples)
 
     def _keep_informative(self, step: int, rows: list, rollout: RolloutBatch, rewards: Tensor):
         """Groups with reward variance, refilled from further rounds when configured."""

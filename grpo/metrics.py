@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +28,18 @@ def nan_mean_std(values: Tensor) -> tuple[float, float]:
     if kept.numel() == 0:
         return math.nan, math.nan
     return kept.mean().item(), kept.std(unbiased=False).item()
+
+
+@contextmanager
+def timed(times: dict[str, float], name: str) -> Iterator[None]:
+    """Adds the wall time of the block, in seconds, to times[name] (after the device's queued work is done)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
 
 class MetricsLogger:

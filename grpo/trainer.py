@@ -33,7 +33,7 @@ from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.data import PromptSampler, check_prompt_dataset, stop_token_ids
 from r1kit.grpo.logprobs import TokenLogprobModel
 from r1kit.grpo.lr_schedules import LR_SCHEDULES
-from r1kit.grpo.metrics import MetricsLogger
+from r1kit.grpo.metrics import MetricsLogger, timed
 from r1kit.grpo.options import ConfigError
 from r1kit.grpo.plotting import plot_run, settings_summary
 from r1kit.grpo.update import PolicyUpdate
@@ -187,7 +187,8 @@ class GRPOTrainer:
             metrics.update(self.update(batch, scored.advantages.to(self.accelerator.device)))
             metrics.update(self._batch_shape_metrics(batch))
             metrics["policy_lag"] = self.policy_version - scored.rollout.policy_version
-            self._sync_engine()
+            with timed(metrics, "time/sync_s"):
+                self._sync_engine()
         metrics.update({"time/generation_s": scored.generation_time, "time/step_s": time.perf_counter() - start})
         return metrics
 

@@ -35,6 +35,7 @@ from r1kit.grpo.batch import PolicyBatch
 from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.importance import IS_CORRECTIONS
 from r1kit.grpo.loss import grpo_loss, k3_kl, masked_mean
+from r1kit.grpo.metrics import timed
 
 
 class PolicyUpdate:
@@ -56,18 +57,26 @@ class PolicyUpdate:
         self.use_mtp = config.mtp_on_completions and hasattr(policy, "mtp_loss")
 
     def __call__(self, batch: PolicyBatch, advantages: Tensor) -> dict[str, float]:
-        """`num_iterations` optimizer steps on `batch`; returns statistics averaged over them."""
-        config = self.config
-        reference_logp = self.logprobs(self.reference, batch) if self.reference is not None else None
-        reuse = config.num_iterations > 1 or config.overlap
-        old_logp = self.logprobs(self.model, batch) if reuse else None
+        """`num_iterations` optimizer steps on `batch`; returns statistics averaged over them, and the
+        seconds spent on each phase (time/reference_s, time/old_logprobs_s: 0 when the phase is
+        skipped; time/forward_backward_s, time/optimizer_s: over all iterations)."""
+        config, times = self.config, {"time/reference_s": 0.0, "time/old_logprobs_s": 0.0}
+        reference_logp = old_logp = None
+        if self.reference is not None:  # beta > 0
+            with timed(times, "time/reference_s"):
+                reference_logp = self.logprobs(self.reference, batch)
+        if config.num_iterations > 1 or config.overlap:  # otherwise pi_old is the policy's own forward
+            with timed(times, "time/old_logprobs_s"):
+                old_logp = self.logprobs(self.model, batch)
         totals: dict[str, float] = defaultdict(float)
         for _ in range(config.num_iterations):
-            stats = self.accumulate_gradients(batch, advantages, old_logp, reference_logp)
-            stats.update(self.apply_gradients())
+            with timed(times, "time/forward_backward_s"):
+                stats = self.accumulate_gradients(batch, advantages, old_logp, reference_logp)
+            with timed(times, "time/optimizer_s"):
+                stats.update(self.apply_gradients())
             for key, value in stats.items():
                 totals[key] += value / config.num_iterations
-        return dict(totals)
+        return {**totals, **times}
 
     def micro_batches(self, n: int) -> list[slice]:
         size = self.config.micro_batch_size

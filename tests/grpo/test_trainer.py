@@ -86,6 +86,28 @@ def test_beta_zero_builds_no_reference_and_mu_reuses_old_logprobs(make_trainer):
     assert metrics["ratio"] != pytest.approx(1.0, abs=1e-6)  # the second pass sees updated weights
 
 
+def test_each_phase_is_timed_and_unneeded_forwards_are_skipped(make_trainer):
+    """At beta = 0 no reference forward runs; at mu = 1 without overlap pi_old is the policy's own forward."""
+    for settings, reference, old in (({}, True, False), ({"beta": 0.0, "num_iterations": 2}, False, True)):
+        trainer = make_trainer(max_steps=1, **settings)
+        calls = {"reference": 0, "old": 0}
+        logprobs = trainer.update.logprobs
+
+        def counted(model, batch, logprobs=logprobs, calls=calls, trainer=trainer):
+            calls["reference" if model is trainer.update.reference else "old"] += 1
+            return logprobs(model, batch)
+
+        trainer.update.logprobs = counted
+        metrics = trainer.training_step()
+        assert calls == {"reference": int(reference), "old": int(old)}
+        assert (metrics["time/reference_s"] > 0) == reference and (metrics["time/old_logprobs_s"] > 0) == old
+        for phase in ("generation", "rewards", "forward_backward", "optimizer", "sync", "step"):
+            assert metrics[f"time/{phase}_s"] > 0, phase
+        phases = ("generation", "rewards", "reference", "old_logprobs", "forward_backward", "optimizer", "sync")
+        parts = sum(metrics[f"time/{phase}_s"] for phase in phases)
+        assert parts <= metrics["time/step_s"]
+
+
 def constant_for_mia(completions, prompts, **_):
     """1 for every completion of prompts about Mia (no signal), the digit share otherwise."""
     return [
