@@ -35,7 +35,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
@@ -464,7 +464,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         A checkpoint whose config.json declares FP8 block quantisation (DeepSeek-V3's
         release) is dequantised (fp8 * weight_scale_inv) into the model's dtype; the
         loaded model's config drops `quantization_config`, since its weights are no
-        longer quantised.
+        longer quantised. generation_config.json, when present, is the model's generation config.
         """
         directory = Path(pretrained_model_name_or_path)
         if not (directory / "config.json").is_file():
@@ -486,6 +486,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             fp8_block=fp8_block,
         )
         model.config.name_or_path = str(directory)
+        if (directory / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(directory)
         return model.to(device) if device is not None else model
 
 

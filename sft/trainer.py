@@ -149,6 +149,7 @@ def run_sft(
         from r1kit.policy import RoutingBiasCallback
 
         trainer_class, callbacks = PolicySFTTrainer, [RoutingBiasCallback()]
+    use_cache = getattr(model.config, "use_cache", None)  # transformers' Trainer sets it to args.use_cache (False)
     trainer = trainer_class(
         model=model,
         args=args,
@@ -160,6 +161,8 @@ def run_sft(
     trainer.train()
     if getattr(args, ACTIVATION_CHECKPOINTING):  # the model goes on to generate with a KV cache
         disable_activation_checkpointing(model)
+    if use_cache is not None:  # saved as it came: `generate` on the checkpoint uses its KV cache again
+        model.config.use_cache = use_cache
     output_dir = Path(output_dir)
     trainer.save_model(str(output_dir))  # the main process writes; every process waits for it
     if trainer.is_world_process_zero():

@@ -73,6 +73,14 @@ def test_from_pretrained_restores_every_tensor(model, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model.safetensors"]
 
 
+def test_from_pretrained_reads_the_generation_config(model, tmp_path):
+    model.generation_config.eos_token_id = [1, 7]  # e.g. end of turn as well as end of text
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.6
+    model.save_pretrained(tmp_path)
+    loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path).generation_config
+    assert loaded.eos_token_id == [1, 7] and loaded.do_sample and loaded.temperature == 0.6 and loaded.use_cache
+
+
 def test_from_pretrained_in_bf16_keeps_routing_bias_fp32(model, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype="bfloat16")

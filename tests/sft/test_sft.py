@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
+from transformers import AutoModelForCausalLM
 
 from r1kit.grpo.options import ConfigError
 from r1kit.policy import load_policy
@@ -67,6 +68,9 @@ def test_sft_lowers_the_loss(packing, debug_policy, arithmetic_tokenizer, sft_co
     args = sft_config(12, packing=True, per_device_train_batch_size=4) if packing else sft_config(12)
     run_sft(model, arithmetic_tokenizer, data, args, tmp_path / "sft")
     assert loss().item() < before - 0.3
+    # transformers' Trainer turns the KV cache off while training; what is saved generates with it
+    saved = load_policy(tmp_path / "sft")
+    assert model.config.use_cache and saved.config.use_cache and saved.generation_config.use_cache
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
@@ -74,6 +78,7 @@ def test_any_transformers_model_goes_through_trl(packing, arithmetic_tokenizer, 
     tok = arithmetic_tokenizer
     out = run_sft(tiny_llama(tok), tok, arithmetic_dataset(32, seed=2), sft_config(2, packing=packing), tmp_path / "s")
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    assert AutoModelForCausalLM.from_pretrained(out).config.use_cache
 
 
 @pytest.mark.parametrize("policy", [False, True], ids=["llama", "deepseek-v3"])
