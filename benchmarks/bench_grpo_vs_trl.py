@@ -12,9 +12,12 @@ clip 1.0). One optimizer step consumes B * G completions on both sides.
 
     ours  GRPOTrainer with the built-in TorchRolloutEngine (a copy of the policy,
           weights synced after every step) and a RewardSuite running
-          math_accuracy in-process; micro_batch_size completions per backward;
+          math_accuracy in-process; micro_batch_size completions per backward,
+          packed without padding (padding_free, the default; TRL pads);
           importance_correction="none" (TRL applies no sampler correction without
-          vLLM).
+          vLLM); with --num-speculative-tokens k > 0 the engine decodes with MTP
+          self-speculation (exact samples of the same policy; the random-init
+          MTP module is a poor draft).
     TRL   trl.GRPOTrainer, transformers `generate` (use_vllm=False), loss_type
           "grpo", use_bias_correction_kl=False (TRL's default multiplies the KL by
           the importance ratio; ours does not); per_device_train_batch_size =
@@ -41,6 +44,7 @@ process, ours first, with the same torch thread count.
 
     python -m benchmarks.bench_grpo_vs_trl [--steps 10] [--warmup 2] [--prompts 16] [--samples 8]
                                            [--max-new-tokens 48] [--micro-batch-size 32] [--beta 0.04]
+                                           [--num-speculative-tokens 0] [--start "random init" | sft]
 """
 
 from __future__ import annotations
@@ -61,8 +65,10 @@ import huggingface_hub
 import torch
 import transformers
 import trl
+from accelerate import Accelerator
+from datasets import Dataset
 from torch import Tensor
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 from trl import GRPOConfig as TRLConfig
 from trl import GRPOTrainer as TRLTrainer
 
@@ -70,7 +76,9 @@ from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.trainer import GRPOTrainer
 from r1kit.policy import load_policy
 from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING
+from r1kit.recipes.arguments import parse_arguments
 from r1kit.recipes.embedded import embedded_policy, task_tokenizer
+from r1kit.recipes.pipeline import load_task, load_tokenizer, warm_start
 from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
 from r1kit.rewards import RewardSuite, RewardSuiteConfig, math_accuracy
 from r1kit.rollout.engine import RolloutBatch, RolloutEngine, SamplingParams
@@ -84,10 +92,12 @@ class Timings:
     step_s: list[float] = field(default_factory=list)
     generation_s: list[float] = field(default_factory=list)
     completion_length: list[float] = field(default_factory=list)
+    phases: list[dict[str, float]] = field(default_factory=list)  # ours: the step's time/* metrics
 
     def measured(self, warmup: int) -> Timings:
         """The steps after the first `warmup`."""
-        return Timings(self.step_s[warmup:], self.generation_s[warmup:], self.completion_length[warmup:])
+        return Timings(self.step_s[warmup:], self.generation_s[warmup:], self.completion_length[warmup:],
+                       self.phases[warmup:])  # fmt: skip
 
 
 class TimedEngine:
@@ -160,11 +170,16 @@ def run_ours(start: Path, tokenizer, prompts, args: argparse.Namespace, output_d
     timings = Timings()
     torch.manual_seed(0)
     policy = load_policy(start)
-    engine = TimedEngine(TorchRolloutEngine(copy.deepcopy(policy), tokenizer), timings)
+    engine = TorchRolloutEngine(copy.deepcopy(policy), tokenizer, num_speculative_tokens=args.num_speculative_tokens)
+    engine = TimedEngine(engine, timings)
     with RewardSuite(["math_accuracy"], config=RewardSuiteConfig(num_workers=0)) as rewards:
         GRPOTrainer(config, policy, tokenizer, engine, rewards, prompts).train()
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     timings.step_s = [record["time/step_s"] for record in records]
+    timings.phases = [{key: value for key, value in record.items() if key.startswith("time/")} for record in records]
+    acceptance = [record[key] for record in records if (key := "speculation/acceptance_rate") in record]
+    if acceptance:
+        print(f"  ours: speculative decoding accepted {statistics.fmean(acceptance):.3f} of the drafts")
     return timings
 
 
@@ -196,6 +211,26 @@ def run_trl(start: Path, tokenizer, prompts, args: argparse.Namespace, output_di
     return timings
 
 
+def starting_point(args: argparse.Namespace, directory: Path) -> tuple[Path, PreTrainedTokenizerBase, Dataset]:
+    """(checkpoint both trainers start from, its tokenizer, the B prompt rows with their answers).
+
+    "random init": the embedded default's tiny policy, untrained, saved to `directory`;
+    "sft": the grpo_math recipe's SFT warm start of it (cached under --cache-dir, trained first if absent).
+    """
+    if args.start == "sft":
+        recipe, config = parse_arguments("grpo_math", ["--cache_dir", args.cache_dir])
+        rows, _ = load_task(recipe)
+        start = Path(warm_start(recipe, config, rows, Accelerator()))
+        tokenizer = load_tokenizer(str(start))
+    else:
+        rows = arithmetic_dataset(2000, seed=0)
+        tokenizer, start = task_tokenizer(rows), directory
+        torch.manual_seed(0)
+        embedded_policy(tokenizer).save_pretrained(start)
+        tokenizer.save_pretrained(start)
+    return start, tokenizer, rows.select(range(args.prompts)).remove_columns("completion")
+
+
 def summary_line(name: str, timings: Timings) -> str:
     step, generation = timings.step_s, timings.generation_s
     rest = [s - g for s, g in zip(step, generation, strict=True)]
@@ -217,6 +252,14 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=32, help="completions per forward/backward")
     parser.add_argument("--beta", type=float, default=0.04, help="KL weight (> 0 adds a reference forward)")
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--num-speculative-tokens", type=int, default=0, help="ours: MTP drafts per decoding round")
+    parser.add_argument(
+        "--start",
+        choices=("random init", "sft"),
+        default="random init",
+        help="both trainers start from the untrained policy or from the recipe's SFT warm start",
+    )
+    parser.add_argument("--cache-dir", default="outputs/cache", help="--start sft: the recipe's SFT cache")  # fmt: skip
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
@@ -224,27 +267,25 @@ def main() -> None:
     huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL reports usage when a trainer is built
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
-    rows = arithmetic_dataset(2000, seed=0)
-    tokenizer = task_tokenizer(rows)
-    prompts = rows.select(range(args.prompts)).remove_columns("completion")
-    torch.manual_seed(0)
-    policy = embedded_policy(tokenizer)
-    print(
-        f"tiny DeepSeek-V3 ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, random init, fp32), "
-        f"B={args.prompts} prompts x G={args.samples}, up to {args.max_new_tokens} new tokens, "
-        f"micro-batch {args.micro_batch_size}, beta={args.beta}, lr={args.lr}, {args.warmup} warm-up + "
-        f"{args.steps} timed steps, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, trl {trl.__version__}"
-    )
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
-        policy.save_pretrained(root / "start")
-        tokenizer.save_pretrained(root / "start")
-        ours = run_ours(root / "start", tokenizer, prompts, args, root / "ours").measured(args.warmup)
-        theirs = run_trl(root / "start", tokenizer, prompts, args, root / "trl").measured(args.warmup)
+        start, tokenizer, prompts = starting_point(args, root / "start")
+        parameters = sum(p.numel() for p in load_policy(start).parameters())
+        print(
+            f"tiny DeepSeek-V3 ({parameters / 1e6:.2f}M parameters, {args.start}, fp32), "
+            f"B={args.prompts} prompts x G={args.samples}, up to {args.max_new_tokens} new tokens, "
+            f"micro-batch {args.micro_batch_size}, beta={args.beta}, lr={args.lr}, {args.warmup} warm-up + "
+            f"{args.steps} timed steps, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, trl {trl.__version__}"
+        )
+        ours = run_ours(start, tokenizer, prompts, args, root / "ours").measured(args.warmup)
+        theirs = run_trl(start, tokenizer, prompts, args, root / "trl").measured(args.warmup)
     print("  per-step times (s): ours " + " ".join(f"{t:.2f}" for t in ours.step_s)
           + " | TRL " + " ".join(f"{t:.2f}" for t in theirs.step_s))  # fmt: skip
     print(summary_line("ours", ours))
+    medians = {phase: statistics.median(step[f"time/{phase}_s"] for step in ours.phases)
+               for phase in ("rewards", "reference", "forward_backward", "optimizer", "sync")}  # fmt: skip
+    print("  ours, medians of the rest: " + ", ".join(f"{phase} {median:.3f} s" for phase, median in medians.items()))
     print(summary_line("TRL", theirs))
     print(
         f"  TRL / ours: {statistics.median(theirs.step_s) / statistics.median(ours.step_s):.2f}x per step (median), "
