@@ -25,10 +25,11 @@ def prompts():
 
 @pytest.fixture
 def make_trainer(arithmetic_tokenizer, debug_policy, prompts, tmp_path):
-    """make_trainer(**config_overrides) -> GRPOTrainer (suites are closed at teardown)."""
+    """make_trainer(policy=None, num_speculative_tokens=0, **config_overrides) -> GRPOTrainer (suites are
+    closed at teardown)."""
     suites = []
 
-    def make(policy=None, **overrides):
+    def make(policy=None, num_speculative_tokens=0, **overrides):
         policy = copy.deepcopy(debug_policy) if policy is None else policy
         settings = dict(
             num_generations=4,
@@ -45,7 +46,7 @@ def make_trainer(arithmetic_tokenizer, debug_policy, prompts, tmp_path):
         suites.append(suite)
         plain = copy.deepcopy(policy)
         plain = plain.merge_and_unload() if hasattr(plain, "merge_and_unload") else plain  # engines hold no adapter
-        engine = TorchRolloutEngine(plain, arithmetic_tokenizer)
+        engine = TorchRolloutEngine(plain, arithmetic_tokenizer, num_speculative_tokens=num_speculative_tokens)
         return GRPOTrainer(config, policy, arithmetic_tokenizer, engine, suite, prompts, accuracy_reward=None)
 
     yield make

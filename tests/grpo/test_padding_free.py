@@ -198,30 +198,16 @@ def test_deepseek_v3_training_forward_is_the_padded_one():
     assert packed_load.sum() > 0 and torch.equal(packed_load, padded_load)  # padding counted by neither
 
 
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)  # fmt: skip
+
+
 def tiny_llama(attention: str) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=attention,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**TINY, attn_implementation=attention))
 
 
 def tiny_mistral(window: int) -> MistralForCausalLM:
-    config = MistralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=window,
-    )
-    return MistralForCausalLM(config)
+    return MistralForCausalLM(MistralConfig(**TINY, sliding_window=window))
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -233,3 +233,14 @@ def test_keep_routing_and_sampling_mask_make_the_trainer_score_what_the_sampler_
 def test_keep_routing_needs_a_moe_policy(make_trainer):
     with pytest.raises(ConfigError, match="DeepSeekMoE"):
         make_trainer(policy=tiny_llama(), keep_routing=True)
+
+
+def test_speculative_rollouts_train_like_plain_ones(make_trainer):
+    """With MTP speculation the sampler's log-probs are still the policy's (keep routing makes them exact) and
+    the acceptance metrics are logged."""
+    trainer = make_trainer(num_speculative_tokens=2, keep_routing=True, max_steps=2)
+    trainer.train()
+    for metrics in read_metrics(trainer.config.output_dir):
+        assert 0 <= metrics["speculation/acceptance_rate"] <= 1
+        assert 1 <= metrics["speculation/tokens_per_forward"] <= 3
+        assert metrics["mismatch/abs_logp_diff"] < 1e-5
