@@ -26,9 +26,12 @@ PANELS = (
     ("expert load (max / mean)", ("moe/load_imbalance",)),
     ("sampler vs trainer: mean |log-prob difference|", ("mismatch/abs_logp_diff",)),
     ("generation throughput (tokens/s)", ("tokens_per_second",)),
+    ("time per step (s)", ("time/step_s", "time/generation_s", "time/forward_backward_s", "time/reference_s")),
 )
 
-LABELS = {"accuracy": "training batches", "eval/accuracy": "held-out"}
+LABELS = {"accuracy": "training batches", "eval/accuracy": "held-out", "time/step_s": "whole step",
+          "time/generation_s": "generation", "time/forward_backward_s": "forward + backward",
+          "time/reference_s": "reference log-probs"}  # fmt: skip
 Series = dict[str, tuple[list[int], list[float]]]  # metric name -> (steps, values)
 
 
