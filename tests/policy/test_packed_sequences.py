@@ -70,6 +70,17 @@ def test_packed_forward_equals_separate_forwards_and_samples_never_see_each_othe
     torch.testing.assert_close(after[1:], packed[1:], atol=1e-6, rtol=1e-6)
 
 
+def one_sample_per_row(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples of the packed row `ids` (1, T) as a right-padded batch: (input_ids, attention_mask),
+    each (len(LENGTHS), max(LENGTHS))."""
+    rows = torch.zeros(len(LENGTHS), max(LENGTHS), dtype=torch.long)
+    mask = torch.zeros_like(rows)
+    starts = [0, *torch.tensor(LENGTHS).cumsum(0).tolist()]
+    for row, (a, b) in enumerate(itertools.pairwise(starts)):
+        rows[row, : b - a], mask[row, : b - a] = ids[0, a:b], 1
+    return rows, mask
+
+
 def test_mtp_loss_of_a_packed_row_equals_that_of_the_padded_batch(tiny_config, randomized):
     """Every token is a target (language modelling): cross-sample MTP targets would change the mean."""
     model = DeepseekV3ForCausalLM(tiny_config(num_nextn_predict_layers=2))
@@ -78,9 +89,7 @@ def test_mtp_loss_of_a_packed_row_equals_that_of_the_padded_batch(tiny_config, r
     ids = torch.randint(3, model.config.vocab_size, (1, sum(LENGTHS)))
     with torch.no_grad():
         packed = model(ids, position_ids=packed_positions(LENGTHS), labels=ids).mtp_loss
-    rows, mask = torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long)
-    for row, (a, b) in enumerate(((0, 5), (5, 8), (8, 12))):
-        rows[row, : b - a], mask[row, : b - a] = ids[0, a:b], 1
+    rows, mask = one_sample_per_row(ids)
     batch_labels = rows.masked_fill(mask == 0, -100)
     with torch.no_grad():
         padded = model(rows, attention_mask=mask, labels=batch_labels).mtp_loss
@@ -95,9 +104,7 @@ def test_balance_loss_of_a_packed_row_equals_that_of_the_padded_batch(tiny_confi
     ids = torch.randint(3, model.config.vocab_size, (1, sum(LENGTHS)))
     with torch.no_grad():
         packed = model.model(ids, position_ids=packed_positions(LENGTHS)).aux_loss
-        rows, mask = torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long)
-        for row, (a, b) in enumerate(((0, 5), (5, 8), (8, 12))):
-            rows[row, : b - a], mask[row, : b - a] = ids[0, a:b], 1
+        rows, mask = one_sample_per_row(ids)
         padded = model.model(rows, attention_mask=mask).aux_loss
         whole_row = model.model(ids).aux_loss  # no restart: one sequence of 12 tokens
     torch.testing.assert_close(packed, padded, atol=1e-6, rtol=1e-5)
