@@ -50,7 +50,7 @@ from r1kit.policy.fp8_policy import enable_fp8
 from r1kit.policy.layers import MLP, RMSNorm
 from r1kit.policy.moe import MoE, RoutedExperts, Router
 from r1kit.policy.mtp import MTPModule, mtp_loss
-from r1kit.policy.rope import RotaryEmbedding
+from r1kit.policy.rope import RotaryEmbedding, rope_frequencies
 from r1kit.policy.transformers_compat import CACHE_NAME, pop_cache_argument, with_cache_field
 
 MLA_DECODE_PATHS = ("absorbed", "expanded")
@@ -160,6 +160,19 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, MultiheadLatentAttention):
                 module.absorb_decode = path == "absorbed"
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recomputes the buffers no state dict holds: the rotary frequencies and the routing-load counts.
+
+        For a model built on the meta device: `with torch.device("meta"): model = cls(config)`, then
+        `model.to_empty(device=...)`, `model.init_buffers()` and `model.load_state_dict(...)`.
+        """
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.inv_freq.copy_(rope_frequencies(self.config)[0])
+            elif isinstance(module, Router):
+                module.expert_load.zero_()
 
     def routers(self) -> list[Router]:
         """Every MoE router: main layers in order, then the MTP modules' layers."""

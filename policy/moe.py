@@ -167,11 +167,13 @@ class Router(nn.Module):
         self.expert_load.zero_()
 
     def _apply(self, fn, recurse=True):
-        """Moves the bias and counts with the module but never changes their fp32 dtype."""
+        """Moves the bias and counts with the module (`to`, `cuda`, `to_empty` from the meta device) but
+        never changes their fp32 dtype: where `fn` casts, the fp32 original moves instead."""
         fp32 = {name: self._buffers.pop(name) for name in self._FP32_BUFFERS}
         super()._apply(fn, recurse)
         for name, buffer in fp32.items():
-            self._buffers[name] = buffer.to(device=fn(buffer).device, dtype=torch.float32)
+            moved = fn(buffer)
+            self._buffers[name] = moved if moved.dtype == torch.float32 else buffer.to(device=moved.device)
         return self
 
 

@@ -215,6 +215,32 @@ def test_bias_is_an_fp32_buffer_outside_the_optimizer(tiny_config):
     assert "model.layers.1.mlp.gate.expert_load" not in model.state_dict()
 
 
+def test_bias_keeps_its_fp32_values_through_a_cast(tiny_config, randomized):
+    model = DeepseekV3ForCausalLM(tiny_config())
+    randomized(model)
+    biases = [router.e_score_correction_bias.clone() for router in model.routers()]
+    model.to(torch.bfloat16)
+    for router, bias in zip(model.routers(), biases, strict=True):
+        assert torch.equal(router.e_score_correction_bias, bias)  # not rounded through bf16
+
+
+def test_the_policy_builds_on_the_meta_device_and_materialises_with_to_empty(tiny_config, randomized):
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(tiny_config())
+    assert all(tensor.is_meta for tensor in model.state_dict().values())
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    source = DeepseekV3ForCausalLM(tiny_config())
+    randomized(source)
+    model.load_state_dict(source.state_dict())
+    for router in model.routers():
+        assert router.e_score_correction_bias.dtype == router.expert_load.dtype == torch.float32
+        assert router.expert_load.device.type == "cpu" and not router.expert_load.any()
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, source.eval()(ids).logits, rtol=0, atol=0)
+
+
 def test_loads_accumulate_over_micro_batches_and_update_once(tiny_config):
     model = DeepseekV3ForCausalLM(tiny_config(router_bias_update_speed=0.01)).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
