@@ -168,8 +168,7 @@ class RolloutCollector:
         self.config, self.engine, self.rewards, self.tokenizer = config, engine, rewards, tokenizer
         self.stop_ids = stop_ids if stop_ids is not None else stop_token_ids(tokenizer)
         self.sampler, self.prompt_column, self.accuracy_reward = sampler, prompt_column, accuracy_reward
-        self._pending: _Round | None = None
-        self._sampler_state = sampler.state_dict()  # position before any prefetched prompts
+        self._pending: _Round | None = None  # with overlap: the next step's prompts, being sampled
         self._times: dict[str, float] = {}  # seconds spent scoring in the current `collect`
 
     def _trainer_state(self, step: int) -> TrainerState:
@@ -183,7 +182,6 @@ class RolloutCollector:
 
     def _start(self, step: int, round_index: int, background: bool) -> _Round:
         config = self.config
-        self._sampler_state = self.sampler.state_dict()
         trainer_state = self._trainer_state(step)
         rows = self.sampler.next_batch()
         prompts = [encode_prompt(self.tokenizer, row[self.prompt_column]) for row in rows]
@@ -284,13 +282,22 @@ class RolloutCollector:
             metrics["accuracy"] = nan_mean_std(scores.scores[self.accuracy_reward])[0]
         return metrics
 
-    def state_dict(self) -> dict[str, int]:
-        """The prompt position, not counting a prefetched batch (a resumed run samples it again)."""
-        return self._sampler_state if self._pending is not None else self.sampler.state_dict()
+    def state_dict(self) -> dict[str, Any]:
+        """The prompt position and, with overlap, the batch prefetched for the next step (waited for): a
+        resumed run trains on the very batch the uninterrupted one would, sampled by the same weights."""
+        prefetched = None
+        if self._pending is not None:
+            round_ = self._pending
+            if isinstance(round_.rollout, Future):
+                round_ = _Round(round_.rows, round_.rollout.result(), round_.trainer_state)
+                self._pending = round_
+            prefetched = {"rows": round_.rows, "rollout": round_.rollout, "trainer_state": round_.trainer_state}
+        return {"sampler": self.sampler.state_dict(), "prefetched": prefetched}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._pending = None
-        self.sampler.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        prefetched = state["prefetched"]
+        self._pending = None if prefetched is None else _Round(**prefetched)
 
     def close(self) -> None:
         """Wait for a prefetched batch so that no generation outlives the run."""

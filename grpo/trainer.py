@@ -37,11 +37,13 @@ from r1kit.grpo.metrics import MetricsLogger, timed
 from r1kit.grpo.options import ConfigError
 from r1kit.grpo.plotting import plot_run, settings_summary
 from r1kit.grpo.update import PolicyUpdate
+from r1kit.policy.loading import load_policy
 from r1kit.policy.moe import has_moe_layers
 from r1kit.rollout.engine import RolloutEngine
 
 # evaluate(step) -> metrics such as {"eval/accuracy": 0.5}
 EvalHook = Callable[[int], dict[str, float]]
+REFERENCE_DIR = "reference"  # beside the checkpoints: the start policy, when the trainer made the KL reference
 
 
 class GRPOTrainer:
@@ -54,7 +56,9 @@ class GRPOTrainer:
         engine and a reward suite (pass None elsewhere): it collects the whole
         batch, and every process trains on its share of whole groups.
     reference: the frozen KL reference; defaults to a copy of `policy` at the
-        start when beta > 0, and is never built when beta == 0.
+        start when beta > 0 (saved once, as `output_dir/reference`, with the
+        first checkpoint, and restored from there by `resume`), and is never
+        built when beta == 0. LoRA policies use their adapter-free base.
     accuracy_reward: name of the reward function reported as "accuracy".
     evaluate: called every `eval_steps` steps; its metrics are logged.
     """
@@ -120,6 +124,8 @@ class GRPOTrainer:
             milestones=config.lr_milestone_pairs,
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # the copy of the start policy this trainer made itself, which only its checkpoints can restore
+        self.own_reference = config.beta > 0 and reference is None and not is_peft_model(policy)
         self.update = PolicyUpdate(config, self.model, policy, self.optimizer, self.scheduler, self.accelerator,
                                    self._reference_model(policy, reference))  # fmt: skip
         sampler = PromptSampler(train_dataset, config.prompts_per_step, config.seed)
@@ -228,15 +234,19 @@ class GRPOTrainer:
 
     # -------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict:
-        return {"step": self.step, "policy_version": self.policy_version, "sampler": self.collector.state_dict(),
+        return {"step": self.step, "policy_version": self.policy_version, "collector": self.collector.state_dict(),
                 "config": self.config.to_dict()}  # fmt: skip
 
     def save_checkpoint(self) -> Path | None:
-        """Write `checkpoint-{step}` (main process) and keep the newest `save_total_limit`."""
+        """Write `checkpoint-{step}` (main process) and keep the newest `save_total_limit`; the trainer's own
+        KL reference goes to `output_dir/reference` the first time."""
         state = self._full_state_dict()
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
+        reference = Path(self.config.output_dir) / REFERENCE_DIR
+        if self.own_reference and not reference.exists():
+            save_model_atomic(self.update.reference.model, self.tokenizer, reference)
         return save_checkpoint(self.config.output_dir, self.step, model=self.policy, tokenizer=self.tokenizer,
                                optimizer=self.optimizer, scheduler=self.scheduler, state_dict=state,
                                trainer_state=self._trainer_state(), keep_last=self.config.save_total_limit)  # fmt: skip
@@ -245,20 +255,34 @@ class GRPOTrainer:
         """Restore the newest (or the given) checkpoint of `output_dir`; returns the step resumed at.
 
         The policy's weights must already be loaded from that checkpoint (the
-        recipes load the policy from it); this restores everything else and
-        pushes the weights to the engine.
+        recipes load the policy from it); this restores everything else,
+        including the trainer's own KL reference (the run's start policy, from
+        `reference` beside the checkpoint), and pushes the weights to the engine.
         """
         if checkpoint is None:
             found = list_checkpoints(self.config.output_dir)
             if not found:
                 return 0
             checkpoint = found[-1]
+        if self.own_reference:
+            self._restore_reference(Path(checkpoint).parent / REFERENCE_DIR)
         state = load_training_state(checkpoint, self.optimizer, self.scheduler)
         self.step, self.policy_version = state["step"], state["policy_version"] - 1
-        self.collector.load_state_dict(state["sampler"])
+        self.collector.load_state_dict(state["collector"])
         self.logger.truncate_after(self.step)
         self._sync_engine()
         return self.step
+
+    def _restore_reference(self, directory: Path) -> None:
+        """Load the run's start policy, saved by its first checkpoint, into the reference copied at construction
+        (a copy of the resumed weights, which would measure the KL from the checkpoint instead of the start)."""
+        if not (directory / "config.json").exists():
+            raise ConfigError(
+                f"{directory} is missing: the KL reference (the policy this run started from) was not saved with "
+                "its checkpoints; pass it as GRPOTrainer(reference=...) to resume"
+            )
+        start = load_policy(directory, dtype=next(self.policy.parameters()).dtype)
+        self.update.reference.model.load_state_dict(start.state_dict())
 
     def save_final(self) -> Path:
         """The final model + tokenizer in `output_dir/final` and the PNG report; returns the model dir.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -136,8 +137,8 @@ class PolicyUpdate:
                 if auxiliary is not None:  # per-micro-batch means, weighted by the micro-batch's share
                     loss = loss + auxiliary * share
                     sums[name] += auxiliary.detach() * share
-            with contextlib.nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(self.model):
-                accelerator.backward(loss)  # gradients are all-reduced once, after the last micro-batch
+            with self.gradient_sync(index == len(micro_batches) - 1):
+                accelerator.backward(loss)
             sums["loss"] += loss.detach()
             sums["padding_free/padded_token_slots"] += out.padded_token_slots
             sums["padding_free/token_slots"] += out.token_slots
@@ -157,6 +158,22 @@ class PolicyUpdate:
         slots = stats.pop("padding_free/token_slots")
         stats["padding_free/padding_removed"] = 1 - slots / stats.pop("padding_free/padded_token_slots")
         return stats
+
+    @contextlib.contextmanager
+    def gradient_sync(self, sync: bool) -> Iterator[None]:
+        """Backward inside this context all-reduces gradients (DDP, FSDP) and steps DeepSpeed's engine only
+        when `sync`: the last micro-batch of an optimizer step. Accelerate's DeepSpeed backward reads
+        `accelerator.sync_gradients`, which outside `accelerator.accumulate` is always True."""
+        if sync:
+            yield
+            return
+        accelerator, before = self.accelerator, self.accelerator.sync_gradients
+        accelerator.sync_gradients = False
+        try:
+            with accelerator.no_sync(self.model):
+                yield
+        finally:
+            accelerator.sync_gradients = before
 
     def apply_gradients(self) -> dict[str, float]:
         """Clip, optimizer and scheduler step, routing-bias update; returns grad norm and expert load."""

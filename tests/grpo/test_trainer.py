@@ -61,20 +61,37 @@ def test_gradient_accumulation_equals_one_full_batch(make_trainer):
         assert stats["loss"] == pytest.approx(full_stats["loss"], rel=1e-5, abs=1e-7)
 
 
-def test_resumed_run_matches_the_uninterrupted_run(make_trainer, debug_policy, tmp_path):
-    uninterrupted = make_trainer(max_steps=3, save_steps=1, save_total_limit=None, output_dir=str(tmp_path / "a"))
+def test_only_the_last_micro_batch_of_a_step_syncs_gradients(make_trainer, monkeypatch):
+    """Accelerate's DeepSpeed backward steps the engine whenever `sync_gradients` is True: with 4 micro-batches
+    per step it must read False three times, then True once."""
+    trainer = make_trainer(micro_batch_size=4, max_steps=1)
+    accelerator, seen = trainer.accelerator, []
+    backward = accelerator.backward
+    monkeypatch.setattr(accelerator, "backward", lambda loss: (seen.append(accelerator.sync_gradients), backward(loss)))
+    trainer.train()
+    assert seen == [False, False, False, True]
+    assert accelerator.sync_gradients
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_resumed_run_matches_the_uninterrupted_run(make_trainer, tmp_path, overlap):
+    """Killed after step 1 and resumed, a run's step 3 is the uninterrupted one's: the default KL reference
+    is still the initial policy, and with overlap the batch prefetched before the kill is not sampled again."""
+    run = dict(max_steps=3, overlap=overlap, learning_rate=1e-2)
+    uninterrupted = make_trainer(save_steps=1, save_total_limit=None, output_dir=str(tmp_path / "a"), **run)
     uninterrupted.train()
-    expected = read_metrics(tmp_path / "a")[2]
+    expected = read_metrics(tmp_path / "a")
 
     checkpoint = tmp_path / "a" / "checkpoint-1"  # as if the run had been killed after step 1
-    resumed = make_trainer(policy=load_policy(checkpoint), max_steps=3, output_dir=str(tmp_path / "b"))
-    resumed.update.reference.model.load_state_dict(debug_policy.state_dict())  # the reference stays the initial policy
+    resumed = make_trainer(policy=load_policy(checkpoint), output_dir=str(tmp_path / "b"), **run)
     assert resumed.resume(checkpoint) == 1
     resumed.train()
     actual = read_metrics(tmp_path / "b")
     assert [m["step"] for m in actual] == [2, 3]
-    for key in ("reward", "loss", "kl", "grad_norm", "entropy", "completion_length/mean"):
-        assert actual[1][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-8), key
+    assert actual[0]["kl"] > 0  # measured against the initial policy, not the resumed weights
+    for got, want in zip(actual, expected[1:], strict=True):
+        for key in ("reward", "loss", "kl", "grad_norm", "entropy", "completion_length/mean", "policy_lag"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-8), (got["step"], key)
 
 
 def test_beta_zero_builds_no_reference_and_mu_reuses_old_logprobs(make_trainer):
@@ -170,7 +187,7 @@ def test_lora_uses_the_adapter_free_base_as_reference_and_syncs_merged_weights(m
     assert isinstance(trainer.update.reference, AdapterDisabledReference)
     scored = trainer.collector.collect(0)
     batch = build_policy_batch(scored.rollout, trainer.tokenizer.pad_token_id)
-    trainer.collector.load_state_dict({"epoch": 0, "position": 0})
+    trainer.collector.sampler.load_state_dict({"epoch": 0, "position": 0})
 
     for step in range(2):
         trainer.step = step
