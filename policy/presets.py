@@ -8,6 +8,9 @@
                  1 shared, MTP depth 1; vocab_size comes from the tokenizer.
     deepseek-v3  the released 671B configuration (61 layers, d=7168, 128 heads,
                  256 experts top-8 in 8 groups / 4 kept, YaRN x40). Config only.
+    deepseek-v2-lite  DeepSeek-V2-Lite's sizes (15.7B: 27 layers, d=2048, 16 heads,
+                 no query compression, 64 experts top-6 + 2 shared) in the V3
+                 architecture. Config only (memory planning, meta-device builds).
 
 `preset_config(name, **overrides)` returns a validated `DeepseekV3Config`.
 """
@@ -105,7 +108,53 @@ _DEEPSEEK_V3: dict[str, Any] = dict(
     mtp_loss_weight=0.3,
 )
 
-PRESETS: dict[str, dict[str, Any]] = {"tiny-debug": _TINY_DEBUG, "tiny": _TINY, "deepseek-v3": _DEEPSEEK_V3}
+# DeepSeek-V2-Lite-sized, but the V3 architecture: sigmoid affinities with the selection bias and
+# normalised top-k gates (V2-Lite itself routes with a softmax, greedy top-6, unnormalised), no
+# node-limited groups (V2-Lite has none), and no MTP module (V2-Lite has none). Every size is
+# V2-Lite's released config.json, so the parameter count is its 15.7B.
+_DEEPSEEK_V2_LITE: dict[str, Any] = dict(
+    vocab_size=102400,
+    hidden_size=2048,
+    intermediate_size=10944,
+    moe_intermediate_size=1408,
+    num_hidden_layers=27,
+    first_k_dense_replace=1,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    q_lora_rank=None,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    n_routed_experts=64,
+    n_shared_experts=2,
+    num_experts_per_tok=6,
+    n_group=1,
+    topk_group=1,
+    routed_scaling_factor=1.0,
+    norm_topk_prob=True,
+    num_nextn_predict_layers=0,
+    max_position_embeddings=163840,
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 40.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+    },
+    bos_token_id=100000,
+    eos_token_id=100001,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-debug": _TINY_DEBUG,
+    "tiny": _TINY,
+    "deepseek-v3": _DEEPSEEK_V3,
+    "deepseek-v2-lite": _DEEPSEEK_V2_LITE,
+}
 
 
 def preset_config(name: str, **overrides: Any) -> DeepseekV3Config:
