@@ -25,35 +25,30 @@ checks that the MTP copies of embedding and head equal the shared ones, and
 never drops a tensor: unknown names end up as unexpected keys that
 `check_keys` reports.
 
-Released FP8 checkpoints store most projections, per expert, as float8_e4m3fn
-`X.weight` plus `X.weight_scale_inv` (one scale per weight block, declared by
-config.json's quantization_config). `load_checkpoint` dequantises them
-(policy/fp8_checkpoint.py) while reading, before the layout conversion, so
-per-expert weights are fused and MTP layers mapped exactly as for BF16 ones.
-An FP8 tensor in a checkpoint that declares no quantisation is an error.
+`plan_load` does the same conversion from names and shapes alone: where each
+checkpoint tensor goes in our state dict (a `Placement`: a target key and a box
+in it, e.g. `experts.{e}.up_proj.weight` -> `gate_up_proj[e, I:2I]`), with every
+check of `from_released` and `check_keys` made before a tensor is read. The
+streaming loader (policy/streaming_load.py) reads a checkpoint by this plan.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from r1kit.policy.config import DeepseekV3Config
-from r1kit.policy.fp8_checkpoint import dequantize_fp8_tensors
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
-
-logger = logging.getLogger(__name__)
 
 _FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -121,13 +116,8 @@ def from_released(
     copies: list[tuple[str, str, torch.Tensor]] = []  # (checkpoint name, shared name, tensor)
     skipped: list[str] = []
     for name, tensor in named_tensors:
-        target = _our_name(name, config)
+        target = _route(name, config, skip_extra_mtp)
         if target is None:
-            if not skip_extra_mtp:
-                raise ValueError(
-                    f"checkpoint tensor {name!r} belongs to an MTP layer beyond num_nextn_predict_layers="
-                    f"{config.num_nextn_predict_layers} (pass num_nextn_predict_layers=0 to drop MTP)"
-                )
             skipped.append(name)
         elif target.startswith("="):
             copies.append((name, target[1:], tensor))
@@ -140,6 +130,127 @@ def from_released(
     for name, shared, tensor in copies:
         _check_copy(name, shared, tensor, ours, config)
     return ours, skipped
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one checkpoint tensor goes: the box [offset, offset + shape) of our tensor `target`.
+
+    shape is the checkpoint tensor's own, with a leading 1 when it is one expert of a fused
+    (E, ., .) tensor. `copy_of` is set for an MTP module's copy of the embedding or the head: it
+    is not written, but must equal the checkpoint tensor `copy_of`, the one that fills `target`.
+    """
+
+    target: str
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+    copy_of: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """placements: by checkpoint name, in reading order; skipped: checkpoint tensors of MTP layers
+    the model does not have (`skip_extra_mtp`); fresh: our keys of whole MTP modules the checkpoint lacks."""
+
+    placements: dict[str, Placement]
+    skipped: list[str]
+    fresh: list[str]
+
+
+def plan_load(
+    shapes: Mapping[str, tuple[int, ...]],
+    targets: Mapping[str, tuple[int, ...]],
+    config: DeepseekV3Config,
+    *,
+    skip_extra_mtp: bool = False,
+) -> LoadPlan:
+    """Where every checkpoint tensor goes in our state dict, from names and shapes alone.
+
+    shapes: checkpoint tensor name (released, transformers-fused or our names, in any mix) -> shape,
+    in reading order. targets: our state-dict key -> full (unsharded) shape of each tensor to fill.
+    Raises the ValueErrors of `from_released` and `check_keys`, and on a tensor that is given
+    twice or whose shape does not fit its place, naming both.
+    """
+    plain: dict[str, str] = {}  # our key -> checkpoint name
+    experts: dict[str, dict[str, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
+    copies: list[tuple[str, str]] = []  # (checkpoint name, our key of the shared tensor)
+    skipped: list[str] = []
+    for name in shapes:
+        target = _route(name, config, skip_extra_mtp)
+        if target is None:
+            skipped.append(name)
+        elif target.startswith("="):
+            copies.append((name, target[1:]))
+        elif match := _PER_EXPERT.match(target):
+            by_expert = experts[match[1]][match[3]]
+            _refuse_twice(target, by_expert.get(int(match[2])), name)
+            by_expert[int(match[2])] = name
+        else:
+            _refuse_twice(target, plain.get(target), name)
+            plain[target] = name
+    fused = [f"{prefix}.{kind}" for prefix in experts for kind in ("gate_up_proj", "down_proj")]
+    for prefix, projections in experts.items():
+        _check_experts(prefix, projections, config.n_routed_experts)
+        if f"{prefix}.down_proj" in plain or f"{prefix}.gate_up_proj" in plain:
+            raise ValueError(f"checkpoint holds the experts of {prefix!r} twice, per expert and fused")
+    placements = {}
+    for name, shared in copies:
+        if shared not in plain:
+            raise ValueError(f"checkpoint has {name!r} but not the {shared!r} it must copy")
+        if shapes[name] != shapes[plain[shared]]:
+            raise _copy_differs(name, shared)
+        placements[name] = Placement(shared, (0,) * len(shapes[name]), shapes[name], copy_of=plain[shared])
+    fresh = check_keys([*plain, *fused], targets)
+    for target, name in plain.items():
+        _check_fits(name, shapes[name], target, targets[target], targets[target])
+        placements[name] = Placement(target, (0,) * len(shapes[name]), shapes[name])
+    for prefix, projections in experts.items():
+        placements.update(_expert_placements(prefix, projections, shapes, targets))
+    return LoadPlan({name: placements[name] for name in shapes if name in placements}, skipped, fresh)
+
+
+def _expert_placements(
+    prefix: str,
+    projections: Mapping[str, Mapping[int, str]],
+    shapes: Mapping[str, tuple[int, ...]],
+    targets: Mapping[str, tuple[int, ...]],
+) -> Iterator[tuple[str, Placement]]:
+    """Per-expert checkpoint tensors -> their rows of gate_up_proj (E, 2I, H) (gate rows [0, I), up rows
+    [I, 2I)) and down_proj (E, H, I)."""
+    gate_up, down = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
+    rows = targets[gate_up][1] // 2
+    for kind, names in projections.items():
+        for expert, name in names.items():
+            if kind == "down_proj":
+                target, first_row, needed = down, 0, targets[down][1:]
+            else:
+                target, first_row, needed = gate_up, rows if kind == "up_proj" else 0, (rows, *targets[gate_up][2:])
+            _check_fits(name, shapes[name], target, targets[target], needed)
+            yield name, Placement(target, (expert, first_row, 0), (1, *shapes[name]))
+
+
+def _refuse_twice(target: str, earlier: str | None, name: str) -> None:
+    if earlier is not None:
+        raise ValueError(f"checkpoint holds {target!r} twice, as {earlier!r} and {name!r}")
+
+
+def _check_fits(
+    name: str, shape: tuple[int, ...], target: str, target_shape: tuple[int, ...], needed: tuple[int, ...]
+) -> None:
+    if tuple(shape) != tuple(needed):
+        place = repr(target) if tuple(needed) == tuple(target_shape) else f"its place in {target!r} {target_shape}"
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(shape)}, but {place} has shape {needed}")
+
+
+def _route(name: str, config: DeepseekV3Config, skip_extra_mtp: bool) -> str | None:
+    """`_our_name`, raising on an extra MTP layer unless `skip_extra_mtp` (then None)."""
+    target = _our_name(name, config)
+    if target is None and not skip_extra_mtp:
+        raise ValueError(
+            f"checkpoint tensor {name!r} belongs to an MTP layer beyond num_nextn_predict_layers="
+            f"{config.num_nextn_predict_layers} (pass num_nextn_predict_layers=0 to drop MTP)"
+        )
+    return target
 
 
 def _our_name(name: str, config: DeepseekV3Config) -> str | None:
@@ -165,6 +276,16 @@ def _fuse_experts(
     prefix: str, projections: Mapping[str, Mapping[int, torch.Tensor]], num_experts: int
 ) -> dict[str, torch.Tensor]:
     """Per-expert 2-D weights -> our 3-D gate_up_proj (E, 2I, H) and down_proj (E, H, I)."""
+    _check_experts(prefix, projections, num_experts)
+    stack = lambda kind: torch.stack([projections[kind][e] for e in range(num_experts)])
+    return {
+        f"{prefix}.gate_up_proj": torch.cat((stack("gate_proj"), stack("up_proj")), dim=1),
+        f"{prefix}.down_proj": stack("down_proj"),
+    }
+
+
+def _check_experts(prefix: str, projections: Mapping[str, Collection[int]], num_experts: int) -> None:
+    """Raises unless each of gate_proj, up_proj and down_proj comes for experts 0 .. num_experts - 1 exactly."""
     for kind in ("gate_proj", "up_proj", "down_proj"):
         missing = sorted(set(range(num_experts)) - set(projections.get(kind, {})))
         if missing:
@@ -174,11 +295,6 @@ def _fuse_experts(
             raise ValueError(
                 f"checkpoint has {prefix}.{{{_ranges(extra)}}}.{kind}.weight, beyond n_routed_experts={num_experts}"
             )
-    stack = lambda kind: torch.stack([projections[kind][e] for e in range(num_experts)])
-    return {
-        f"{prefix}.gate_up_proj": torch.cat((stack("gate_proj"), stack("up_proj")), dim=1),
-        f"{prefix}.down_proj": stack("down_proj"),
-    }
 
 
 def _check_copy(
@@ -189,11 +305,21 @@ def _check_copy(
         reference = ours.get("model.embed_tokens.weight")
     if reference is None:
         raise ValueError(f"checkpoint has {name!r} but not the {shared!r} it must copy")
-    if reference.shape != tensor.shape or not torch.equal(reference, tensor.to(reference.dtype)):
-        raise ValueError(
-            f"checkpoint tensor {name!r} differs from {shared!r}; this model shares one embedding and "
-            "one output head between the main model and the MTP modules"
-        )
+    check_copy(name, shared, tensor, reference)
+
+
+def check_copy(name: str, shared: str, copy: torch.Tensor, reference: torch.Tensor) -> None:
+    """Raises unless checkpoint tensor `name`, an MTP copy of our `shared`, equals `reference` (the
+    checkpoint's `shared`, or the same part of both), compared in the reference's dtype."""
+    if reference.shape != copy.shape or not torch.equal(reference, copy.to(reference.dtype)):
+        raise _copy_differs(name, shared)
+
+
+def _copy_differs(name: str, shared: str) -> ValueError:
+    return ValueError(
+        f"checkpoint tensor {name!r} differs from {shared!r}; this model shares one embedding and "
+        "one output head between the main model and the MTP modules"
+    )
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -206,27 +332,27 @@ def _ranges(numbers: list[int]) -> str:
     return ",".join(spans)
 
 
-def check_keys(state_dict: Mapping[str, torch.Tensor], expected: Iterable[str]) -> list[str]:
-    """Raises on unexpected and missing tensors, except for whole MTP modules; returns those modules' keys.
+def check_keys(keys: Collection[str], expected: Iterable[str]) -> list[str]:
+    """Raises on unexpected and missing keys (ours), except for whole MTP modules; returns those modules' keys.
 
     A checkpoint without any tensor of MTP module k (transformers' DeepseekV3 never
     saves MTP) leaves that module to be initialised fresh; one with some of its
     tensors but not all is damaged and raises like any other missing tensor.
     """
     expected = set(expected)
-    unexpected = sorted(set(state_dict) - expected)
+    unexpected = sorted(set(keys) - expected)
     if unexpected:
         raise ValueError(f"checkpoint has {len(unexpected)} unexpected tensors: {_preview(unexpected)}")
-    missing = sorted(expected - set(state_dict))
-    saved_mtp_modules = {_mtp_module(key) for key in state_dict if _OUR_MTP.match(key)}
-    fresh = [key for key in missing if _OUR_MTP.match(key) and _mtp_module(key) not in saved_mtp_modules]
+    missing = sorted(expected - set(keys))
+    saved_mtp_modules = {mtp_module(key) for key in keys if _OUR_MTP.match(key)}
+    fresh = [key for key in missing if _OUR_MTP.match(key) and mtp_module(key) not in saved_mtp_modules]
     lacking = [key for key in missing if key not in fresh]
     if lacking:
         raise ValueError(f"checkpoint lacks {len(lacking)} tensors: {_preview(lacking)}")
     return fresh
 
 
-def _mtp_module(key: str) -> int:
+def mtp_module(key: str) -> int:
     """The module index k of a key `mtp.{k}.<rest>`."""
     return int(_OUR_MTP.match(key)[1])
 
@@ -234,75 +360,6 @@ def _mtp_module(key: str) -> int:
 def _preview(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def load_checkpoint(
-    model: torch.nn.Module,
-    directory: str | os.PathLike,
-    *,
-    skip_extra_mtp: bool = False,
-    fp8_block: tuple[int, int] | None = None,
-) -> None:
-    """Fills our causal LM from a checkpoint directory: every tensor placed, or a ValueError naming it.
-
-    fp8_block: the weight block of an FP8-quantised checkpoint (config.json's
-    quantization_config.weight_block_size); its FP8 weights are dequantised to
-    the model's dtype. Dropped MTP layers (`skip_extra_mtp`) are logged; MTP
-    modules the checkpoint has no weights for keep their fresh initialisation,
-    with one warning naming them.
-    """
-    config = model.config
-    named = read_safetensors(directory)
-    if fp8_block is None:
-        named = _refuse_fp8(named, directory)
-    else:
-        dtype = next(model.parameters()).dtype
-        named = dequantize_fp8_tensors(named, dtype=dtype, block=fp8_block)
-    tensors, skipped = from_released(named, config, skip_extra_mtp=skip_extra_mtp)
-    if skipped:
-        logger.warning("MTP switched off: left %d checkpoint tensors unused (%s, ...)", len(skipped), skipped[0])
-    expected = [k for k in model.state_dict() if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    initialised = check_keys(tensors, expected)
-    if initialised:
-        modules = sorted({_mtp_module(key) for key in initialised})
-        logger.warning(
-            "%s has no weights for MTP module(s) %s; initialised %d MTP tensors fresh: %s "
-            "(pass num_nextn_predict_layers=0 to build the model without MTP)",
-            directory,
-            ", ".join(map(str, modules)),
-            len(initialised),
-            ", ".join(initialised),
-        )
-    model.load_state_dict(tensors, strict=False)
-
-
-def _refuse_fp8(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], directory: str | os.PathLike
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Passes tensors through; an 8-bit float (unscaled, it would load as garbage) raises."""
-    for name, tensor in named_tensors:
-        if tensor.is_floating_point() and tensor.element_size() == 1:
-            raise ValueError(
-                f"checkpoint tensor {name!r} in {directory} is {tensor.dtype}, but config.json declares no "
-                "quantization_config (quant_method 'fp8' with weight_block_size) to dequantise it"
-            )
-        yield name, tensor
-
-
-def read_safetensors(directory: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of a (possibly sharded) safetensors checkpoint in `directory`."""
-    directory = Path(directory)
-    if (directory / SAFE_INDEX).is_file():
-        index = json.loads((directory / SAFE_INDEX).read_text())
-        files = sorted(set(index["weight_map"].values()))
-    elif (directory / SAFE_WEIGHTS).is_file():
-        files = [SAFE_WEIGHTS]
-    else:
-        raise FileNotFoundError(f"{directory} has neither {SAFE_WEIGHTS} nor {SAFE_INDEX}")
-    for file in files:
-        with safe_open(directory / file, framework="pt") as shard:
-            for name in shard.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                yield name, shard.get_tensor(name)
 
 
 def write_safetensors(

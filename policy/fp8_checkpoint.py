@@ -12,11 +12,13 @@ Despite its name, `weight_scale_inv` multiplies: w[i, j] = fp8[i, j] * scale_inv
 (the same convention as `BlockQuantized.scale`). Everything else (embeddings, norms, router,
 output head) is stored in BF16/FP32 and passes through untouched.
 
-Two ways in: `dequantize_fp8_tensors` (streaming, what the policy's loader uses) and
-`dequantize_fp8_state_dict` (a mapping) turn every FP8 weight into BF16/FP32 master weights for
-training; `split_fp8_state_dict` keeps the FP8 data and scales for `FrozenFP8Linear` (see
-`convert_to_frozen_fp8`). All refuse a weight without its scale, a scale without its weight and
-a scale of the wrong shape, naming the key.
+Three ways in: `dequantize_fp8_tensors` (a stream of tensors) and `dequantize_fp8_state_dict`
+(a mapping) turn every FP8 weight into BF16/FP32 master weights for training;
+`split_fp8_state_dict` keeps the FP8 data and scales for `FrozenFP8Linear` (see
+`convert_to_frozen_fp8`); `fp8_scales` pairs the weights with their scales from dtypes and shapes
+alone, so the policy's loader (policy/streaming_load.py) checks a checkpoint before reading it and
+then dequantises one weight, or the rows of it a rank holds, at a time. All refuse a weight
+without its scale, a scale without its weight and a scale of the wrong shape, naming the key.
 """
 
 from __future__ import annotations
@@ -55,19 +57,37 @@ def split_fp8_state_dict(
     Every float8_e4m3fn tensor must come with "<key>_scale_inv" of shape ceil(shape / block);
     every "_scale_inv" key must belong to such a tensor.
     """
-    plain: dict[str, Tensor] = {}
-    quantized: dict[str, BlockQuantized] = {}
-    for key, tensor in state.items():
+    scales = fp8_scales({key: (tensor.dtype, tuple(tensor.shape)) for key, tensor in state.items()}, block=block)
+    paired = {*scales, *scales.values()}
+    plain = {key: tensor for key, tensor in state.items() if key not in paired}
+    quantized = {key: BlockQuantized(state[key], state[scale].float(), block) for key, scale in scales.items()}
+    return plain, quantized
+
+
+def fp8_scales(
+    stored: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], *, block: tuple[int, int] = DEEPSEEK_BLOCK
+) -> dict[str, str]:
+    """{FP8 weight: its "_scale_inv"} of a checkpoint described by (dtype, shape) per tensor name.
+
+    Raises, naming the key, on a float8_e4m3fn weight without its scale, a scale without its
+    weight, a scale of the wrong shape or dtype, and any other 8-bit float.
+    """
+    scales: dict[str, str] = {}
+    for key, (dtype, shape) in stored.items():
         if key.endswith(SCALE_SUFFIX):
             weight_key = key.removesuffix(SCALE_SUFFIX)
-            if weight_key not in state or state[weight_key].dtype != FP8_DTYPE:
+            if weight_key not in stored or stored[weight_key][0] != FP8_DTYPE:
                 raise KeyError(f"{key!r} has no float8_e4m3fn weight {weight_key!r} to scale")
-        elif tensor.dtype == FP8_DTYPE:
-            quantized[key] = _paired(state, key, block)
+        elif dtype == FP8_DTYPE:
+            scale_key = key + SCALE_SUFFIX
+            if scale_key not in stored:
+                raise KeyError(f"FP8 weight {key!r} has no scale {scale_key!r}")
+            scale_dtype, scale_shape = stored[scale_key]
+            _check_pair(key, shape, scale_shape, scale_dtype, block)
+            scales[key] = scale_key
         else:
-            _refuse_other_fp8(key, tensor)
-            plain[key] = tensor
-    return plain, quantized
+            _refuse_other_fp8(key, dtype)
+    return scales
 
 
 def dequantize_fp8_state_dict(
@@ -106,7 +126,7 @@ def dequantize_fp8_tensors(
             else:
                 weights[key] = tensor
         else:
-            _refuse_other_fp8(key, tensor)
+            _refuse_other_fp8(key, tensor.dtype)
             yield key, tensor
     if weights:
         key = next(iter(weights))
@@ -116,29 +136,33 @@ def dequantize_fp8_tensors(
         raise KeyError(f"{key + SCALE_SUFFIX!r} has no float8_e4m3fn weight {key!r} to scale")
 
 
-def _refuse_other_fp8(key: str, tensor: Tensor) -> None:
-    if tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1:
-        raise TypeError(f"{key!r} is {tensor.dtype}; only float8_e4m3fn block-quantised weights are supported")
-
-
-def _paired(state: Mapping[str, Tensor], key: str, block: tuple[int, int]) -> BlockQuantized:
-    scale_key = key + SCALE_SUFFIX
-    if scale_key not in state:
-        raise KeyError(f"FP8 weight {key!r} has no scale {scale_key!r}")
-    return _checked(key, state[key], state[scale_key], block)
+def _refuse_other_fp8(key: str, dtype: torch.dtype) -> None:
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        raise TypeError(f"{key!r} is {dtype}; only float8_e4m3fn block-quantised weights are supported")
 
 
 def _checked(key: str, data: Tensor, scale: Tensor, block: tuple[int, int]) -> BlockQuantized:
     """data (N, K) float8_e4m3fn with its scale (ceil(N / br), ceil(K / bc)), or an error naming `key`."""
-    if data.dim() != 2:
-        raise ValueError(f"FP8 weight {key!r} must be 2-D, got shape {tuple(data.shape)}")
-    expected = (-(-data.shape[0] // block[0]), -(-data.shape[1] // block[1]))
-    if tuple(scale.shape) != expected or not scale.is_floating_point():
-        raise ValueError(
-            f"{key + SCALE_SUFFIX!r} has shape {tuple(scale.shape)} and dtype {scale.dtype}; weight {key!r} of "
-            f"shape {tuple(data.shape)} in {block[0]}x{block[1]} blocks needs a float tensor of shape {expected}"
-        )
+    _check_pair(key, tuple(data.shape), tuple(scale.shape), scale.dtype, block)
     return BlockQuantized(data, scale.float(), block)
+
+
+def _check_pair(
+    key: str,
+    shape: tuple[int, ...],
+    scale_shape: tuple[int, ...],
+    scale_dtype: torch.dtype,
+    block: tuple[int, int],
+) -> None:
+    """Raises unless weight `key` is 2-D, (N, K), and its scale a float tensor (ceil(N / br), ceil(K / bc))."""
+    if len(shape) != 2:
+        raise ValueError(f"FP8 weight {key!r} must be 2-D, got shape {shape}")
+    expected = (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+    if tuple(scale_shape) != expected or not scale_dtype.is_floating_point:
+        raise ValueError(
+            f"{key + SCALE_SUFFIX!r} has shape {tuple(scale_shape)} and dtype {scale_dtype}; weight {key!r} of "
+            f"shape {shape} in {block[0]}x{block[1]} blocks needs a float tensor of shape {expected}"
+        )
 
 
 __all__ = [
@@ -146,6 +170,7 @@ __all__ = [
     "SCALE_SUFFIX",
     "dequantize_fp8_state_dict",
     "dequantize_fp8_tensors",
+    "fp8_scales",
     "split_fp8_state_dict",
     "weight_block_size",
 ]

@@ -18,7 +18,8 @@ the absorbed form. `forward` takes it as `cache` or `past_key_values` and model
 outputs carry it under the name the installed transformers' `generate()` uses
 (policy/transformers_compat.py). `save_pretrained` writes the released DeepSeek-V3 layout
 (policy/checkpoint.py) with model_type "deepseek_v3", which transformers and
-vLLM load directly; `from_pretrained` reads that layout, transformers' and ours,
+vLLM load directly; `from_pretrained` builds on the meta device and streams that
+layout, transformers' or ours into it tensor by tensor (policy/streaming_load.py),
 dequantises released FP8 (`weight_scale_inv`) weights, and refuses to drop or
 invent a tensor. `config.fp8` builds the model for FP8 training
 (policy/fp8_policy.py); `enable_fp8` switches an existing model over.
@@ -44,13 +45,13 @@ from r1kit.policy import checkpoint
 from r1kit.policy.attention import MultiheadLatentAttention, build_attention_mask, packed_sequence_ids
 from r1kit.policy.cache import LatentCache
 from r1kit.policy.config import DeepseekV3Config
-from r1kit.policy.fp8_checkpoint import weight_block_size
 from r1kit.policy.fp8_gemm import FP8Config
 from r1kit.policy.fp8_policy import enable_fp8
 from r1kit.policy.layers import MLP, RMSNorm
 from r1kit.policy.moe import MoE, RoutedExperts, Router
 from r1kit.policy.mtp import MTPModule, mtp_loss
 from r1kit.policy.rope import RotaryEmbedding, rope_frequencies
+from r1kit.policy.streaming_load import load_into
 from r1kit.policy.transformers_compat import CACHE_NAME, pop_cache_argument, with_cache_field
 
 MLA_DECODE_PATHS = ("absorbed", "expanded")
@@ -166,7 +167,8 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         """Recomputes the buffers no state dict holds: the rotary frequencies and the routing-load counts.
 
         For a model built on the meta device: `with torch.device("meta"): model = cls(config)`, then
-        `model.to_empty(device=...)`, `model.init_buffers()` and `model.load_state_dict(...)`.
+        (sharding, if any) `model.to_empty(device=...)`, `model.init_buffers()` and
+        `streaming_load.load_into(model, directory)` or `model.load_state_dict(...)`.
         """
         for module in self.modules():
             if isinstance(module, RotaryEmbedding):
@@ -478,6 +480,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         release) is dequantised (fp8 * weight_scale_inv) into the model's dtype; the
         loaded model's config drops `quantization_config`, since its weights are no
         longer quantised. generation_config.json, when present, is the model's generation config.
+        The model is built on the meta device, materialised on `device` (default CPU) and
+        filled tensor by tensor (`streaming_load.load_into`): no random init, and besides the
+        model at most about one checkpoint tensor in host memory.
         """
         directory = Path(pretrained_model_name_or_path)
         if not (directory / "config.json").is_file():
@@ -487,21 +492,18 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         if unknown:
             raise ValueError(f"from_pretrained: {unknown} are not DeepseekV3Config fields")
         fields = {**config.to_dict(), **config_overrides}
-        fp8_block = weight_block_size(fields)
         fields.pop("quantization_config", None)
         config = DeepseekV3Config(**fields)
-        with _default_dtype(_resolve_dtype(config.dtype if dtype in (None, "auto") else dtype)):
-            model = cls(config)
-        checkpoint.load_checkpoint(
-            model,
-            directory,
-            skip_extra_mtp="num_nextn_predict_layers" in config_overrides,
-            fp8_block=fp8_block,
-        )
+        with torch.device("meta"), _default_dtype(_resolve_dtype(config.dtype if dtype in (None, "auto") else dtype)):
+            model = cls(config)  # no memory, no random init
+        model.to_empty(device=device if device is not None else "cpu")
+        model.tie_weights()  # to_empty made new tensors: a tied head shares the embedding again
+        model.init_buffers()
+        load_into(model, directory, skip_extra_mtp="num_nextn_predict_layers" in config_overrides)
         model.config.name_or_path = str(directory)
         if (directory / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(directory)
-        return model.to(device) if device is not None else model
+        return model
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:

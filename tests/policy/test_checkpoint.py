@@ -91,9 +91,9 @@ def test_from_pretrained_in_bf16_keeps_routing_bias_fp32(model, tmp_path):
 
 def test_transformers_checkpoint_without_mtp_loads_with_fresh_mtp_and_one_warning(model, twin, tmp_path, caplog):
     twin(model).save_pretrained(tmp_path)  # per-expert keys, no MTP layer
-    with caplog.at_level(logging.WARNING, logger="r1kit.policy.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="r1kit.policy.streaming_load"):
         fresh = DeepseekV3ForCausalLM.from_pretrained(tmp_path)
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "r1kit.policy.checkpoint"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "r1kit.policy.streaming_load"]
     assert "no weights for MTP module(s) 0; initialised 20 MTP tensors fresh: mtp.0." in warning
     assert torch.equal(fresh.model.layers[1].mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj)
     no_mtp = DeepseekV3ForCausalLM.from_pretrained(tmp_path, num_nextn_predict_layers=0)
@@ -124,7 +124,7 @@ def test_checkpoint_of_transformers_default_config_loads_and_matches_its_logits(
     theirs = TransformersDeepseekV3(TransformersConfig(**sizes)).eval()
     randomized(theirs)
     theirs.save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="r1kit.policy.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="r1kit.policy.streaming_load"):
         ours = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
     assert len(ours.mtp) == TransformersConfig().num_nextn_predict_layers
     assert len(caplog.records) == (1 if len(ours.mtp) else 0)
@@ -141,7 +141,7 @@ def test_checkpoint_with_part_of_an_mtp_module_fails_naming_the_rest(model, tmp_
 
 def test_dropping_mtp_is_explicit_and_logged(model, tmp_path, caplog):
     model.save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="r1kit.policy.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="r1kit.policy.streaming_load"):
         DeepseekV3ForCausalLM.from_pretrained(tmp_path, num_nextn_predict_layers=0)
     assert "left 44 checkpoint tensors unused" in caplog.text
 
