@@ -278,11 +278,26 @@ class RoutedExperts(nn.Module):
         """x (N, hidden), topk_idx (N, K), gates (N, K) -> sum_k gates[:, k] * FFN_{topk_idx[:, k]}(x)."""
         layout = ExpertLayout.from_topk(topk_idx, self.num_experts)
         rows = x[layout.token_index]  # (N*K, hidden)
-        gate, up = self.expert_linear(rows, self.gate_up_proj, layout).chunk(2, dim=-1)
-        # the gate value scales the (narrower) down-projection input: g * W_down(h) = W_down(g * h)
         scale = gates.flatten()[layout.pair_index].to(x.dtype).unsqueeze(-1)  # (N*K, 1)
-        out = self.expert_linear(self.act_fn(gate) * up * scale, self.down_proj, layout)  # (N*K, hidden)
+        out = self.expert_ffn(rows, scale, layout, self.gate_up_proj, self.down_proj)  # (N*K, hidden)
         return out[layout.inverse].view(*topk_idx.shape, -1).sum(dim=1)  # (N, K, hidden) -> (N, hidden)
+
+    def expert_ffn(
+        self,
+        rows: torch.Tensor,
+        scale: torch.Tensor,
+        layout: ExpertLayout,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+    ) -> torch.Tensor:
+        """scale * FFN_e(row) for rows (M, hidden) sorted by expert as `layout` says, scale (M, 1) their gate
+        values, with the experts' weights gate_up_proj (E, 2I, hidden) and down_proj (E, hidden, I) -> (M, hidden).
+
+        The seam expert parallelism overrides (policy/parallelize.py): it runs this on the rows it receives.
+        """
+        gate, up = self.expert_linear(rows, gate_up_proj, layout).chunk(2, dim=-1)
+        # the gate value scales the (narrower) down-projection input: g * W_down(h) = W_down(g * h)
+        return self.expert_linear(self.act_fn(gate) * up * scale, down_proj, layout)
 
 
 @dataclass
