@@ -2,28 +2,37 @@
 
 A checkpoint directory `checkpoint-{step}` holds the policy and tokenizer in
 Hugging Face format (loadable by `r1kit.policy.load_policy`, transformers and vLLM),
-plus `training_state.pt`: optimizer, scheduler, RNG states and the trainer's own
-state (step, prompt position, policy version). Everything is written into a
-temporary sibling directory first and renamed into place, so a crash leaves
-either the previous checkpoint or the new one, never a partial one.
+the optimizer state in `optimizer/` (torch.distributed.checkpoint: every rank
+writes its own shard of a sharded optimizer, FSDP2 and expert parallelism
+included, and reads back its own, on any number of processes), and
+`training_state.pt`: scheduler, RNG states and the trainer's own state (step,
+prompt position, policy version, a prefetched batch). Everything is written
+into a temporary sibling directory first and renamed into place, so a crash
+leaves either the previous checkpoint or the new one, never a partial one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.pt"
+OPTIMIZER_DIR = "optimizer"
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,10 +56,12 @@ def save_model_atomic(
     directory: str | Path,
     extra_state: dict | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    move_in: dict[str, Path] | None = None,
 ) -> Path:
     """Write model + tokenizer (+ `training_state.pt` if given) to `directory` via a temporary rename.
 
     state_dict: the weights to write when the module's own are sharded (FSDP, ZeRO-3); default its own.
+    move_in: name -> an already written file or directory to move into `directory` under that name.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +71,8 @@ def save_model_atomic(
         tokenizer.save_pretrained(tmp)
         if extra_state is not None:
             torch.save(extra_state, tmp / STATE_FILE)
+        for name, written in (move_in or {}).items():
+            os.replace(written, tmp / name)
         if directory.exists():
             stale = directory.with_name(f".{directory.name}.stale")
             shutil.rmtree(stale, ignore_errors=True)
@@ -83,39 +96,64 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """Without a process group, torch.distributed.checkpoint reads and writes one process's files, and says so
+    on every call: a run on one process means it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path) -> None:
+    """Write the optimizer state of `model`'s parameters to `directory`, each rank its own shard.
+
+    A collective: every process calls it with the same directory.
+    """
+    state = get_optimizer_state_dict(model, optimizer)
+    with _single_process_is_intended():
+        dcp.save(state, checkpoint_id=str(directory))
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path) -> None:
+    """Read back what `save_optimizer` wrote, each rank its shard of this run's sharding. A collective."""
+    state = get_optimizer_state_dict(model, optimizer)  # the layout to fill: every state tensor, sharded as now
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(directory))
+    set_optimizer_state_dict(model, optimizer, state)
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
     *,
     model: nn.Module,
     tokenizer,
-    optimizer: torch.optim.Optimizer,
+    optimizer_dir: Path,
     scheduler,
     trainer_state: dict,
     keep_last: int | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Save `checkpoint-{step}` and delete all but the newest `keep_last` checkpoints."""
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
-        "trainer": trainer_state,
-    }
-    path = save_model_atomic(model, tokenizer, Path(output_dir) / f"checkpoint-{step}", state, state_dict)
+    """Save `checkpoint-{step}`, moving in the optimizer state `save_optimizer` wrote to `optimizer_dir`, and
+    delete all but the newest `keep_last` checkpoints."""
+    state = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "trainer": trainer_state}
+    path = save_model_atomic(model, tokenizer, Path(output_dir) / f"checkpoint-{step}", state, state_dict,
+                             move_in={OPTIMIZER_DIR: optimizer_dir})  # fmt: skip
     if keep_last is not None:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old)
     return path
 
 
-def load_training_state(checkpoint: str | Path, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG states; return the trainer's own saved state."""
+def load_training_state(checkpoint: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """Restore optimizer (a collective), scheduler and RNG states; return the trainer's own saved state."""
     path = Path(checkpoint) / STATE_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{checkpoint} is not a training checkpoint: {STATE_FILE} is missing")
+    if not path.exists() or not (Path(checkpoint) / OPTIMIZER_DIR).is_dir():
+        missing = f"{STATE_FILE} or {OPTIMIZER_DIR}/ is missing"
+        raise FileNotFoundError(f"{checkpoint} is not a training checkpoint: {missing}")
     state = torch.load(path, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer(model, optimizer, Path(checkpoint) / OPTIMIZER_DIR)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["trainer"]

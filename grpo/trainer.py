@@ -11,15 +11,17 @@ grpo/loss.py; this file only orchestrates.
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 from datasets import Dataset
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -27,10 +29,18 @@ from transformers import PreTrainedTokenizerBase
 
 from r1kit.grpo.adapters import AdapterDisabledReference, engine_weights, is_peft_model
 from r1kit.grpo.batch import PolicyBatch, build_policy_batch
-from r1kit.grpo.checkpoint import list_checkpoints, load_training_state, save_checkpoint, save_model_atomic
+from r1kit.grpo.checkpoint import (
+    OPTIMIZER_DIR,
+    list_checkpoints,
+    load_training_state,
+    save_checkpoint,
+    save_model_atomic,
+    save_optimizer,
+)
 from r1kit.grpo.collector import RewardScorer, RolloutCollector, ScoredRollout
 from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.data import PromptSampler, check_prompt_dataset, stop_token_ids
+from r1kit.grpo.distributed import full_tensors, is_sharded, shard_root
 from r1kit.grpo.logprobs import TokenLogprobModel
 from r1kit.grpo.lr_schedules import LR_SCHEDULES
 from r1kit.grpo.metrics import MetricsLogger, timed
@@ -109,6 +119,10 @@ class GRPOTrainer:
             chunk_size=config.logprob_chunk_size,
             padding_free=config.padding_free,
         )
+        self.sharded = is_sharded(policy)
+        if self.sharded:  # before the optimizer: the root's parameters become DTensors
+            self._check_sharded(policy, reference)
+            shard_root(model, policy)
         optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad],
             lr=config.learning_rate,
@@ -123,7 +137,10 @@ class GRPOTrainer:
             warmup_steps=config.warmup_steps,
             milestones=config.lr_milestone_pairs,
         )
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.sharded:  # FSDP2 / expert parallelism applied by the caller: accelerate must not wrap it again
+            self.model, self.optimizer = model, optimizer
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # the copy of the start policy this trainer made itself, which only its checkpoints can restore
         self.own_reference = config.beta > 0 and reference is None and not is_peft_model(policy)
         self.update = PolicyUpdate(config, self.model, policy, self.optimizer, self.scheduler, self.accelerator,
@@ -135,6 +152,16 @@ class GRPOTrainer:
         self.logger = MetricsLogger(config.output_dir, self.accelerator)
         self.step = 0
         self.policy_version = 0
+
+    def _check_sharded(self, policy: nn.Module, reference: nn.Module | None) -> None:
+        """What a policy sharded by the caller (`r1kit.policy.parallelize`) needs from the other settings."""
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError("a policy sharded with FSDP2 trains without DeepSpeed; launch without its config")
+        if is_peft_model(policy):
+            raise ConfigError("LoRA adapters on a sharded policy are not supported; train LoRA with data parallelism")
+        if self.config.beta > 0 and reference is None:
+            raise ConfigError("a sharded policy needs its KL reference passed as reference=, sharded the same way "
+                              "(a copy on every process would hold the whole model), or beta=0")  # fmt: skip
 
     def _reference_model(self, policy: nn.Module, reference: nn.Module | None) -> nn.Module | None:
         """The frozen KL reference: none when beta == 0, the adapter-free base for LoRA, else a copy."""
@@ -150,6 +177,9 @@ class GRPOTrainer:
             chunk_size=self.config.logprob_chunk_size,
             padding_free=self.config.padding_free,
         )
+        if self.sharded:
+            shard_root(wrapped, reference)
+            return wrapped
         return wrapped.to(self.accelerator.device)
 
     # ------------------------------------------------------------------ the loop
@@ -217,17 +247,28 @@ class GRPOTrainer:
         return scored.select(list(range(usable))).shard(accelerator.process_index, world)
 
     def _full_state_dict(self) -> dict[str, Tensor] | None:
-        """The policy's complete weights on the main process, gathered when sharded (FSDP, ZeRO-3).
+        """The policy's complete weights on the main process (None elsewhere), gathered when sharded.
 
         A collective: every process must call it. None for LoRA policies (adapters are merged instead).
         """
         if is_peft_model(self.policy):
             return None
+        if self.sharded:  # tensor by tensor; only the main process keeps them
+            gathered = full_tensors(self.policy)
+            main = self.accelerator.is_main_process
+            return {name: tensor for name, tensor in gathered if main} if main else _drain(gathered)
         state = self.accelerator.get_state_dict(self.model)  # keys of the TokenLogprobModel: "model.<name>"
         return {name.removeprefix("model."): tensor for name, tensor in state.items()}
 
     def _sync_engine(self) -> None:
+        """Push the policy's weights to the engine; a sharded policy streams them, one gathered tensor at a time."""
         self.policy_version += 1
+        if self.sharded:
+            weights = full_tensors(self.policy, self.accelerator.device)
+            if self.accelerator.is_main_process:
+                self.engine.update_weights(weights, self.policy_version)
+            _drain(weights)  # what the engine left unread (on the other processes: everything)
+            return
         state = self._full_state_dict()
         if self.accelerator.is_main_process:
             self.engine.update_weights(engine_weights(self.policy, state), self.policy_version)
@@ -240,16 +281,30 @@ class GRPOTrainer:
     def save_checkpoint(self) -> Path | None:
         """Write `checkpoint-{step}` (main process) and keep the newest `save_total_limit`; the trainer's own
         KL reference goes to `output_dir/reference` the first time."""
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError("checkpoints of DeepSpeed runs are not supported (each rank holds a ZeRO partition "
+                              "of the optimizer); train with DDP or FSDP2 to save and resume")  # fmt: skip
         state = self._full_state_dict()
+        output_dir = Path(self.config.output_dir)
+        optimizer_dir = output_dir / f".checkpoint-{self.step}.{OPTIMIZER_DIR}"  # moved into the checkpoint
+        if self.accelerator.is_main_process:
+            shutil.rmtree(optimizer_dir, ignore_errors=True)  # left by a run that stopped while saving
+        self.accelerator.wait_for_everyone()
+        save_optimizer(self.policy, self._optimizer, optimizer_dir)
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        reference = Path(self.config.output_dir) / REFERENCE_DIR
+        reference = output_dir / REFERENCE_DIR
         if self.own_reference and not reference.exists():
             save_model_atomic(self.update.reference.model, self.tokenizer, reference)
-        return save_checkpoint(self.config.output_dir, self.step, model=self.policy, tokenizer=self.tokenizer,
-                               optimizer=self.optimizer, scheduler=self.scheduler, state_dict=state,
+        return save_checkpoint(output_dir, self.step, model=self.policy, tokenizer=self.tokenizer,
+                               optimizer_dir=optimizer_dir, scheduler=self.scheduler, state_dict=state,
                                trainer_state=self._trainer_state(), keep_last=self.config.save_total_limit)  # fmt: skip
+
+    @property
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer itself, without accelerate's wrapper."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
 
     def resume(self, checkpoint: str | Path | None = None) -> int:
         """Restore the newest (or the given) checkpoint of `output_dir`; returns the step resumed at.
@@ -266,7 +321,7 @@ class GRPOTrainer:
             checkpoint = found[-1]
         if self.own_reference:
             self._restore_reference(Path(checkpoint).parent / REFERENCE_DIR)
-        state = load_training_state(checkpoint, self.optimizer, self.scheduler)
+        state = load_training_state(checkpoint, self.policy, self._optimizer, self.scheduler)
         self.step, self.policy_version = state["step"], state["policy_version"] - 1
         self.collector.load_state_dict(state["collector"])
         self.logger.truncate_after(self.step)
@@ -305,3 +360,8 @@ class GRPOTrainer:
                 title = f"{Path(self.config.output_dir).resolve().name}: {settings_summary(self.config)}"
                 plot_run(self.logger.path, Path(self.config.output_dir) / "report.png", title=title)
         return final
+
+
+def _drain(items: Iterator) -> None:
+    """Run an iterator to its end (a collective every process must finish), keeping nothing."""
+    collections.deque(items, maxlen=0)

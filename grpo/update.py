@@ -31,12 +31,14 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from r1kit.grpo import distributed
 from r1kit.grpo.adapters import is_peft_model
 from r1kit.grpo.batch import PolicyBatch
 from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.importance import IS_CORRECTIONS
 from r1kit.grpo.loss import grpo_loss, k3_kl, masked_mean
 from r1kit.grpo.metrics import timed
+from r1kit.policy.parallelize import clip_grad_norm_
 
 
 class PolicyUpdate:
@@ -55,6 +57,7 @@ class PolicyUpdate:
         self.config, self.model, self.policy = config, model, policy
         self.optimizer, self.scheduler, self.accelerator = optimizer, scheduler, accelerator
         self.reference = reference
+        self.sharded = distributed.is_sharded(policy)  # FSDP2 / expert parallelism, not wrapped by accelerate
         self.use_mtp = config.mtp_on_completions and hasattr(policy, "mtp_loss")
 
     def __call__(self, batch: PolicyBatch, advantages: Tensor) -> dict[str, float]:
@@ -164,6 +167,10 @@ class PolicyUpdate:
         """Backward inside this context all-reduces gradients (DDP, FSDP) and steps DeepSpeed's engine only
         when `sync`: the last micro-batch of an optimizer step. Accelerate's DeepSpeed backward reads
         `accelerator.sync_gradients`, which outside `accelerator.accumulate` is always True."""
+        if self.sharded:
+            with distributed.gradient_sync(self.policy, sync):
+                yield
+            return
         if sync:
             yield
             return
@@ -177,7 +184,8 @@ class PolicyUpdate:
 
     def apply_gradients(self) -> dict[str, float]:
         """Clip, optimizer and scheduler step, routing-bias update; returns grad norm and expert load."""
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        clip = clip_grad_norm_ if self.sharded else self.accelerator.clip_grad_norm_
+        grad_norm = clip(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
