@@ -22,6 +22,8 @@ Every function here is a collective where it says so: every rank calls it in the
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -47,7 +49,10 @@ def shard_root(module: nn.Module, policy: nn.Module) -> None:
             "shard_root=False) and the trainer roots its own forward"
         )
     mesh = next(p.device_mesh for p in policy.parameters() if isinstance(p, DTensor))
-    fully_shard(module, mesh=mesh)
+    fully_shard(module, mesh=mesh)  # its class becomes FSDP<class>
+    # FSDP2 warns once per process that the module returns views (sliced log-prob grids), since an in-place op
+    # on them would skip its pre-backward hook; the trainer only ever reads them out of place
+    warnings.filterwarnings("ignore", f"FSDP2-wrapped module \\({type(module).__name__}\\) returned a view")
 
 
 @contextlib.contextmanager
@@ -69,5 +74,19 @@ def full_tensors(module: nn.Module, device: torch.device | str = "cpu") -> Itera
     A collective: every rank iterates to the end; DTensors are all-gathered as they come.
     """
     for name, tensor in module.state_dict().items():
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        with _quiet_strided_gather():
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         yield name, full.detach().to(device)
+
+
+@contextlib.contextmanager
+def _quiet_strided_gather() -> Iterator[None]:
+    """Gathering an expert weight sharded over "ep" and then "edp" takes two all-gathers, which torch logs as
+    a warning on every rank about reduction order; an all-gather reduces nothing."""
+    logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -28,7 +28,7 @@ invent a tensor. `config.fp8` builds the model for FP8 training
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -466,6 +466,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         config: DeepseekV3Config | None = None,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
+        shard: Callable[[DeepseekV3ForCausalLM], object] | None = None,
         **config_overrides,
     ) -> DeepseekV3ForCausalLM:
         """Loads a local checkpoint directory in the released, transformers or our layout.
@@ -482,7 +483,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         longer quantised. generation_config.json, when present, is the model's generation config.
         The model is built on the meta device, materialised on `device` (default CPU) and
         filled tensor by tensor (`streaming_load.load_into`): no random init, and besides the
-        model at most about one checkpoint tensor in host memory.
+        model at most about one checkpoint tensor in host memory. `shard` is applied to the
+        model while it is still on the meta device (e.g. `lambda m: parallelize(m, mesh)`):
+        then each process allocates and reads only its own slices.
         """
         directory = Path(pretrained_model_name_or_path)
         if not (directory / "config.json").is_file():
@@ -496,6 +499,10 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         config = DeepseekV3Config(**fields)
         with torch.device("meta"), _default_dtype(_resolve_dtype(config.dtype if dtype in (None, "auto") else dtype)):
             model = cls(config)  # no memory, no random init
+        if shard is not None:
+            if config.tie_word_embeddings:
+                raise ValueError("from_pretrained(shard=...): a head tied to the embedding cannot be sharded apart")
+            shard(model)
         model.to_empty(device=device if device is not None else "cpu")
         model.tie_weights()  # to_empty made new tensors: a tied head shares the embedding again
         model.init_buffers()

@@ -120,6 +120,14 @@ class RecipeArguments:
     fp8: bool = option(
         False, "Train the policy's projections and experts in FP8 with block scaling (docs/fp8.md; emulated on CPU)."
     )
+    fsdp: bool = option(
+        False,
+        "Shard the DeepSeek-V3 policy and its KL reference with FSDP2 over the launched processes (torchrun or "
+        "accelerate launch): each builds on the meta device and loads only its own slices (docs/parallelism.md).",
+    )
+    expert_parallel: int = option(
+        1, "With --fsdp: split each MoE layer's routed experts over this many processes (divides both counts)."
+    )
     lora_r: int = option(0, "LoRA rank for GRPO (0: train all weights). The KL reference is the adapter-free base.")
     lora_alpha: float = option(16.0, "LoRA scaling numerator (the update is scaled by alpha / r).")
     lora_dropout: float = option(0.0, "Dropout on the LoRA input.")

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import SFTConfig
 
@@ -34,6 +35,7 @@ from r1kit.grpo.options import ConfigError
 from r1kit.grpo.trainer import GRPOTrainer
 from r1kit.policy import PRESETS, DeepseekV3ForCausalLM, load_policy
 from r1kit.policy.moe import has_moe_layers
+from r1kit.policy.parallelize import build_mesh, parallelize
 from r1kit.policy.transformers_compat import ACTIVATION_CHECKPOINTING, enable_activation_checkpointing
 from r1kit.recipes.arguments import RecipeArguments, resolved_run_name
 from r1kit.recipes.embedded import embedded_policy, task_tokenizer
@@ -84,6 +86,20 @@ def check_speculation(args: RecipeArguments, policy: torch.nn.Module) -> None:
             f"--num_speculative_tokens drafts with the policy's MTP modules; {type(policy).__name__} has none "
             f"(pass --num_speculative_tokens 0)"
         )
+
+
+def check_sharding(args: RecipeArguments, num_processes: int) -> None:
+    """--fsdp and --expert_parallel: what they combine with (each combination here is tested)."""
+    if args.expert_parallel != 1 and not args.fsdp:
+        raise ConfigError("--expert_parallel shards the experts under FSDP2: add --fsdp")
+    if not args.fsdp:
+        return
+    if args.expert_parallel < 1 or num_processes % args.expert_parallel:
+        raise ConfigError(f"--expert_parallel {args.expert_parallel} must divide the {num_processes} processes")
+    for flag, used in (("--lora_r", args.lora_r > 0), ("--fp8", args.fp8),
+                       ("--gradient_checkpointing", args.gradient_checkpointing)):  # fmt: skip
+        if used:
+            raise ConfigError(f"{flag} is not supported with --fsdp yet; train without one of them")
 
 
 def routing_replay(config: GRPOConfig, policy: torch.nn.Module, announce: bool) -> GRPOConfig:
@@ -273,10 +289,16 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig, recipe: str = "grpo_
     accelerator.wait_for_everyone()
     checkpoints = list_checkpoints(config.output_dir) if args.resume else []
     tokenizer, dtype = load_tokenizer(start), _dtype(args)
-    policy = _trainable_policy(args, start, checkpoints[-1] if checkpoints else None, accelerator)
+    check_sharding(args, accelerator.num_processes)
+    if args.fsdp:
+        mesh = build_mesh(args.expert_parallel, accelerator.device.type)
+        policy = sharded_policy(checkpoints[-1] if checkpoints else start, mesh, dtype, accelerator.device)
+        reference = sharded_policy(start, mesh, dtype, accelerator.device) if config.beta > 0 else None
+    else:
+        policy = _trainable_policy(args, start, checkpoints[-1] if checkpoints else None, accelerator)
+        reference = load_policy(start, dtype=dtype) if config.beta > 0 else None
     config = routing_replay(config, policy, accelerator.is_main_process)
     check_speculation(args, policy)
-    reference = load_policy(start, dtype=dtype) if config.beta > 0 else None
     if args.report_to:
         start_trackers(accelerator, args.tracker_project, args.run_name, resolved_options(args, config))
     with contextlib.ExitStack() as stack:
@@ -343,6 +365,17 @@ def reward_suite(args: RecipeArguments) -> RewardSuite:
         timeout_s=args.reward_timeout_s, call_timeout_s=args.reward_batch_timeout_s, num_workers=args.reward_workers
     )
     return RewardSuite(args.reward, args.reward_weights, config)
+
+
+def sharded_policy(source: str, mesh: DeviceMesh, dtype: torch.dtype, device: torch.device) -> DeepseekV3ForCausalLM:
+    """Our DeepSeek-V3 from `source`, sharded over `mesh` with FSDP2 and expert parallelism while still on the
+    meta device: each process allocates and reads only its own slices. The trainer shards the root."""
+    if json.loads((Path(source) / "config.json").read_text()).get("model_type") != "deepseek_v3":
+        raise ConfigError(f"--fsdp shards our DeepSeek-V3; {source} is another architecture (use DDP or accelerate's "
+                          "FSDP config for it)")  # fmt: skip
+    return DeepseekV3ForCausalLM.from_pretrained(
+        source, dtype=dtype, device=device, shard=lambda model: parallelize(model, mesh, shard_root=False)
+    )
 
 
 def _trainable_policy(args: RecipeArguments, start: str, checkpoint: Path | None, accelerator: Accelerator):

@@ -1,4 +1,5 @@
-"""Two CPU processes (accelerate + gloo) train exactly like one process on the same global batch."""
+"""Two CPU processes (gloo) train exactly like one process on the same global batch: data-parallel under
+accelerate, and with the policy sharded by FSDP2 and expert parallelism under torchrun."""
 
 from __future__ import annotations
 
@@ -21,20 +22,37 @@ FLAGS = [
 ]  # fmt: skip
 
 
-def run(launcher: list[str], output_dir: Path, cache_dir: Path) -> list[dict]:
+def run(launcher: list[str], output_dir: Path, cache_dir: Path, *flags: str) -> list[dict]:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [*launcher, str(RECIPE), *FLAGS, "--output_dir", str(output_dir), "--cache_dir", str(cache_dir)]
+    command = [*launcher, str(RECIPE), *FLAGS, *flags, "--output_dir", str(output_dir), "--cache_dir", str(cache_dir)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "loss" in r]  # the training steps (not the held-out evaluations)
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[list[dict], Path]:
+    """The run on one process; returns its steps and its cache (the SFT warm start the other runs reuse)."""
+    tmp = tmp_path_factory.mktemp("one")
+    return run([sys.executable], tmp / "run", tmp / "cache"), tmp / "cache"
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+
+
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher is not on PATH")
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
-    one = run([sys.executable], tmp_path / "one", tmp_path / "cache")
-    two = run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517"],
-              tmp_path / "two", tmp_path / "cache")  # fmt: skip
+@pytest.mark.parametrize(
+    ("launcher", "flags"),
+    [
+        (["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517"], ()),
+        (TORCHRUN, ("--fsdp", "true", "--expert_parallel", "2")),  # FSDP2, each rank half of every MoE's experts
+    ],
+    ids=["ddp", "fsdp2-ep2"],
+)
+def test_two_processes_match_one_on_the_same_global_batch(one_process, tmp_path, launcher, flags):
+    one, cache = one_process
+    two = run(launcher, tmp_path / "two", cache, *flags)
     assert len(one) == len(two) == 2
     first_one, first_two = one[0], two[0]
     assert first_two["reward"] == first_one["reward"]
