@@ -30,12 +30,15 @@ from transformers import PreTrainedTokenizerBase
 from r1kit.grpo.adapters import AdapterDisabledReference, engine_weights, is_peft_model
 from r1kit.grpo.batch import PolicyBatch, build_policy_batch
 from r1kit.grpo.checkpoint import (
+    MODEL_DIR,
     OPTIMIZER_DIR,
     list_checkpoints,
+    load_sharded_model,
     load_training_state,
     save_checkpoint,
     save_model_atomic,
     save_optimizer,
+    save_sharded_model,
 )
 from r1kit.grpo.collector import RewardScorer, RolloutCollector, ScoredRollout
 from r1kit.grpo.config import GRPOConfig
@@ -47,7 +50,9 @@ from r1kit.grpo.metrics import MetricsLogger, timed
 from r1kit.grpo.options import ConfigError
 from r1kit.grpo.plotting import plot_run, settings_summary
 from r1kit.grpo.update import PolicyUpdate
+from r1kit.policy.checkpoint import StreamedStateDict
 from r1kit.policy.loading import load_policy
+from r1kit.policy.modeling import DeepseekV3ForCausalLM
 from r1kit.policy.moe import has_moe_layers
 from r1kit.rollout.engine import RolloutEngine
 
@@ -284,12 +289,18 @@ class GRPOTrainer:
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ConfigError("checkpoints of DeepSpeed runs are not supported (each rank holds a ZeRO partition "
                               "of the optimizer); train with DDP or FSDP2 to save and resume")  # fmt: skip
-        state = self._full_state_dict()
+        state = None if self.sharded else self._full_state_dict()
         output_dir = Path(self.config.output_dir)
-        optimizer_dir = output_dir / f".checkpoint-{self.step}.{OPTIMIZER_DIR}"  # moved into the checkpoint
-        if self.accelerator.is_main_process:
-            shutil.rmtree(optimizer_dir, ignore_errors=True)  # left by a run that stopped while saving
+        # written by every process, then moved into the checkpoint
+        optimizer_dir = output_dir / f".checkpoint-{self.step}.{OPTIMIZER_DIR}"
+        model_dir = output_dir / f".checkpoint-{self.step}.{MODEL_DIR}" if self.sharded else None
+        if self.accelerator.is_main_process:  # left by a run that stopped while saving
+            for left in (optimizer_dir, model_dir):
+                if left is not None:
+                    shutil.rmtree(left, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+        if model_dir is not None:  # a sharded policy: each process its own shard, nothing gathered
+            save_sharded_model(self.policy, model_dir)
         save_optimizer(self.policy, self._optimizer, optimizer_dir)
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
@@ -299,7 +310,8 @@ class GRPOTrainer:
             save_model_atomic(self.update.reference.model, self.tokenizer, reference)
         return save_checkpoint(output_dir, self.step, model=self.policy, tokenizer=self.tokenizer,
                                optimizer_dir=optimizer_dir, scheduler=self.scheduler, state_dict=state,
-                               trainer_state=self._trainer_state(), keep_last=self.config.save_total_limit)  # fmt: skip
+                               trainer_state=self._trainer_state(), keep_last=self.config.save_total_limit,
+                               sharded_model_dir=model_dir)  # fmt: skip
 
     @property
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -309,10 +321,12 @@ class GRPOTrainer:
     def resume(self, checkpoint: str | Path | None = None) -> int:
         """Restore the newest (or the given) checkpoint of `output_dir`; returns the step resumed at.
 
-        The policy's weights must already be loaded from that checkpoint (the
-        recipes load the policy from it); this restores everything else,
-        including the trainer's own KL reference (the run's start policy, from
-        `reference` beside the checkpoint), and pushes the weights to the engine.
+        A checkpoint of a sharded policy holds its weights as shards (`model/`),
+        which this loads, into any sharding or none. Otherwise the policy's weights
+        must already be loaded from the checkpoint's Hugging Face files (the recipes
+        load the policy from it). This restores everything else, including the
+        trainer's own KL reference (the run's start policy, from `reference` beside
+        the checkpoint), and pushes the weights to the engine.
         """
         if checkpoint is None:
             found = list_checkpoints(self.config.output_dir)
@@ -321,6 +335,8 @@ class GRPOTrainer:
             checkpoint = found[-1]
         if self.own_reference:
             self._restore_reference(Path(checkpoint).parent / REFERENCE_DIR)
+        if (Path(checkpoint) / MODEL_DIR).is_dir():
+            load_sharded_model(self.policy, Path(checkpoint) / MODEL_DIR)
         state = load_training_state(checkpoint, self.policy, self._optimizer, self.scheduler)
         self.step, self.policy_version = state["step"], state["policy_version"] - 1
         self.collector.load_state_dict(state["collector"])
@@ -345,9 +361,10 @@ class GRPOTrainer:
         A LoRA policy is saved twice: its adapter in `final/adapter`, then merged
         into the base weights (in place: training is over) as a full model in `final/`.
         """
-        state = self._full_state_dict()
-        self.accelerator.wait_for_everyone()
         final = Path(self.config.output_dir) / "final"
+        state = self._streamed_state_dict() if self._streams_export else self._full_state_dict()
+        if not self._streams_export:
+            self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             model = self.policy
             if is_peft_model(model):
@@ -359,7 +376,23 @@ class GRPOTrainer:
             if self.logger.path.exists():
                 title = f"{Path(self.config.output_dir).resolve().name}: {settings_summary(self.config)}"
                 plot_run(self.logger.path, Path(self.config.output_dir) / "report.png", title=title)
+        self.accelerator.wait_for_everyone()
         return final
+
+    @property
+    def _streams_export(self) -> bool:
+        """Whether the final weights stream to disk one gathered tensor at a time (a sharded DeepSeek-V3;
+        other models' save_pretrained wants the whole state dict)."""
+        return self.sharded and isinstance(self.policy, DeepseekV3ForCausalLM)
+
+    def _streamed_state_dict(self) -> StreamedStateDict | None:
+        """The sharded policy's weights for the main process's `save_pretrained`, gathered as it writes them;
+        the other processes take part in each gather here (a collective) and return None."""
+        gathered = full_tensors(self.policy)
+        if not self.accelerator.is_main_process:
+            _drain(gathered)
+            return None
+        return StreamedStateDict(gathered, self.policy.state_dict().keys())
 
 
 def _drain(items: Iterator) -> None:

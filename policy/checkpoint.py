@@ -367,37 +367,80 @@ def write_safetensors(
 ) -> None:
     """Writes tensors as safetensors shards of at most `max_shard_bytes` (plus an index when sharded).
 
-    Each file is written under a temporary name and renamed, so a crash never
-    leaves a truncated shard under a final name.
+    Streams: a shard is written as soon as it is full, so besides the tensors the
+    caller holds, at most one shard is in memory. Shards are written under
+    temporary names and renamed at the end (their final names count them), so a
+    crash never leaves a truncated shard under a final name.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = tensor
-        sizes[-1] += nbytes
-    names = (
-        [SAFE_WEIGHTS]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    for shard, file in zip(shards, names, strict=True):
+    for leftover in directory.glob(".shard-*.safetensors.tmp"):  # from a save that crashed
+        leftover.unlink()
+    written: list[tuple[Path, list[str]]] = []  # temporary file, the names in it
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
         # clone: views of one parameter (per-expert slices) may not share storage in a safetensors file
         tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in shard.items()}
-        _atomic_write(directory / file, lambda path, tensors=tensors: save_file(tensors, path, {"format": "pt"}))
-    if len(shards) > 1:
-        weight_map = {name: file for shard, file in zip(shards, names, strict=True) for name in shard}
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        path = directory / f".shard-{len(written):05d}.safetensors.tmp"
+        save_file(tensors, str(path), {"format": "pt"})
+        written.append((path, list(shard)))
+
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name] = tensor
+        size += nbytes
+        total += nbytes
+    flush()
+    count = len(written)
+    names = [SAFE_WEIGHTS] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    for (path, _), file in zip(written, names, strict=True):
+        os.replace(path, directory / file)
+    if count > 1:
+        weight_map = {name: file for (_, shard_names), file in zip(written, names, strict=True) for name in shard_names}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _atomic_write(directory / SAFE_INDEX, lambda path: Path(path).write_text(json.dumps(index, indent=2)))
     stale = [*directory.glob("model-*-of-*.safetensors"), directory / SAFE_INDEX, directory / SAFE_WEIGHTS]
     for path in stale:
-        if path.exists() and path.name not in names and not (len(shards) > 1 and path.name == SAFE_INDEX):
+        if path.exists() and path.name not in names and not (count > 1 and path.name == SAFE_INDEX):
             path.unlink()  # a previous save's files would shadow or contradict this one
+
+
+class StreamedStateDict(Mapping[str, torch.Tensor]):
+    """Our state dict, read once in order from a stream of (name, tensor) pairs, for `save_pretrained`.
+
+    `items()` passes each tensor on as it arrives, so a whole model is never held:
+    the stream may gather a sharded model's tensors one at a time, or read a
+    distributed checkpoint. Only the embedding and the output head are kept, which
+    `to_released` copies into every MTP module (they come before the MTP modules
+    in our order). names: every key of the stream, in order.
+    """
+
+    KEPT = ("model.embed_tokens.weight", "lm_head.weight")
+
+    def __init__(self, stream: Iterable[tuple[str, torch.Tensor]], names: Iterable[str]) -> None:
+        self._stream, self._names, self._kept = iter(stream), list(names), {}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._kept:
+            raise KeyError(f"{name}: a streamed state dict serves only {self.KEPT} out of order, once read")
+        return self._kept[name]
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:  # type: ignore[override]
+        for name, tensor in self._stream:
+            if name in self.KEPT:
+                self._kept[name] = tensor
+            yield name, tensor
 
 
 def size_in_bytes(size: int | str) -> int:

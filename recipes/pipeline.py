@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import SFTConfig
 
 from r1kit.grpo.adapters import DEEPSEEK_V3_LORA_TARGETS
-from r1kit.grpo.checkpoint import list_checkpoints
+from r1kit.grpo.checkpoint import MODEL_DIR, list_checkpoints
 from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.data import checkpoint_stop_token_ids
 from r1kit.grpo.evaluation import EvalResult, evaluate
@@ -292,7 +292,9 @@ def run_pipeline(args: RecipeArguments, config: GRPOConfig, recipe: str = "grpo_
     check_sharding(args, accelerator.num_processes)
     if args.fsdp:
         mesh = build_mesh(args.expert_parallel, accelerator.device.type)
-        policy = sharded_policy(checkpoints[-1] if checkpoints else start, mesh, dtype, accelerator.device)
+        # a sharded run's checkpoint holds shards (model/), which the trainer's resume loads into these
+        hf_weights = bool(checkpoints) and not (checkpoints[-1] / MODEL_DIR).is_dir()
+        policy = sharded_policy(str(checkpoints[-1]) if hf_weights else start, mesh, dtype, accelerator.device)
         reference = sharded_policy(start, mesh, dtype, accelerator.device) if config.beta > 0 else None
     else:
         policy = _trainable_policy(args, start, checkpoints[-1] if checkpoints else None, accelerator)

@@ -43,7 +43,8 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer = task_tokenizer(arithmetic_dataset(300, seed=0))
     start = embedded_policy(tokenizer, "tiny-debug")  # the same weights on every process
-    policy = load_policy(args.resume) if args.resume else copy.deepcopy(start)
+    # a sharded run's checkpoint holds shards, which resume() loads; one process's holds Hugging Face files
+    policy = load_policy(args.resume) if args.resume and not args.ep else copy.deepcopy(start)
     engine = suite = reference = None
     if accelerator.is_main_process:
         engine = TorchRolloutEngine(copy.deepcopy(policy), tokenizer)

@@ -13,6 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from r1kit.grpo.export import export_checkpoint
+from r1kit.policy import load_policy
+
 SCRIPT = Path(__file__).with_name("sharded_run.py")
 COMPARED = ("reward", "kl", "grad_norm", "entropy", "lr", "completion_length/mean")
 
@@ -58,12 +61,30 @@ def test_fsdp2_with_expert_parallelism_trains_like_one_process(one_process, tmp_
     assert_same_run(sharded, expected, tmp_path, expected_dir)
 
 
-def test_a_sharded_run_killed_after_a_step_resumes_exactly(tmp_path):
-    """Each rank's optimizer shard goes into the checkpoint and comes back: steps 2 and 3 are the
-    uninterrupted run's."""
+def test_a_sharded_run_killed_after_a_step_resumes_exactly_and_exports(tmp_path):
+    """Each rank's shards of the weights and of the optimizer state go into the checkpoint and come back:
+    steps 2 and 3 are the uninterrupted run's. A checkpoint exports to the final model's very files."""
     flags = ("--ep", "2", "--max-steps", "3", "--save-steps", "1")
     uninterrupted = run(tmp_path / "a", *flags, processes=2)
-    shards = sorted(path.name for path in (tmp_path / "a" / "checkpoint-1" / "optimizer").glob("*.distcp"))
-    assert len(shards) == 2  # one per rank, nothing gathered
-    resumed = run(tmp_path / "b", *flags, "--resume", str(tmp_path / "a" / "checkpoint-1"), processes=2)
+    checkpoint = tmp_path / "a" / "checkpoint-1"
+    for part in ("model", "optimizer"):  # one file per rank, nothing gathered
+        assert len(list((checkpoint / part).glob("*.distcp"))) == 2, part
+    assert not list(checkpoint.glob("*.safetensors"))
+    resumed = run(tmp_path / "b", *flags, "--resume", str(checkpoint), processes=2)
     assert_same_run(resumed, uninterrupted[1:], tmp_path / "b", tmp_path / "a")
+
+    export_checkpoint(tmp_path / "a" / "checkpoint-3", tmp_path / "exported")
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    final = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    assert exported.keys() == final.keys()
+    for name, tensor in final.items():
+        assert torch.equal(exported[name], tensor), name
+    reloaded, final_model = load_policy(tmp_path / "exported"), load_policy(tmp_path / "a" / "final")
+    assert reloaded.config.to_diff_dict() == final_model.config.to_diff_dict()
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+
+
+def test_only_sharded_checkpoints_export(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="holds no sharded weights"):
+        export_checkpoint(tmp_path, tmp_path / "out")
