@@ -260,8 +260,7 @@ class GRPOTrainer:
             return None
         if self.sharded:  # tensor by tensor; only the main process keeps them
             gathered = full_tensors(self.policy)
-            main = self.accelerator.is_main_process
-            return {name: tensor for name, tensor in gathered if main} if main else _drain(gathered)
+            return dict(gathered) if self.accelerator.is_main_process else _drain(gathered)
         state = self.accelerator.get_state_dict(self.model)  # keys of the TokenLogprobModel: "model.<name>"
         return {name.removeprefix("model."): tensor for name, tensor in state.items()}
 

@@ -168,7 +168,7 @@ class PolicyUpdate:
         when `sync`: the last micro-batch of an optimizer step. Accelerate's DeepSpeed backward reads
         `accelerator.sync_gradients`, which outside `accelerator.accumulate` is always True."""
         if self.sharded:
-            with distributed.gradient_sync(self.policy, sync):
+            with distributed.gradient_sync(self.model, sync):  # the root unit is the log-prob module
                 yield
             return
         if sync:

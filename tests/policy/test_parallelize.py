@@ -9,10 +9,7 @@ The ranks are forked from a forkserver that imported torch and the model once.
 from __future__ import annotations
 
 import copy
-import multiprocessing
-import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -35,34 +32,14 @@ from r1kit.policy.parallelize import (
     data_parallel_mesh,
     parallelize,
 )
+from tests import gloo_ranks
 from tests.policy.conftest import randomize
 
-TIMEOUT_S = 120
-PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.tensor", "r1kit.policy.parallelize", __name__]
-
-
-def _rank_main(rank: int, fn: Callable[..., None], world: int, init_file: str, args: tuple) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+PRELOAD = ["r1kit.policy.parallelize", __name__]
 
 
 def run_ranks(fn: Callable[..., None], world: int, tmp_path: Path, *args: object) -> None:
-    """Runs fn(rank, world, *args) in `world` processes joined in a gloo group; re-raises a rank's failure."""
-    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
-    init_file = str(tmp_path / "rendezvous")
-    context = torch.multiprocessing.start_processes(
-        _rank_main, (fn, world, init_file, args), nprocs=world, join=False, start_method="forkserver"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world} ranks did not finish within {TIMEOUT_S}s")
+    gloo_ranks.run_ranks(fn, world, tmp_path, *args, preload=PRELOAD, timeout_s=120)
 
 
 def summed(tensor: torch.Tensor) -> torch.Tensor:

@@ -4,15 +4,11 @@ memory, about one model of host memory at the peak, and each rank of an FSDP2 mo
 from __future__ import annotations
 
 import json
-import multiprocessing
-import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -26,6 +22,7 @@ from r1kit.policy.fp8_checkpoint import dequantize_fp8_state_dict, weight_block_
 from r1kit.policy.fp8_quant import quantize_blockwise
 from r1kit.policy.moe import RoutedExperts
 from r1kit.policy.streaming_load import load_into
+from tests.gloo_ranks import forkserver, run_ranks
 from tests.policy.conftest import randomize
 from tests.policy.test_fp8_policy_checkpoint import write_released_fp8_checkpoint
 
@@ -136,14 +133,7 @@ def test_a_tensor_given_twice_is_refused(original, tmp_path):
 
 # ---- processes forked from a forkserver that imported torch and the model once ----
 
-PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.tensor", "r1kit.policy", __name__]
 TIMEOUT_S = 180
-
-
-def forkserver() -> multiprocessing.context.ForkServerContext:
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
-    return context
 
 
 def _status(field: str) -> int:
@@ -176,7 +166,7 @@ def test_loading_holds_one_model_not_two(tiny_config, tmp_path):
         tensor.detach().zero_()  # fast to make; the values do not matter here
     model.save_pretrained(tmp_path)
     del model
-    with ProcessPoolExecutor(1, mp_context=forkserver()) as pool:
+    with ProcessPoolExecutor(1, mp_context=forkserver([__name__])) as pool:
         measured = pool.submit(measure_load, str(tmp_path)).result(timeout=TIMEOUT_S)
     assert 0.9 * measured["model"] < measured["growth"] < 1.25 * measured["model"], measured
 
@@ -184,19 +174,14 @@ def test_loading_holds_one_model_not_two(tiny_config, tmp_path):
 # ---- two gloo ranks: FSDP2 over a 1-D mesh, and experts split over an "ep" mesh ----
 
 
-def _rank_main(rank: int, init_file: str, directories: list[str]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    try:
-        mesh = init_device_mesh("cpu", (2,))
-        ep_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
-        for directory in map(Path, directories):
-            single = DeepseekV3ForCausalLM.from_pretrained(directory).eval()
-            fresh_mtp = not any(name.endswith(".enorm.weight") for name in _stored_names(directory))
-            check_fsdp_load(single, directory, mesh, rank, fresh_mtp)
-            check_expert_parallel_load(single, directory, ep_mesh, rank, fresh_mtp)
-    finally:
-        dist.destroy_process_group()
+def load_shards_on_each_rank(rank: int, world: int, directories: list[str]) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    ep_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    for directory in map(Path, directories):
+        single = DeepseekV3ForCausalLM.from_pretrained(directory).eval()
+        fresh_mtp = not any(name.endswith(".enorm.weight") for name in _stored_names(directory))
+        check_fsdp_load(single, directory, mesh, rank, fresh_mtp)
+        check_expert_parallel_load(single, directory, ep_mesh, rank, fresh_mtp)
 
 
 def _stored_names(directory: Path) -> list[str]:
@@ -256,17 +241,4 @@ def test_each_rank_loads_its_shards(original, tmp_path):
     for layout in ("released, 40 KB files", "released FP8, 4 KB files", "transformers, fused experts"):
         directories.append(tmp_path / layout.replace(" ", "_").replace(",", ""))
         write(layout, original, directories[-1])
-    forkserver()
-    context = torch.multiprocessing.start_processes(
-        _rank_main,
-        (str(tmp_path / "rendezvous"), [str(d) for d in directories]),
-        nprocs=2,
-        join=False,
-        start_method="forkserver",
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the ranks did not finish within {TIMEOUT_S}s")
+    run_ranks(load_shards_on_each_rank, 2, tmp_path, [str(d) for d in directories], preload=[__name__])
