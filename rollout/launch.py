@@ -81,10 +81,13 @@ class WorkerProcess:
         return True
 
     def kill(self) -> None:
-        """SIGKILLs the worker's process group and reaps the worker."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):  # it may exit between the poll and the kill
-                os.killpg(self.popen.pid, signal.SIGKILL)
+        """SIGKILLs the worker's process group and reaps the worker.
+
+        Also when the worker itself is gone: what it started (vLLM's engine processes) lives on in its group.
+        The kernel keeps the group's id from being reused while any member lives.
+        """
+        with contextlib.suppress(ProcessLookupError):  # no member left
+            os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait()
         shutil.rmtree(self._scratch, ignore_errors=True)
 

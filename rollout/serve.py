@@ -128,7 +128,7 @@ def build_host(model: str, options: WorkerOptions):
     if options.engine == "vllm":
         from r1kit.rollout.vllm_engine import VLLMRolloutEngine
 
-        return VLLMRolloutEngine(
+        engine = VLLMRolloutEngine(
             model,
             tokenizer=options.tokenizer,
             tensor_parallel_size=options.tensor_parallel_size,
@@ -138,6 +138,8 @@ def build_host(model: str, options: WorkerOptions):
             enforce_eager=options.enforce_eager,
             seed=options.seed,
         )
+        engine.exit_when_vllm_dies()
+        return engine
     import torch
     from transformers import AutoTokenizer
 

