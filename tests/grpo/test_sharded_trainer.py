@@ -42,44 +42,59 @@ def assert_same_run(actual: list[dict], expected: list[dict], actual_dir: Path, 
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-7), got["step"]
     weights = [load_file(directory / "final" / "model.safetensors") for directory in (actual_dir, expected_dir)]
     assert weights[0].keys() == weights[1].keys()
-    for name, tensor in weights[1].items():
-        torch.testing.assert_close(weights[0][name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+    for name, tensor in weights[1].items():  # after 3 AdamW steps of lr 1e-2
+        # AdamW divides each gradient element by its own running magnitude: an element whose gradient is
+        # about 1e-9 (a token the batch barely touches) turns float noise of another summation order into
+        # ~1e-3 of the learning rate (measured: one embedding element off by 1.02e-5, every other <= 2e-6)
+        torch.testing.assert_close(weights[0][name], tensor, rtol=1e-5, atol=3e-5, msg=name)
+
+
+STEPS = ("--max-steps", "3")
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> tuple[list[dict], Path]:
-    """Two steps on one process, unsharded: what every sharded run must reproduce."""
+    """Three steps on one process, unsharded: what every sharded run must reproduce."""
     output_dir = tmp_path_factory.mktemp("one") / "run"
-    return run(output_dir), output_dir
+    return run(output_dir, *STEPS), output_dir
 
 
-@pytest.mark.parametrize(("processes", "ep"), [(2, 2), (4, 2)])
-def test_fsdp2_with_expert_parallelism_trains_like_one_process(one_process, tmp_path, processes, ep):
-    """4 processes with ep=2 shard every expert over 2 ranks of its expert-parallel group as well."""
-    expected, expected_dir = one_process
-    sharded = run(tmp_path, "--ep", str(ep), processes=processes)
-    assert_same_run(sharded, expected, tmp_path, expected_dir)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[list[dict], Path]:
+    """The same three steps on 2 processes, FSDP2 with each MoE's experts split over both, saving every step."""
+    output_dir = tmp_path_factory.mktemp("two") / "run"
+    return run(output_dir, *STEPS, "--ep", "2", "--save-steps", "1", processes=2), output_dir
 
 
-def test_a_sharded_run_killed_after_a_step_resumes_exactly_and_exports(tmp_path):
+def test_fsdp2_with_expert_parallelism_trains_like_one_process(one_process, two_ranks):
+    assert_same_run(two_ranks[0], one_process[0], two_ranks[1], one_process[1])
+
+
+@pytest.mark.slow  # tests/policy/test_parallelize.py covers 4 ranks (ep=4, and ep=2 x edp=2) in the default run
+def test_four_ranks_with_experts_also_sharded_over_two_groups_train_like_one_process(one_process, tmp_path):
+    """ep=2 on 4 processes: every expert is FSDP-sharded over 2 ranks of its expert-parallel group as well."""
+    sharded = run(tmp_path, *STEPS, "--ep", "2", processes=4)
+    assert_same_run(sharded, one_process[0], tmp_path, one_process[1])
+
+
+def test_a_sharded_run_killed_after_a_step_resumes_exactly_and_exports(two_ranks, tmp_path):
     """Each rank's shards of the weights and of the optimizer state go into the checkpoint and come back:
     steps 2 and 3 are the uninterrupted run's. A checkpoint exports to the final model's very files."""
-    flags = ("--ep", "2", "--max-steps", "3", "--save-steps", "1")
-    uninterrupted = run(tmp_path / "a", *flags, processes=2)
-    checkpoint = tmp_path / "a" / "checkpoint-1"
+    uninterrupted, run_dir = two_ranks
+    checkpoint = run_dir / "checkpoint-1"
     for part in ("model", "optimizer"):  # one file per rank, nothing gathered
         assert len(list((checkpoint / part).glob("*.distcp"))) == 2, part
     assert not list(checkpoint.glob("*.safetensors"))
-    resumed = run(tmp_path / "b", *flags, "--resume", str(checkpoint), processes=2)
-    assert_same_run(resumed, uninterrupted[1:], tmp_path / "b", tmp_path / "a")
+    resumed = run(tmp_path / "resumed", *STEPS, "--ep", "2", "--resume", str(checkpoint), processes=2)
+    assert_same_run(resumed, uninterrupted[1:], tmp_path / "resumed", run_dir)
 
-    export_checkpoint(tmp_path / "a" / "checkpoint-3", tmp_path / "exported")
+    export_checkpoint(run_dir / "checkpoint-3", tmp_path / "exported")
     exported = load_file(tmp_path / "exported" / "model.safetensors")
-    final = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    final = load_file(run_dir / "final" / "model.safetensors")
     assert exported.keys() == final.keys()
     for name, tensor in final.items():
         assert torch.equal(exported[name], tensor), name
-    reloaded, final_model = load_policy(tmp_path / "exported"), load_policy(tmp_path / "a" / "final")
+    reloaded, final_model = load_policy(tmp_path / "exported"), load_policy(run_dir / "final")
     assert reloaded.config.to_diff_dict() == final_model.config.to_diff_dict()
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
 
