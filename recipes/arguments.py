@@ -93,6 +93,11 @@ class RecipeArguments:
         "Where completions are sampled: worker (built-in engine in worker processes) | local (in the trainer) "
         "| vllm (vLLM workers on their own GPUs) | vllm-colocated (vLLM on the trainer's GPU, asleep while it trains)",
     )
+    vllm_gpu_memory_utilization: float = option(
+        0.3,
+        "--rollout vllm-colocated: the share of the GPU's memory vLLM takes for its weights and KV cache, beside "
+        "the policy being trained (TRL's name and default).",
+    )
     rollout_workers: int = option(1, "Worker processes to launch (worker and vllm).")
     rollout_connect: list[str] = option(
         [], "host:port of workers started by hand with `r1kit serve-rollout` (python -m r1kit.rollout.serve)."
@@ -161,6 +166,10 @@ class RecipeArguments:
             raise ConfigError(f"--mla_decode must be one of {', '.join(MLA_DECODE_PATHS)}, got {self.mla_decode!r}")
         if self.rollout not in ("worker", "local", "vllm", "vllm-colocated"):
             raise ConfigError(f"--rollout must be worker, local, vllm or vllm-colocated, got {self.rollout!r}")
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            raise ConfigError(
+                f"--vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}"
+            )
         if self.num_speculative_tokens < 0:
             raise ConfigError(f"--num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
         if self.rollout_workers < 1:

@@ -350,7 +350,10 @@ def rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedToken
             raise ConfigError("--rollout vllm-colocated runs with one training process; use --rollout vllm")
         from r1kit.rollout.vllm_engine import VLLMRolloutEngine
 
-        return VLLMRolloutEngine(start, dtype=args.dtype, colocate=True, sleep_level=1)
+        share = args.vllm_gpu_memory_utilization
+        if torch.cuda.is_available():  # the policy is on the GPU already: vLLM gets what it asks for, or stops
+            check_colocated_memory(share, *torch.cuda.mem_get_info(device))
+        return VLLMRolloutEngine(start, dtype=args.dtype, colocate=True, sleep_level=1, gpu_memory_utilization=share)
     if args.rollout_connect:
         return RemoteRolloutEngine.connect(args.rollout_connect)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -359,6 +362,19 @@ def rollout_engine(args: RecipeArguments, start: str, tokenizer: PreTrainedToken
                             num_threads=threads, mla_decode=args.mla_decode,
                             num_speculative_tokens=args.num_speculative_tokens)  # fmt: skip
     return RemoteRolloutEngine.launch(start, args.rollout_workers, options=options)
+
+
+def check_colocated_memory(share: float, free_bytes: int, total_bytes: int) -> None:
+    """vLLM colocated with the trainer takes `share` of the device's total memory; refuse, naming the numbers,
+    when that is more than is free once the policy is loaded (vLLM would fail at start-up, less clearly)."""
+    if share * total_bytes <= free_bytes:
+        return
+    gib = 2**30
+    raise ConfigError(
+        f"--vllm_gpu_memory_utilization {share}: vLLM would take {share * total_bytes / gib:.1f} GiB of the GPU's "
+        f"{total_bytes / gib:.1f} GiB, but only {free_bytes / gib:.1f} GiB are free beside the policy; give at most "
+        f"{free_bytes / total_bytes:.2f}, less what training needs (gradients, optimizer state, activations)"
+    )
 
 
 def reward_suite(args: RecipeArguments) -> RewardSuite:

@@ -5,7 +5,7 @@ import pytest
 from r1kit.grpo.config import GRPOConfig
 from r1kit.grpo.options import ConfigError
 from r1kit.recipes.arguments import RecipeArguments
-from r1kit.recipes.pipeline import check_sampler_options, check_speculation, routing_replay
+from r1kit.recipes.pipeline import check_colocated_memory, check_sampler_options, check_speculation, routing_replay
 from tests.rollout.test_torch_engine import tiny_llama
 
 
@@ -40,3 +40,14 @@ def test_speculation_needs_the_built_in_engine_and_mtp_modules(debug_policy):
     check_speculation(RecipeArguments(), tiny_llama())
     with pytest.raises(ConfigError, match=">= 0"):
         RecipeArguments(num_speculative_tokens=-1)
+
+
+def test_colocated_vllm_takes_a_share_of_the_gpu_that_is_free_or_stops_naming_the_numbers():
+    gib = 2**30
+    check_colocated_memory(0.3, free_bytes=40 * gib, total_bytes=80 * gib)
+    with pytest.raises(
+        ConfigError, match=r"take 24\.0 GiB of the GPU's 80\.0 GiB, but only 20\.0 GiB are free.*at most 0\.25"
+    ):
+        check_colocated_memory(0.3, free_bytes=20 * gib, total_bytes=80 * gib)
+    with pytest.raises(ConfigError, match="must be in \\(0, 1\\)"):
+        RecipeArguments(vllm_gpu_memory_utilization=1.05)
