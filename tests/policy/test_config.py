@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import DeepseekV3Config as TransformersConfig
 
@@ -16,6 +18,13 @@ def test_config_json_round_trips_through_transformers_config(tmp_path, tiny_conf
     assert theirs.n_group == config.n_group and theirs.kv_lora_rank == config.kv_lora_rank
     back = DeepseekV3Config(**theirs.to_dict())
     assert (back.seq_balance_alpha, back.router_bias_update_speed, back.mtp_loss_weight) == (0.01, 0.002, 0.1)
+
+
+def test_config_json_states_the_routing_as_the_released_one_does(tmp_path, tiny_config):
+    """vLLM reads these two keys and otherwise routes by softmax without the balancing bias."""
+    tiny_config().save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["topk_method"], written["scoring_func"]) == ("noaux_tc", "sigmoid")
 
 
 def test_released_rope_scaling_key_becomes_yarn_parameters():
@@ -53,6 +62,8 @@ def test_released_rope_scaling_key_becomes_yarn_parameters():
         (dict(router_bias_update_speed=-0.1), "router_bias_update_speed"),
         (dict(mtp_loss_weight=-0.3), "mtp_loss_weight"),
         (dict(num_nextn_predict_layers=-1), "num_nextn_predict_layers"),
+        (dict(scoring_func="softmax"), "scoring_func"),  # DeepSeek-V2's router, not built
+        (dict(topk_method="greedy"), "topk_method"),
     ],
 )
 def test_invalid_fields_are_named(tiny_config, overrides, field):

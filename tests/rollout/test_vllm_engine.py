@@ -13,7 +13,12 @@ from r1kit.policy.checkpoint import to_released
 from r1kit.rollout.buckets import plan_buckets
 from r1kit.rollout.engine import SamplingParams
 from r1kit.rollout.sync_group import Rendezvous
-from r1kit.rollout.vllm_engine import batch_from_outputs, request_seeds, vllm_sampling_kwargs
+from r1kit.rollout.vllm_engine import (
+    batch_from_outputs,
+    cpu_compilation_config,
+    request_seeds,
+    vllm_sampling_kwargs,
+)
 from r1kit.rollout.vllm_extension import plain_plan, plain_rendezvous, plan_from_plain
 from r1kit.rollout.vllm_weights import vllm_named_weights
 from tests.rollout.conftest import EOS, max_logprob_error, word_tokenizer
@@ -65,6 +70,18 @@ def test_every_sample_gets_its_own_seed() -> None:
     assert all(0 <= seed < 2**63 for seed in seeds)
     assert request_seeds(None, 2, SamplingParams(n=3)) == [None] * 6
     assert len(request_seeds(5, 3, SamplingParams(n=4, temperature=0.0))) == 3  # greedy: one request per prompt
+
+
+def test_cpu_builds_use_vllms_pytorch_rotary() -> None:
+    """vLLM's CPU rotary op mis-rotates MLA's 3-D rope queries (tests/rollout/test_vllm_cpu.py measures it)."""
+    assert cpu_compilation_config(None) == {"custom_ops": ["-rotary_embedding"]}
+    assert cpu_compilation_config({"mode": 0, "custom_ops": ["+rms_norm"]}) == {
+        "mode": 0,
+        "custom_ops": ["+rms_norm", "-rotary_embedding"],
+    }
+    assert cpu_compilation_config({"custom_ops": ["+rotary_embedding"]}) == {"custom_ops": ["+rotary_embedding"]}
+    config = object()  # a vLLM CompilationConfig: the caller's choice
+    assert cpu_compilation_config(config) is config
 
 
 def test_plans_and_rendezvous_cross_vllms_msgspec_hop() -> None:
