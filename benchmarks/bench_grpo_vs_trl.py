@@ -165,7 +165,7 @@ def run_ours(start: Path, tokenizer, prompts, args: argparse.Namespace, output_d
         temperature=1.0, top_p=1.0, beta=args.beta, epsilon=0.2, objective="grpo", aggregation="sequence_mean",
         importance_correction="none", learning_rate=args.lr, adam_beta2=0.99, max_grad_norm=1.0,
         micro_batch_size=args.micro_batch_size, max_steps=args.warmup + args.steps, seed=0,
-        log_completions_steps=0, output_dir=str(output_dir),
+        log_completions_steps=0, output_dir=str(output_dir), share_prompts=not args.no_shared_prompts,
     )  # fmt: skip
     timings = Timings()
     torch.manual_seed(0)
@@ -253,6 +253,9 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.04, help="KL weight (> 0 adds a reference forward)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--num-speculative-tokens", type=int, default=0, help="ours: MTP drafts per decoding round")
+    parser.add_argument(
+        "--no-shared-prompts", action="store_true", help="ours: every completion packed with its own prompt copy"
+    )
     parser.add_argument(
         "--start",
         choices=("random init", "sft"),

@@ -3,9 +3,11 @@
 The trainer's passes over a step's completions (grpo/update.py): the reference
 and old log-probs (no gradient) and the policy forward + backward, micro-batch by
 micro-batch, through `TokenLogprobModel`, with the padded layout
-`[left-padded prompt | right-padded completion]` (`padding_free=False`) and with
+`[left-padded prompt | right-padded completion]` (`padding_free=False`), with
 each micro-batch's sequences packed into rows, no padding between them
-(`padding_free=True`, the default; grpo/packing.py).
+(`padding_free=True`; grpo/packing.py), and packed with each prompt once for
+all its completions in the micro-batch ("shared prompts", `share_prompts=True`;
+the trainer's default, both on).
 
 Batch: B arithmetic prompts (`recipes.tasks.arithmetic`, tokenized as the
 trainer encodes them) x G completions of random tokens, whose lengths are drawn
@@ -128,6 +130,7 @@ def main() -> None:
         "padded": TokenLogprobModel(policy),
         "padding-free, rows of L": TokenLogprobModel(policy, padding_free=True, capacity=max),
         "padding-free": TokenLogprobModel(policy, padding_free=True),
+        "shared prompts": TokenLogprobModel(policy, padding_free=True, share_prompts=True),
     }
     completions = args.prompts * args.samples
     generator = torch.Generator().manual_seed(args.seed)

@@ -119,6 +119,11 @@ class GRPOConfig:
         "Log-prob and training forwards over each micro-batch's sequences packed into rows without padding, "
         "attention kept within each sequence (grpo/packing.py); models that cannot take packed rows run padded.",
     )
+    share_prompts: bool = option(
+        True,
+        "With padding_free, a micro-batch's completions of one prompt follow a single copy of it, so the prompt "
+        "is computed once, not once per completion (our DeepSeek-V3 policy; not with mtp_on_completions).",
+    )
 
     # bookkeeping
     output_dir: str = option("outputs/grpo", "Run directory: checkpoints, metrics.jsonl, report.png, final/.")

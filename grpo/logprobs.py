@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from r1kit.grpo.packing import plan_packing, row_capacity
+from r1kit.grpo.packing import plan_packing, row_capacity, same_prompt_groups
 from r1kit.policy.modeling import DeepseekV3Model
 from r1kit.rollout.token_sets import TokenSets
 
@@ -167,6 +167,13 @@ class TokenLogprobModel(nn.Module):
     the padded (N, T) layout, zeros on padding; the output head runs on real
     completion tokens only. Models that cannot take packed rows
     (`packed_rows_attention`) run padded.
+
+    share_prompts (with padding_free, for models that take the packed rows' mask,
+    i.e. our DeepSeek-V3, and not with the MTP loss): sequences with the same
+    prompt (a GRPO group in one micro-batch) hold it once per unit, their
+    completions after it (`packing.plan_packing`'s prompt_groups), so the prompt
+    is computed once instead of once per completion. Log-probs, gradients and the
+    MoE balance loss and loads are those of the padded batch.
     """
 
     def __init__(
@@ -177,6 +184,7 @@ class TokenLogprobModel(nn.Module):
         chunk_size: int = 1024,
         padding_free: bool = False,
         capacity: Callable[[list[int]], int] = row_capacity,
+        share_prompts: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -185,6 +193,7 @@ class TokenLogprobModel(nn.Module):
         self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
         self.packing = packed_rows_attention(model) if padding_free else None
         self.capacity = capacity
+        self.share_prompts = share_prompts and self.packing == "mask"
 
     def forward(
         self,
@@ -237,13 +246,18 @@ class TokenLogprobModel(nn.Module):
         real = attention_mask.bool()
         prompts = real[:, :prompt_length].sum(dim=1).tolist()
         completions = real[:, prompt_length:].sum(dim=1).tolist()
+        groups = None
+        if self.share_prompts and loss_mask is None:
+            routes = None if routed_experts is None else routed_experts[:, :, :prompt_length].movedim(0, 2)
+            groups = same_prompt_groups(input_ids[:, :prompt_length], real[:, :prompt_length], routes)
         plan = plan_packing(
             prompts,
             completions,
             prompt_length,
             input_ids.shape[1] - prompt_length,
-            self.capacity([p + c for p, c in zip(prompts, completions, strict=True)]),
-            input_ids.device,
+            device=input_ids.device,
+            prompt_groups=groups,
+            capacity=self.capacity,
         )
         packed_ids = plan.pack(input_ids, 0)  # (R, C)
         packed_mask = plan.attention_mask if self.packing == "mask" else None
@@ -255,7 +269,7 @@ class TokenLogprobModel(nn.Module):
         )
         hidden = decoder_output.last_hidden_state  # (R, C, H)
         scoring = hidden.flatten(0, 1)[plan.score_index]  # (S, H): the states before each completion token
-        targets = packed_ids.view(-1)[plan.score_index + 1]  # (S,)
+        targets = input_ids[:, prompt_length:].reshape(-1)[plan.completion_index]  # (S,)
         kept = None if kept_tokens is None else kept_tokens.select(plan.completion_index)
         logp, entropy = self._logprobs(scoring.unsqueeze(0), targets.unsqueeze(0), kept)  # (1, S) each
         mtp_loss = None

@@ -16,6 +16,17 @@ only within a sequence (a block-diagonal causal mask, policy/attention.py, and
 transformers' `find_packed_sequence_indices`) and gives every token the
 position it has in the padded layout, so its hidden state is the same.
 
+Shared prompts: a GRPO micro-batch holds each prompt G times. Sequences with
+the same prompt can form one unit, the prompt once and then every completion,
+each completion's positions continuing from the prompt's:
+
+    unit:  [prompt: 0 .. p - 1 | completion 1: p .. | completion 2: p .. | ...]
+
+Our DeepSeek-V3 reads such a row as sequences that share a prefix
+(`policy.attention.PackedSequences`): each completion attends the prompt and
+itself, so the prompt is computed once for all of them and every hidden state
+is the padded layout's. Units, not sequences, are then packed into rows.
+
 Rows (`best_fit_decreasing`, lengths in tokens): take the sequences longest
 first (ties in their original order) and put each into the open row with the
 least free space that still holds it, opening a new row when none does. A
@@ -28,7 +39,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +103,12 @@ def row_capacity(lengths: Sequence[int], steps: int = 8) -> int:
     return min(candidates, key=lambda capacity: (len(best_fit_decreasing(lengths, capacity)) * capacity, capacity))
 
 
+SHARED_UNIT_TOKENS = 1024
+"""Most tokens of a shared prompt with its completions in one unit (`plan_packing`). Longer rows save
+little more (one prompt per extra completion) and cost attention, quadratic in the row length; on the
+benchmark's arithmetic groups (22 + 8 x 4..48 tokens) whole groups were fastest (docs/benchmarks.md)."""
+
+
 @dataclass
 class PackingPlan:
     """Where the M real tokens of n padded sequences go in R packed rows of `capacity` tokens.
@@ -141,8 +158,10 @@ def plan_packing(
     completion_lengths: Sequence[int],
     prompt_width: int,
     completion_width: int,
-    capacity: int | None = None,
+    capacity: int | Callable[[list[int]], int] | None = None,
     device: torch.device | str | None = None,
+    prompt_groups: Sequence[Sequence[int]] | None = None,
+    unit_limit: int | None = None,
 ) -> PackingPlan:
     """Best-fit-decreasing rows of whole sequences, for a padded batch of n sequences.
 
@@ -150,11 +169,24 @@ def plan_packing(
     `prompt_width` prompt columns (left padding); completion_lengths (n): real
     completion tokens, the first c_i of the T = `completion_width` completion
     columns (right padding). capacity: tokens per row, at least the longest
-    sequence (default: `row_capacity`). Index tensors are built on `device`.
+    unit (below), or a function choosing it from the units' lengths (default:
+    `row_capacity`). Index tensors are built on `device`.
+
+    prompt_groups: sequences whose prompts are the same tokens, each sequence in
+    at most one group. A group's sequences share their prompt: a unit holds it
+    once, then each completion, positions continuing from the prompt's
+    (`policy.attention.PackedSequences`), and the first completion token of each
+    is scored from the prompt's last token. A group is cut into units of at most
+    `unit_limit` tokens (default `SHARED_UNIT_TOKENS`), in order, each at least
+    one sequence; a sequence without completion tokens stays a unit of its own.
+    Without groups every sequence is a unit of its own.
 
     >>> plan = plan_packing([2, 1], [1, 2], prompt_width=2, completion_width=2, capacity=6)
     >>> plan.position_ids.tolist(), plan.padded_index.tolist(), plan.packed_index.tolist()
     ([[0, 1, 2, 0, 1, 2]], [0, 1, 2, 5, 6, 7], [0, 1, 2, 3, 4, 5])
+    >>> shared = plan_packing([2, 2], [1, 2], 2, 2, capacity=5, prompt_groups=[[0, 1]])
+    >>> shared.position_ids.tolist(), shared.score_index.tolist()
+    ([[0, 1, 2, 2, 3]], [1, 1, 3])
     """
     n = len(prompt_lengths)
     if len(completion_lengths) != n or n == 0:
@@ -164,44 +196,122 @@ def plan_packing(
     if min(completion_lengths) < 0 or max(completion_lengths) > completion_width:
         raise ValueError(f"completion lengths must lie in 0..{completion_width}, got {list(completion_lengths)}")
     lengths = [p + c for p, c in zip(prompt_lengths, completion_lengths, strict=True)]
-    capacity = row_capacity(lengths) if capacity is None else capacity
-    if capacity < max(lengths):
-        raise ValueError(f"capacity {capacity} is shorter than the longest sequence ({max(lengths)} tokens)")
-    rows = best_fit_decreasing(lengths, capacity)
-    row_of = [0] * n
-    offset_of = [0] * n
+    unit_limit = SHARED_UNIT_TOKENS if unit_limit is None else unit_limit
+    units = _shared_prompt_units(prompt_groups or [], prompt_lengths, completion_lengths, unit_limit)
+    # a unit's first sequence brings the prompt; the others only their completions
+    skip = [0] * n  # leading prompt tokens of each sequence not placed
+    for unit in units:
+        for sequence in unit[1:]:
+            skip[sequence] = prompt_lengths[sequence]
+    pieces = [lengths[i] - skip[i] for i in range(n)]  # tokens each sequence places
+    unit_lengths = [sum(pieces[i] for i in unit) for unit in units]
+    capacity = row_capacity if capacity is None else capacity
+    capacity = capacity(unit_lengths) if callable(capacity) else capacity
+    if capacity < max(unit_lengths):
+        raise ValueError(
+            f"capacity {capacity} is shorter than the longest sequence or shared prompt with its completions "
+            f"({max(unit_lengths)} tokens)"
+        )
+    rows = best_fit_decreasing(unit_lengths, capacity)
+    row_of, offset_of, unit_start = [0] * n, [0] * n, [0] * n
     fill = []  # tokens in each row
     for r, members in enumerate(rows):
         offset = 0
-        for sequence in members:
-            row_of[sequence] = r
-            offset_of[sequence] = offset
-            offset += lengths[sequence]
+        for unit in members:
+            start = offset
+            for sequence in units[unit]:
+                row_of[sequence], offset_of[sequence], unit_start[sequence] = r, offset, start
+                offset += pieces[sequence]
         fill.append(offset)
 
-    length = _long(lengths, device)
-    prompt = _long(prompt_lengths, device)
-    total = sum(lengths)
-    sequence = torch.repeat_interleave(torch.arange(n, device=device), length, output_size=total)  # (M,)
-    local = torch.arange(total, device=device) - (length.cumsum(0) - length)[sequence]  # position in its sequence
-    packed_index = _long(row_of, device)[sequence] * capacity + _long(offset_of, device)[sequence] + local
+    piece = _long(pieces, device)
+    prompt, skipped = _long(prompt_lengths, device), _long(skip, device)
+    total = sum(pieces)
+    sequence = torch.repeat_interleave(torch.arange(n, device=device), piece, output_size=total)  # (M,)
+    placed = torch.arange(total, device=device) - (piece.cumsum(0) - piece)[sequence]  # index within its piece
+    local = skipped[sequence] + placed  # position in its sequence
+    row_start = _long(row_of, device)[sequence] * capacity
+    packed_index = row_start + _long(offset_of, device)[sequence] + placed
     width = prompt_width + completion_width
     padded_index = sequence * width + (prompt_width - prompt[sequence]) + local
-    # the padding after a row's last sequence counts 0, 1, ...; real tokens get their own positions
+    # the padding after a row's last unit counts 0, 1, ...; real tokens get their own positions
     position_ids = torch.arange(capacity, device=device) - _long(fill, device)[:, None]  # (R, capacity)
     position_ids.view(-1)[packed_index] = local
     attention_mask = torch.zeros(len(rows) * capacity, dtype=torch.long, device=device)
     attention_mask[packed_index] = 1
     completion = local >= prompt[sequence]  # (M,)
+    # a completion token is scored from the token before it in its sequence: the shared prompt's last one
+    # for the first token of a completion placed after the prompt's first completion
+    last_prompt_token = row_start + _long(unit_start, device)[sequence] + prompt[sequence] - 1
+    score_index = torch.where(placed == 0, last_prompt_token, packed_index - 1)
     return PackingPlan(
         padded_index=padded_index,
         packed_index=packed_index,
         position_ids=position_ids,
         attention_mask=attention_mask.view(len(rows), capacity),
-        score_index=packed_index[completion] - 1,
+        score_index=score_index[completion],
         completion_index=sequence[completion] * completion_width + (local - prompt[sequence])[completion],
         grid=(n, completion_width),
     )
+
+
+def same_prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor, prompt_routes: Tensor | None = None) -> list[list[int]]:
+    """Groups (of two or more, in batch order) of the sequences whose real prompt tokens are the same.
+
+    prompt_ids, prompt_mask: (n, P), the mask 0 on padding. prompt_routes (n, P, ...):
+    the experts the sampler routed each prompt token to (keep routing); sequences
+    whose prompts were routed differently are not grouped, so replaying the
+    group's one copy of the prompt replays every sequence's own routes.
+
+    >>> ids = torch.tensor([[0, 5, 6], [5, 5, 6], [0, 5, 6]])
+    >>> same_prompt_groups(ids, torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1]]))
+    [[0, 2]]
+    """
+    by_prompt: dict[tuple[int, ...], list[list[int]]] = defaultdict(list)
+    for sequence, (ids, real) in enumerate(zip(prompt_ids.tolist(), prompt_mask.tolist(), strict=True)):
+        key = tuple(token for token, keep in zip(ids, real, strict=True) if keep)
+        groups = by_prompt[key]
+        routed_alike = (
+            g for g in groups if prompt_routes is None or prompt_routes[g[0]].equal(prompt_routes[sequence])
+        )
+        same = next(routed_alike, None)
+        if same is None:
+            groups.append([sequence])
+        else:
+            same.append(sequence)
+    return [group for groups in by_prompt.values() for group in groups if len(group) > 1]
+
+
+def _shared_prompt_units(
+    groups: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    completion_lengths: Sequence[int],
+    unit_limit: int,
+) -> list[list[int]]:
+    """The units of `plan_packing`: each group's sequences with completion tokens cut, in order, into runs
+    whose prompt plus completions hold at most `unit_limit` tokens; every other sequence alone."""
+    units: list[list[int]] = []
+    grouped = [False] * len(prompt_lengths)
+    for group in groups:
+        unit: list[int] = []
+        size = 0
+        for sequence in group:
+            if grouped[sequence]:
+                raise ValueError(f"sequence {sequence} is in more than one prompt group")
+            grouped[sequence] = True
+            if completion_lengths[sequence] == 0:
+                units.append([sequence])
+                continue
+            extra = completion_lengths[sequence] + (0 if unit else prompt_lengths[sequence])
+            if unit and size + extra > unit_limit:
+                units.append(unit)
+                unit, size, extra = [], 0, prompt_lengths[sequence] + completion_lengths[sequence]
+            unit.append(sequence)
+            size += extra
+        if unit:
+            units.append(unit)
+    units.extend([sequence] for sequence in range(len(prompt_lengths)) if not grouped[sequence])
+    return units
 
 
 def _long(values: Sequence[int], device: torch.device | str | None) -> Tensor:

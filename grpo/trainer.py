@@ -123,6 +123,7 @@ class GRPOTrainer:
             temperature=config.temperature,
             chunk_size=config.logprob_chunk_size,
             padding_free=config.padding_free,
+            share_prompts=config.share_prompts,
         )
         self.sharded = is_sharded(policy)
         if self.sharded:  # before the optimizer: the root's parameters become DTensors
@@ -181,6 +182,7 @@ class GRPOTrainer:
             temperature=self.config.temperature,
             chunk_size=self.config.logprob_chunk_size,
             padding_free=self.config.padding_free,
+            share_prompts=self.config.share_prompts,
         )
         if self.sharded:
             shard_root(wrapped, reference)

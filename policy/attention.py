@@ -39,6 +39,8 @@ unrounded; rounding them costs one pass over the cache per step and layer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,9 +53,9 @@ from r1kit.policy.rope import apply_rope, softmax_scale
 
 
 def packed_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Index of the sequence each token belongs to, (B, T) from position_ids (B, T).
+    """Index of the segment each token belongs to, (B, T) from position_ids (B, T).
 
-    Several samples packed into one row restart their positions; a new sequence
+    Several samples packed into one row restart their positions; a new segment
     starts wherever a position does not follow the previous one by +1 (the rule
     of transformers' `find_packed_sequence_indices`):
 
@@ -64,19 +66,108 @@ def packed_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return (steps != 1).cumsum(dim=-1)
 
 
+@dataclass(frozen=True)
+class PackedSequences:
+    """The sequences of packed rows, read from their position ids (B, T) and padding mask.
+
+    A segment is a run of positions that go up by 1 (`packed_sequence_ids`). A
+    segment starting at position 0 begins a sequence of its own. A segment
+    starting at position s > 0 continues the row's latest earlier segment that
+    started at 0 (its root) after the root's first s tokens: it is a sequence
+    made of that shared prefix and itself. So one prompt can carry several
+    completions in one row, the prompt's tokens computed once:
+
+        positions  0 1 2 | 3 4 | 3 4 5      prompt (3 tokens) + completion a, then completion b
+        sequences  [0 1 2 3 4] and [0 1 2] + [3 4 5]
+
+    A segment starting at s > 0 with no root before it in its row (or a root
+    shorter than s, for the missing part), or whose first token is padding, has
+    no prefix: right padding numbered by cumsum repeats the last position and
+    stays a block of its own.
+
+    segment (B, T): the token's segment, 0, 1, ... within its row.
+    prefix_start (B, T), prefix_length (B, T): the row span [start, start + length)
+        of the prefix the token's segment continues; length 0 where it continues none.
+    segment_start (B, T) bool: True on the first token of each segment.
+    shares_prefixes: whether any segment continues a prefix.
+    """
+
+    segment: torch.Tensor
+    prefix_start: torch.Tensor
+    prefix_length: torch.Tensor
+    segment_start: torch.Tensor
+    shares_prefixes: bool
+
+    @classmethod
+    def from_positions(cls, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PackedSequences:
+        """The sequences of rows with these position_ids (B or 1, T); attention_mask (B, T), 0 on padding."""
+        if attention_mask is not None:
+            position_ids = position_ids.expand(attention_mask.shape[0], -1)
+        batch, length = position_ids.shape
+        index = torch.arange(length, device=position_ids.device).expand(batch, -1)  # (B, T)
+        segment = packed_sequence_ids(position_ids)
+        starts = torch.diff(segment, prepend=segment[:, :1] - 1, dim=-1) != 0  # (B, T): the first token too
+        own_start = torch.where(starts, index, 0).cummax(dim=-1).values  # row index of the segment's first token
+        start_position = position_ids.gather(1, own_start)
+        root = torch.where(starts & (position_ids == 0), index, -1).cummax(dim=-1).values  # -1: no root yet
+        segment_lengths = torch.zeros_like(segment).scatter_add_(1, segment, torch.ones_like(segment))
+        root_length = segment_lengths.gather(1, segment.gather(1, root.clamp(min=0)))
+        continues = (start_position > 0) & (root >= 0)
+        if attention_mask is not None:
+            continues = continues & attention_mask.bool().gather(1, own_start)
+        return cls(
+            segment=segment,
+            prefix_start=torch.where(continues, root, 0),
+            prefix_length=torch.where(continues, torch.minimum(start_position, root_length), 0),
+            segment_start=starts,
+            shares_prefixes=bool(continues.any()),
+        )
+
+    def attendable(self) -> torch.Tensor:
+        """(B, 1, T, T) bool: key s lies in query t's sequence (its segment or its prefix); not causal by itself."""
+        keys = torch.arange(self.segment.shape[1], device=self.segment.device)
+        allowed = self.segment[:, :, None] == self.segment[:, None, :]  # (B, T, T)
+        if self.shares_prefixes:
+            start = self.prefix_start[:, :, None]
+            allowed = allowed | ((keys >= start) & (keys < start + self.prefix_length[:, :, None]))
+        return allowed[:, None]
+
+    def memberships(self) -> torch.Tensor:
+        """(B, T) long: how many sequences each token belongs to (1, plus the segments that continue it)."""
+        continuing = self.segment_start & (self.prefix_length > 0)  # (B, T)
+        ones = continuing.long()
+        edges = ones.new_zeros(ones.shape[0], ones.shape[1] + 1)  # +1 where a prefix starts, -1 past its end
+        edges.scatter_add_(1, self.prefix_start, ones)
+        edges.scatter_add_(1, self.prefix_start + self.prefix_length, -ones)
+        return 1 + edges.cumsum(dim=-1)[:, :-1]
+
+    def prefix_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """values (B, T, *rest) -> (B, T, *rest): on each segment's first token, the sum of values over the
+        prefix it continues; zero elsewhere (differentiable)."""
+        cumulative = torch.cat((torch.zeros_like(values[:, :1]), values.cumsum(dim=1)), dim=1)  # (B, T + 1, ...)
+        rest = (1,) * (values.dim() - 2)
+        start = self.prefix_start.view(*self.prefix_start.shape, *rest).expand_as(values)
+        end = (self.prefix_start + self.prefix_length).view(*self.prefix_start.shape, *rest).expand_as(values)
+        sums = cumulative.gather(1, end) - cumulative.gather(1, start)
+        first = (self.segment_start & (self.prefix_length > 0)).view(*self.segment_start.shape, *rest)
+        return sums * first
+
+
 def build_attention_mask(
     attention_mask: torch.Tensor | None,
     past_length: int,
     query_length: int,
     position_ids: torch.Tensor | None = None,
+    sequences: PackedSequences | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask (B or 1, 1, T, past + T), True where query t may attend key s; None if causal order suffices.
 
     attention_mask: (B, past + T) with 1 for real tokens and 0 for padding (left
     or right). A query always sees its own key, so padded rows stay finite.
-    position_ids: (B or 1, T) of the new tokens. With no past, positions that
-    restart (see `packed_sequence_ids`) separate packed samples and a token sees
-    only earlier tokens of its own sample: the mask is block-diagonal causal.
+    position_ids: (B or 1, T) of the new tokens. With no past, they give the
+    packed sequences (`PackedSequences`, or pass `sequences` built from them) and
+    a token sees only earlier tokens of its own sequence: the mask is
+    block-diagonal causal, plus each shared prefix for the segments continuing it.
     Contiguous positions, and left padding numbered by cumsum, leave it unchanged.
     None is returned when nothing is padded or packed and either there is no past
     (plain causal) or there is one query (it sees everything cached).
@@ -88,17 +179,20 @@ def build_attention_mask(
             f"attention_mask has {attention_mask.shape[-1]} columns; expected past ({past_length}) "
             f"+ new ({query_length}) = {key_length} tokens"
         )
-    sequences = packed_sequence_ids(position_ids) if position_ids is not None and past_length == 0 else None
-    if sequences is not None and not padded and not bool(sequences[:, -1].any()):
+    if sequences is None and position_ids is not None and past_length == 0:
+        real = None if attention_mask is None else attention_mask[:, -query_length:]
+        sequences = PackedSequences.from_positions(position_ids, real)
+    if sequences is not None and not padded and not bool(sequences.segment[:, -1].any()):
         sequences = None  # one sample per row: plain causal order (one host sync, as in transformers)
     if not padded and sequences is None and (past_length == 0 or query_length == 1):
         return None
     device = next((t.device for t in (attention_mask, position_ids) if t is not None), None)
+    device = sequences.segment.device if sequences is not None else device
     query_pos = torch.arange(query_length, device=device) + past_length  # (T,)
     key_pos = torch.arange(key_length, device=device)  # (S,)
     allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]  # (1, 1, T, S)
     if sequences is not None:  # no past here, so S == T
-        allowed = allowed & (sequences[:, None, :, None] == sequences[:, None, None, :])  # (B, 1, T, S)
+        allowed = allowed & sequences.attendable()  # (B, 1, T, S)
     if not padded:
         return allowed
     allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)

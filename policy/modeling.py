@@ -42,7 +42,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from r1kit.policy import checkpoint
-from r1kit.policy.attention import MultiheadLatentAttention, build_attention_mask, packed_sequence_ids
+from r1kit.policy.attention import MultiheadLatentAttention, PackedSequences, build_attention_mask
 from r1kit.policy.cache import LatentCache
 from r1kit.policy.config import DeepseekV3Config
 from r1kit.policy.fp8_gemm import FP8Config
@@ -75,19 +75,19 @@ class DecoderLayer(GradientCheckpointingLayer):
         cache: LatentCache | None = None,
         token_mask: torch.Tensor | None = None,
         routed_experts: torch.Tensor | None = None,
-        sequence_ids: torch.Tensor | None = None,
+        sequences: PackedSequences | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """hidden (B, T, H) -> (hidden, balance loss or None, expert load (E,) or None,
         routed experts (B, T, K) or None for a dense layer).
 
         routed_experts (B, T, K): experts to replay in a MoE layer, -1 where the router chooses.
-        sequence_ids (B, T): the packed sample of each token (`packed_sequence_ids`), whose balance
-        loss a MoE layer computes one sample at a time; None: one sample per row.
+        sequences: the packed samples of the rows (`PackedSequences`), whose balance loss a MoE
+        layer computes one sample at a time; None: one sample per row.
         """
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, mask, cache)
         ffn_in = self.post_attention_layernorm(hidden)
         if isinstance(self.mlp, MoE):
-            out = self.mlp(ffn_in, token_mask, routed_experts, sequence_ids)
+            out = self.mlp(ffn_in, token_mask, routed_experts, sequences)
             return hidden + out.hidden, out.aux_loss, out.load, out.experts
         return hidden + self.mlp(ffn_in), None, None, None
 
@@ -236,7 +236,10 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
 
         Samples packed into one row, their position_ids restarting at 0, attend only
         within themselves (block-diagonal causal mask, see `build_attention_mask`), and
-        the MoE balance loss is computed per sample, not per row.
+        the MoE balance loss is computed per sample, not per row. Samples may share a
+        prefix (a prompt and several completions, `PackedSequences`): the prefix is
+        computed once, and each sample's balance statistics and each token's expert
+        load count it once per sample, as if the samples were laid out one a row.
         The cache may also come as `past_key_values` (transformers before 5.24).
         routed_experts (num_moe_layers, B, T, K): experts to replay in each MoE layer
         (keep routing), -1 for tokens the routers choose for; `output_routed_experts`
@@ -248,13 +251,15 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         batch, seq = hidden.shape[:2]
         cache = self._cache(pop_cache_argument(cache, kwargs), use_cache)
         past = cache.get_seq_length() if cache is not None else 0
-        mask = build_attention_mask(attention_mask, past, seq, position_ids)
-        # the packed samples of each row, balanced one by one by the MoE layers (as the mask separates them)
-        sequence_ids = packed_sequence_ids(position_ids) if position_ids is not None and past == 0 else None
+        token_mask = None if attention_mask is None else attention_mask[:, -seq:].bool()
+        # the packed samples of each row: the mask keeps them apart, the MoE layers balance them one by one
+        sequences = None
+        if position_ids is not None and past == 0:
+            sequences = PackedSequences.from_positions(position_ids, token_mask)
+        mask = build_attention_mask(attention_mask, past, seq, position_ids, sequences)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=hidden.device).expand(batch, -1)
         rope = self.rotary_emb(position_ids, hidden.dtype)
-        token_mask = None if attention_mask is None else attention_mask[:, -seq:].bool()
         record_load = self.training and torch.is_grad_enabled()
         aux_loss = hidden.new_zeros((), dtype=torch.float32)
         moe_layers = self.layers[self.config.first_k_dense_replace :]
@@ -274,7 +279,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 cache=cache,
                 token_mask=token_mask,
                 routed_experts=replay,
-                sequence_ids=sequence_ids,
+                sequences=sequences,
             )
             if layer_aux is not None:
                 aux_loss = aux_loss + layer_aux
@@ -389,14 +394,20 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
 
         loss_mask (B, T) bool: True where token j is a training target (prompt and
         padding False). Pass the forward's attention_mask and position_ids for
-        padded batches and packed rows (no target then lies in another sample).
+        padded batches and packed rows (no target then lies in another sample);
+        rows whose samples share a prefix are refused (the shifted targets of a
+        continuing segment would run into the next one).
         Zero when the model has no MTP modules or lambda is 0.
         """
         if len(self.mtp) == 0 or self.config.mtp_loss_weight == 0:
             return hidden_states.new_zeros((), dtype=torch.float32)
         batch, seq = input_ids.shape
-        mask = build_attention_mask(attention_mask, 0, seq, position_ids)
-        sequence_ids = None if position_ids is None else packed_sequence_ids(position_ids)
+        sequences = None
+        if position_ids is not None:
+            sequences = PackedSequences.from_positions(position_ids, attention_mask)
+            if sequences.shares_prefixes:
+                raise ValueError("the MTP loss takes packed rows of whole samples, not samples sharing a prefix")
+        mask = build_attention_mask(attention_mask, 0, seq, position_ids, sequences)
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, -1)
         rope = self.model.rotary_emb(position_ids, hidden_states.dtype)
@@ -411,7 +422,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             mask,
             attention_mask,
             self.config.mtp_loss_weight,
-            sequence_ids,
+            None if sequences is None else sequences.segment,
         )
         if self.training and torch.is_grad_enabled():
             for module, load in zip(self.mtp, loads, strict=True):

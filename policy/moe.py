@@ -24,8 +24,10 @@ Complementary sequence-wise balance loss (eqs. 17-20), per sequence of T tokens:
 Departures: TopK_t in f_i is the selection actually made (with bias and group
 limit), as in Megatron and torchtitan; padding tokens count neither in T, f, P
 nor in the bias-update loads. A "sequence" is a sample: several samples packed
-into one row (position ids restarting, `sequence_ids`) are balanced each on
-its own, so a packed batch has the loss of the same samples padded, one a row.
+into one row (position ids restarting, `PackedSequences`) are balanced each on
+its own, so a packed batch has the loss of the same samples padded, one a row;
+samples sharing a prefix (one prompt, several completions) each count the
+prefix's tokens, in the balance loss and in the loads, as if padded too.
 
 Dispatch: the N*K (token, expert) pairs are sorted by expert and every
 routed GEMM goes through `RoutedExperts.expert_linear` over the sorted rows
@@ -54,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from r1kit.policy.attention import PackedSequences
 from r1kit.policy.config import DeepseekV3Config
 from r1kit.policy.fp8_gemm import FP8Config
 from r1kit.policy.fp8_grouped import fp8_grouped_linear
@@ -81,36 +84,57 @@ def sequence_balance_loss(
     scores: torch.Tensor,
     topk_idx: torch.Tensor,
     token_mask: torch.Tensor | None = None,
-    sequence_ids: torch.Tensor | None = None,
+    sequences: PackedSequences | None = None,
 ) -> torch.Tensor:
     """sum_i f_i P_i per sequence, averaged over sequences (without alpha); a scalar.
 
     scores (B, T, E) sigmoid affinities; topk_idx (B, T, K) chosen experts;
-    token_mask (B, T) bool, False for padding; sequence_ids (B, T) int, values in
-    [0, T): the sequence each token belongs to within its row (packed rows,
-    `policy.attention.packed_sequence_ids`), None for one sequence per row.
-    Sequences without a real token are left out. Gradient flows through P only.
+    token_mask (B, T) bool, False for padding; sequences: the samples packed in
+    each row (`policy.attention.PackedSequences`), None for one sequence per row.
+    A sample continuing a shared prefix counts the prefix's tokens as its own.
+    Sequences without a real token of their own are left out. Gradient flows
+    through P only.
     """
     batch, seq, num_experts = scores.shape
     top_k = topk_idx.shape[-1]
     mask = scores.new_ones(batch, seq) if token_mask is None else token_mask.to(scores.dtype)  # (B, T)
     rows = torch.arange(batch, device=scores.device).unsqueeze(1)  # (B, 1)
-    if sequence_ids is None:
+    if sequences is None:
         segments = batch
         segment = rows.expand(batch, seq).reshape(-1)  # (B*T,): the row
     else:
         segments = batch * seq  # an upper bound: every (row, sequence) pair gets its own index
-        segment = (rows * seq + sequence_ids).reshape(-1)  # (B*T,)
-    tokens = mask.new_zeros(segments).index_add_(0, segment, mask.reshape(-1))  # (S,)
+        segment = (rows * seq + sequences.segment).reshape(-1)  # (B*T,)
+    has_tokens = (mask.new_zeros(segments).index_add_(0, segment, mask.reshape(-1)) > 0).to(scores.dtype)  # (S,)
     chosen = torch.zeros_like(scores).scatter_(-1, topk_idx, 1.0) * mask.unsqueeze(-1)  # (B, T, E)
-    counts = scores.new_zeros(segments, num_experts).index_add_(0, segment, chosen.view(-1, num_experts))
     normalised = scores / scores.sum(dim=-1, keepdim=True) * mask.unsqueeze(-1)  # (B, T, E)
+    if sequences is not None and sequences.shares_prefixes:  # each segment's first token adds its prefix
+        mask, chosen = mask + sequences.prefix_sums(mask), chosen + sequences.prefix_sums(chosen)
+        normalised = normalised + sequences.prefix_sums(normalised)
+    tokens = mask.new_zeros(segments).index_add_(0, segment, mask.reshape(-1))  # (S,)
+    counts = scores.new_zeros(segments, num_experts).index_add_(0, segment, chosen.view(-1, num_experts))
     shares = scores.new_zeros(segments, num_experts).index_add(0, segment, normalised.view(-1, num_experts))
     per_token = 1 / tokens.clamp(min=1).unsqueeze(-1)  # (S, 1)
     f = num_experts / top_k * counts * per_token  # (S, E)
     p = shares * per_token  # (S, E)
-    has_tokens = (tokens > 0).to(scores.dtype)  # (S,)
     return ((f * p).sum(dim=-1) * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+
+
+def expert_load(
+    topk_idx: torch.Tensor,
+    num_experts: int,
+    token_mask: torch.Tensor | None = None,
+    sequences: PackedSequences | None = None,
+) -> torch.Tensor:
+    """Tokens routed to each expert (E,) from topk_idx (B * T, K): padding (token_mask (B, T) False) left
+    out, and a token of a shared prefix counted once per sample holding it (`PackedSequences.memberships`)."""
+    weights = None
+    if sequences is not None and sequences.shares_prefixes:
+        weights = sequences.memberships().reshape(-1, 1).expand_as(topk_idx).to(torch.float32)
+    if token_mask is not None:
+        real = token_mask.reshape(-1)
+        topk_idx, weights = topk_idx[real], None if weights is None else weights[real]
+    return torch.bincount(topk_idx.flatten(), None if weights is None else weights.flatten(), minlength=num_experts)
 
 
 def routing_bias_update(bias: torch.Tensor, load: torch.Tensor, speed: float) -> torch.Tensor:
@@ -331,12 +355,13 @@ class MoE(nn.Module):
         x: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         replay: torch.Tensor | None = None,
-        sequence_ids: torch.Tensor | None = None,
+        sequences: PackedSequences | None = None,
     ) -> MoEOutput:
         """x (B, T, H); token_mask (B, T) bool, False for padding (excluded from balance statistics);
         replay (B, T, K): experts to route each token to, -1 where the router chooses (see `Router`);
-        sequence_ids (B, T): the packed sample of each token, balanced one by one (None: one per row).
-        Balance loss and load count the experts actually used, replayed or chosen."""
+        sequences: the samples packed in each row, balanced one by one (None: one per row).
+        Balance loss and load count the experts actually used, replayed or chosen; a token of a
+        shared prefix counts in the load once per sample holding it."""
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
         flat_replay = None if replay is None else replay.reshape(batch * seq, -1)
@@ -350,8 +375,7 @@ class MoE(nn.Module):
         aux_loss = None
         if self.alpha > 0:
             aux_loss = self.alpha * sequence_balance_loss(
-                scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1), token_mask, sequence_ids
+                scores.view(batch, seq, -1), topk_idx.view(batch, seq, -1), token_mask, sequences
             )
-        counted = topk_idx if token_mask is None else topk_idx[token_mask.reshape(-1)]
-        load = torch.bincount(counted.flatten(), minlength=self.gate.num_experts)
+        load = expert_load(topk_idx, self.gate.num_experts, token_mask, sequences)
         return MoEOutput(out, aux_loss, load, experts)

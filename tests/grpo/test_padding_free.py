@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 from r1kit.grpo.batch import PolicyBatch, build_policy_batch
 from r1kit.grpo.logprobs import TokenLogprobModel, TokenLogprobs, packed_rows_attention
-from r1kit.grpo.packing import best_fit_decreasing, plan_packing, row_capacity
+from r1kit.grpo.packing import best_fit_decreasing, plan_packing, row_capacity, same_prompt_groups
 from r1kit.policy import DeepseekV3ForCausalLM, preset_config
 from r1kit.rollout.engine import RolloutBatch
 from r1kit.rollout.token_sets import TokenSets
@@ -101,6 +101,42 @@ def test_plans_refuse_what_they_cannot_lay_out():
         plan_packing([0, 2], [4, 1], 3, 4)
 
 
+@pytest.mark.parametrize("unit_limit", [10_000, 60, 1])
+def test_grouped_sequences_place_their_prompt_once_per_unit_and_score_from_it(unit_limit):
+    """Groups of 4 sequences with one prompt each: the prompt placed once per unit, every completion token
+    at its position in its sequence and scored from the token before it there (the prompt's last for the
+    first); a group longer than unit_limit is cut, a sequence without completion tokens stays alone."""
+    rng = random.Random(3)
+    groups = [list(range(start, start + 4)) for start in range(0, 24, 4)]
+    prompts = [length for _ in groups for length in [rng.randint(1, 12)] * 4]
+    completions = [rng.randint(0 if i % 7 == 0 else 1, 20) for i in range(24)]
+    width_p, width_t = max(prompts), max(completions)
+    ids = torch.randint(0, 10_000, (24, width_p + width_t))
+    for group in groups:  # the group's prompt tokens are the same
+        ids[group, :width_p] = ids[group[0], :width_p]
+    plan = plan_packing(prompts, completions, width_p, width_t, prompt_groups=groups, unit_limit=unit_limit)
+    assert plan.packed_index.unique().numel() == plan.packed_index.numel()
+    width = width_p + width_t
+    tags = torch.arange(24)[:, None] * 1000 + torch.arange(width) - (width_p - torch.tensor(prompts))[:, None]
+    placed = [tag for tag in plan.pack(tags, -1).view(-1).tolist() if tag >= 0]
+    leaders = {tag // 1000 for tag in placed if tag % 1000 < prompts[tag // 1000]}  # sequences placing a prompt
+    assert len(placed) == sum(completions) + sum(prompts[s] for s in leaders)
+    whole_groups = 6 + sum(c == 0 for c in completions)  # a sequence without completion tokens stays alone
+    expected_units = {10_000: whole_groups, 1: 24}  # at most unit_limit tokens, at least one sequence a unit
+    if unit_limit in expected_units:
+        assert len(leaders) == expected_units[unit_limit]
+    else:
+        assert whole_groups < len(leaders) < 24
+    packed = plan.pack(ids, -1).view(-1)
+    positions = plan.position_ids.view(-1)
+    scored_from = plan.unpack_completions(packed[plan.score_index].float())
+    for i, c in enumerate(completions):
+        assert scored_from[i, :c].tolist() == ids[i, width_p - 1 : width_p + c - 1].float().tolist()
+    grid_positions = plan.unpack_completions(positions[plan.score_index].float() + 1)
+    for i, c in enumerate(completions):
+        assert grid_positions[i, :c].tolist() == [float(prompts[i] + j) for j in range(c)]
+
+
 # ----------------------------------------------------------------------------- forwards
 
 
@@ -141,9 +177,18 @@ def rollout_batch(
     return build_policy_batch(rollout, pad_token_id=0)
 
 
-def forward_and_backward(model: torch.nn.Module, batch: PolicyBatch, padding_free: bool, with_mtp: bool = False):
-    """(TokenLogprobs, gradients) of -sum logp + aux_loss + mtp_loss over the batch."""
-    wrapper = TokenLogprobModel(model, padding_free=padding_free, temperature=0.8)
+def forward_and_backward(
+    model: torch.nn.Module,
+    batch: PolicyBatch,
+    padding_free: bool | TokenLogprobModel,
+    with_mtp: bool = False,
+    token_mean: bool = False,
+):
+    """(TokenLogprobs, gradients) of -sum logp (token_mean: -mean logp, as GRPO's losses scale it) + aux_loss
+    + mtp_loss over the batch; padding_free may come as the wrapper of `model` to use."""
+    wrapper = padding_free
+    if not isinstance(wrapper, TokenLogprobModel):
+        wrapper = TokenLogprobModel(model, padding_free=padding_free, temperature=0.8)
     model.zero_grad(set_to_none=True)
     out = wrapper(
         batch.input_ids,
@@ -156,6 +201,8 @@ def forward_and_backward(model: torch.nn.Module, batch: PolicyBatch, padding_fre
         kept_tokens=batch.kept_tokens,
     )
     loss = -(out.logp * batch.completion_mask).sum()
+    if token_mean:
+        loss = loss / batch.completion_mask.sum()
     for auxiliary in (out.aux_loss, out.mtp_loss):
         if auxiliary is not None:
             loss = loss + auxiliary
@@ -196,6 +243,77 @@ def test_deepseek_v3_training_forward_is_the_padded_one():
     torch.testing.assert_close(packed.mtp_loss, padded.mtp_loss, rtol=1e-5, atol=1e-7)
     assert padded.aux_loss > 0 and padded.mtp_loss > 0
     assert packed_load.sum() > 0 and torch.equal(packed_load, padded_load)  # padding counted by neither
+
+
+def grouped_rollout_batch(
+    vocab_size: int, generator: torch.Generator, routing_shape: tuple[int, int, int], group_size: int = 3
+) -> PolicyBatch:
+    """`rollout_batch`'s batch with each prompt repeated for `group_size` completions, as GRPO samples them:
+    the same prompt tokens and prompt routing, each completion its own (7 prompts x 3, completions 1-9)."""
+    layers, experts, top_k = routing_shape
+    prompts, completions, kept, routing = [], [], [], []
+    for p in PROMPT_LENGTHS:
+        prompt = torch.randint(3, vocab_size, (p,), generator=generator).tolist()
+        prompt_routes = torch.rand(layers, p, experts, generator=generator).argsort(dim=-1)[..., :top_k]
+        for _ in range(group_size):
+            c = int(torch.randint(1, 10, (), generator=generator))
+            prompts.append(prompt)
+            completions.append(torch.randint(3, vocab_size, (c,), generator=generator).tolist())
+            mask = torch.rand(c, vocab_size, generator=generator) < 0.5
+            mask[torch.arange(c), torch.tensor(completions[-1])] = True
+            kept.append(TokenSets.from_mask(mask))
+            own = torch.rand(layers, c - 1, experts, generator=generator).argsort(dim=-1)[..., :top_k]
+            chosen = torch.cat((prompt_routes, own), dim=1).to(torch.int16)
+            chosen[:, 1::4] = -1
+            routing.append(chosen)
+    rollout = RolloutBatch(
+        prompt_ids=prompts,
+        completion_ids=completions,
+        completion_text=[""] * len(prompts),
+        sampler_logprobs=[torch.zeros(len(c)) for c in completions],
+        finish_reason=["stop"] * len(prompts),
+        policy_version=0,
+        routed_experts=routing,
+        kept_tokens=kept,
+    )
+    return build_policy_batch(rollout, pad_token_id=0)
+
+
+@pytest.mark.parametrize("keep_routing", [False, True], ids=["routed-live", "keep-routing"])
+def test_shared_prompts_give_the_padded_forward_with_each_prompt_computed_once(keep_routing):
+    """A prompt's completions after one copy of it: log-probs, gradients, balance loss and loads as padded."""
+    config = preset_config("tiny-debug", seq_balance_alpha=0.1)
+    model = DeepseekV3ForCausalLM(config)
+    randomize(model)
+    model.train()
+    moe_layers = config.num_hidden_layers - config.first_k_dense_replace
+    routing = (moe_layers, config.n_routed_experts, config.num_experts_per_tok)
+    batch = grouped_rollout_batch(config.vocab_size, torch.Generator().manual_seed(3), routing)
+    if not keep_routing:
+        batch = dataclasses.replace(batch, routed_experts=None)
+    results = {}
+    for layout in ("padded", "packed", "shared"):
+        twin = copy.deepcopy(model)
+        wrapper = TokenLogprobModel(twin, padding_free=layout != "padded", share_prompts=layout == "shared")
+        out, grads = forward_and_backward(twin, batch, wrapper, token_mean=True)
+        results[layout] = out, grads, torch.stack([router.expert_load for router in twin.routers()])
+    (padded, padded_grads, padded_load), (shared, shared_grads, shared_load) = results["padded"], results["shared"]
+    assert_same(shared, padded, shared_grads, padded_grads, batch)
+    prompt_tokens = sum(PROMPT_LENGTHS)
+    real_tokens = int(batch.attention_mask.sum())
+    assert shared.token_slots < results["packed"][0].token_slots  # fewer slots than whole sequences need
+    assert shared.token_slots >= real_tokens - 2 * prompt_tokens  # each prompt held once
+    torch.testing.assert_close(shared.aux_loss, padded.aux_loss, rtol=1e-5, atol=1e-7)
+    assert padded.aux_loss > 0
+    torch.testing.assert_close(shared_load, padded_load)  # prompt tokens counted once per completion
+    assert shared_load.sum() == padded_load.sum() > 0
+
+
+def test_prompts_routed_differently_are_not_shared():
+    ids = torch.tensor([[4, 5], [4, 5], [4, 5]])
+    routes = torch.tensor([[[1], [2]], [[1], [3]], [[1], [2]]])  # (n, P, K)
+    assert same_prompt_groups(ids, torch.ones_like(ids), routes) == [[0, 2]]
+    assert same_prompt_groups(ids, torch.ones_like(ids)) == [[0, 1, 2]]
 
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -11,7 +11,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE a
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 from r1kit.policy import DeepseekV3ForCausalLM
-from r1kit.policy.attention import packed_sequence_ids
+from r1kit.policy.attention import PackedSequences
 from r1kit.policy.moe import (
     MoE,
     RoutedExperts,
@@ -150,7 +150,8 @@ def test_per_sequence_balance_loss_is_the_per_row_one_with_one_sequence_per_row(
     token_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
     positions = (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     per_row = sequence_balance_loss(scores, chosen, token_mask)
-    per_sequence = sequence_balance_loss(scores, chosen, token_mask, packed_sequence_ids(positions))
+    sequences = PackedSequences.from_positions(positions, token_mask)
+    per_sequence = sequence_balance_loss(scores, chosen, token_mask, sequences)
     torch.testing.assert_close(per_sequence, per_row)
     torch.testing.assert_close(per_row, torch.as_tensor(paper_balance_loss(scores, chosen, token_mask, top_k=2)))
 
@@ -162,7 +163,7 @@ def test_a_packed_row_is_balanced_sample_by_sample():
     chosen = torch.stack([torch.randperm(8)[:2] for _ in range(14)]).view(1, 14, 2)
     token_mask = (torch.arange(14) < sum(lengths)).unsqueeze(0)
     positions = torch.cat([torch.arange(n) for n in (*lengths, 2)]).unsqueeze(0)
-    packed = sequence_balance_loss(scores, chosen, token_mask, packed_sequence_ids(positions))
+    packed = sequence_balance_loss(scores, chosen, token_mask, PackedSequences.from_positions(positions, token_mask))
     separate = torch.zeros(3, 5, 8)
     separate_chosen = torch.zeros(3, 5, 2, dtype=torch.long)
     separate_mask = torch.zeros(3, 5, dtype=torch.bool)
