@@ -13,7 +13,9 @@ clip 1.0). One optimizer step consumes B * G completions on both sides.
     ours  GRPOTrainer with the built-in TorchRolloutEngine (a copy of the policy,
           weights synced after every step) and a RewardSuite running
           math_accuracy in-process; micro_batch_size completions per backward,
-          packed without padding (padding_free, the default; TRL pads);
+          packed without padding, each prompt once for all its completions
+          (padding_free and share_prompts, the defaults; TRL pads and repeats
+          the prompt for every completion, as --no-shared-prompts does);
           importance_correction="none" (TRL applies no sampler correction without
           vLLM); with --num-speculative-tokens k > 0 the engine decodes with MTP
           self-speculation (exact samples of the same policy; the random-init
@@ -45,6 +47,7 @@ process, ours first, with the same torch thread count.
     python -m benchmarks.bench_grpo_vs_trl [--steps 10] [--warmup 2] [--prompts 16] [--samples 8]
                                            [--max-new-tokens 48] [--micro-batch-size 32] [--beta 0.04]
                                            [--num-speculative-tokens 0] [--start "random init" | sft]
+                                           [--no-shared-prompts]
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ class TokenLogprobModel(nn.Module):
             input_ids=packed_ids, attention_mask=packed_mask, position_ids=plan.position_ids, use_cache=False, **replay
         )
         hidden = decoder_output.last_hidden_state  # (R, C, H)
-        scoring = hidden.flatten(0, 1)[plan.score_index]  # (S, H): the states before each completion token
+        scoring = hidden.flatten(0, 1).index_select(0, plan.score_index)  # (S, H): states before completion tokens
         targets = input_ids[:, prompt_length:].reshape(-1)[plan.completion_index]  # (S,)
         kept = None if kept_tokens is None else kept_tokens.select(plan.completion_index)
         logp, entropy = self._logprobs(scoring.unsqueeze(0), targets.unsqueeze(0), kept)  # (1, S) each

@@ -301,10 +301,13 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x (N, hidden), topk_idx (N, K), gates (N, K) -> sum_k gates[:, k] * FFN_{topk_idx[:, k]}(x)."""
         layout = ExpertLayout.from_topk(topk_idx, self.num_experts)
-        rows = x[layout.token_index]  # (N*K, hidden)
-        scale = gates.flatten()[layout.pair_index].to(x.dtype).unsqueeze(-1)  # (N*K, 1)
+        # index_select, not indexing: its backward is an index_add, several times faster than indexing's
+        # accumulating index_put on CPU
+        rows = x.index_select(0, layout.token_index)  # (N*K, hidden)
+        scale = gates.flatten().index_select(0, layout.pair_index).to(x.dtype).unsqueeze(-1)  # (N*K, 1)
         out = self.expert_ffn(rows, scale, layout, self.gate_up_proj, self.down_proj)  # (N*K, hidden)
-        return out[layout.inverse].view(*topk_idx.shape, -1).sum(dim=1)  # (N, K, hidden) -> (N, hidden)
+        out = out.index_select(0, layout.inverse)
+        return out.view(*topk_idx.shape, -1).sum(dim=1)  # (N, K, hidden) -> (N, hidden)
 
     def expert_ffn(
         self,
