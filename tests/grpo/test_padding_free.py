@@ -402,14 +402,16 @@ def shortened(rollout: RolloutBatch, lengths: list[int]) -> RolloutBatch:
     )
 
 
-def test_one_grpo_update_is_the_same_with_and_without_padding(make_trainer):
-    """Reference and old log-probs, two micro-batches, two optimizer steps (mu = 2), MTP, keep routing and
-    keep sampling mask: losses, statistics and the updated weights agree."""
+@pytest.mark.parametrize("mtp", [True, False], ids=["mtp-whole-sequences", "shared-prompts"])
+def test_one_grpo_update_is_the_same_with_and_without_padding(make_trainer, mtp):
+    """Reference and old log-probs, two micro-batches, two optimizer steps (mu = 2), keep routing and keep
+    sampling mask, with the MTP loss (whole sequences packed) or without (each prompt once for its
+    completions): losses, statistics and the updated weights agree."""
     settings = dict(
         beta=0.1,
         num_iterations=2,
         micro_batch_size=8,
-        mtp_on_completions=True,
+        mtp_on_completions=mtp,
         keep_routing=True,
         keep_sampling_mask=True,
         top_k=12,
@@ -425,12 +427,16 @@ def test_one_grpo_update_is_the_same_with_and_without_padding(make_trainer):
         batch = build_policy_batch(rollout, trainer.tokenizer.pad_token_id)
         stats[flag] = trainer.update(batch, scored.advantages)
     assert stats[True]["padding_free/padding_removed"] > 0.1 and stats[False]["padding_free/padding_removed"] == 0
-    for key in ("loss", "grad_norm", "kl", "entropy", "ratio", "aux_loss", "mtp_loss", "mismatch/abs_logp_diff"):
+    keys = ["loss", "grad_norm", "kl", "entropy", "ratio", "aux_loss", "mismatch/abs_logp_diff"] + ["mtp_loss"] * mtp
+    for key in keys:
         assert stats[True][key] == pytest.approx(stats[False][key], rel=1e-5, abs=1e-6), key
+    # Adam moves every coordinate by about the learning rate, one whose gradient is near zero by
+    # m / sqrt(v) of rounding-sized moments: weights agree to a hundredth of a step
+    step_size = settings["learning_rate"]
     start = dict(trainers[False].update.reference.model.named_parameters())
     packed = dict(trainers[True].policy.named_parameters())
     for name, padded in trainers[False].policy.named_parameters():
-        torch.testing.assert_close(packed[name], padded, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(packed[name], padded, rtol=1e-5, atol=step_size / 100, msg=name)
     assert any(not torch.equal(packed[name], start[name]) for name in start)
     routers = [trainers[flag].policy.routers() for flag in (False, True)]
     for padded, packed in zip(*routers, strict=True):  # the decoder's and MTP's routing biases, updated twice
