@@ -221,15 +221,20 @@ def assert_same(packed: TokenLogprobs, padded: TokenLogprobs, packed_grads: dict
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_deepseek_v3_training_forward_is_the_padded_one():
-    """Balance loss, MTP on completions, keep routing with some tokens routed live, kept sets: all equal."""
+def training_moe_policy() -> tuple[DeepseekV3ForCausalLM, tuple[int, int, int]]:
+    """The tiny-debug DeepSeek-V3, random weights, balance loss on (alpha 0.1), in training mode, and its
+    routing's shape (MoE layers, routed experts, experts per token)."""
     config = preset_config("tiny-debug", seq_balance_alpha=0.1)
     model = DeepseekV3ForCausalLM(config)
     randomize(model)
-    model.train()
     moe_layers = config.num_hidden_layers - config.first_k_dense_replace
-    routing = (moe_layers, config.n_routed_experts, config.num_experts_per_tok)
-    batch = rollout_batch(config.vocab_size, torch.Generator().manual_seed(0), routing)
+    return model.train(), (moe_layers, config.n_routed_experts, config.num_experts_per_tok)
+
+
+def test_deepseek_v3_training_forward_is_the_padded_one():
+    """Balance loss, MTP on completions, keep routing with some tokens routed live, kept sets: all equal."""
+    model, routing = training_moe_policy()
+    batch = rollout_batch(model.config.vocab_size, torch.Generator().manual_seed(0), routing)
     assert batch.kept_tokens.sizes.any() and (batch.routed_experts == -1).any()
     results = {}
     for padding_free in (False, True):
@@ -282,13 +287,8 @@ def grouped_rollout_batch(
 @pytest.mark.parametrize("keep_routing", [False, True], ids=["routed-live", "keep-routing"])
 def test_shared_prompts_give_the_padded_forward_with_each_prompt_computed_once(keep_routing):
     """A prompt's completions after one copy of it: log-probs, gradients, balance loss and loads as padded."""
-    config = preset_config("tiny-debug", seq_balance_alpha=0.1)
-    model = DeepseekV3ForCausalLM(config)
-    randomize(model)
-    model.train()
-    moe_layers = config.num_hidden_layers - config.first_k_dense_replace
-    routing = (moe_layers, config.n_routed_experts, config.num_experts_per_tok)
-    batch = grouped_rollout_batch(config.vocab_size, torch.Generator().manual_seed(3), routing)
+    model, routing = training_moe_policy()
+    batch = grouped_rollout_batch(model.config.vocab_size, torch.Generator().manual_seed(3), routing)
     if not keep_routing:
         batch = dataclasses.replace(batch, routed_experts=None)
     results = {}
