@@ -104,9 +104,10 @@ def row_capacity(lengths: Sequence[int], steps: int = 8) -> int:
 
 
 SHARED_UNIT_TOKENS = 1024
-"""Most tokens of a shared prompt with its completions in one unit (`plan_packing`). Longer rows save
+"""Most tokens of a shared prompt with its completions in one unit (`plan_packing`). Longer units save
 little more (one prompt per extra completion) and cost attention, quadratic in the row length; on the
-benchmark's arithmetic groups (22 + 8 x 4..48 tokens) whole groups were fastest (docs/benchmarks.md)."""
+benchmark's arithmetic groups (22 + 8 x 4..48 tokens) whole groups trained as fast as groups cut at 192
+or 256 tokens and faster than at 128 (docs/benchmarks.md)."""
 
 
 @dataclass
