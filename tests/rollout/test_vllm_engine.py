@@ -15,6 +15,7 @@ from r1kit.rollout.engine import SamplingParams
 from r1kit.rollout.sync_group import Rendezvous
 from r1kit.rollout.vllm_engine import (
     batch_from_outputs,
+    cpu_attention_config,
     cpu_compilation_config,
     request_seeds,
     vllm_sampling_kwargs,
@@ -82,6 +83,21 @@ def test_cpu_builds_use_vllms_pytorch_rotary() -> None:
     assert cpu_compilation_config({"custom_ops": ["+rotary_embedding"]}) == {"custom_ops": ["+rotary_embedding"]}
     config = object()  # a vLLM CompilationConfig: the caller's choice
     assert cpu_compilation_config(config) is config
+
+
+def test_vllms_cpu_build_serves_mla_in_bfloat16_only_on_its_amx_backend() -> None:
+    """Other dtypes get the reference CPU MLA backend (AMX hosts picked AMX for fp32 and failed to load)."""
+    assert cpu_attention_config(None, "float32") == {"backend": "CPU_MLA"}
+    assert cpu_attention_config(None, "auto") == {"backend": "CPU_MLA"}
+    assert cpu_attention_config({"flash_attn_version": 2}, torch.float16) == {
+        "flash_attn_version": 2,
+        "backend": "CPU_MLA",
+    }
+    assert cpu_attention_config(None, "bfloat16") is None
+    assert cpu_attention_config(None, torch.bfloat16) is None
+    assert cpu_attention_config({"backend": "AMX_MLA"}, "float32") == {"backend": "AMX_MLA"}
+    config = object()  # a vLLM AttentionConfig: the caller's choice
+    assert cpu_attention_config(config, "float32") is config
 
 
 def test_plans_and_rendezvous_cross_vllms_msgspec_hop() -> None:
