@@ -294,6 +294,8 @@ def _shared_prompt_units(
     units: list[list[int]] = []
     grouped = [False] * len(prompt_lengths)
     for group in groups:
+        if len({prompt_lengths[sequence] for sequence in group}) > 1:
+            raise ValueError(f"prompt group {list(group)} holds prompts of different lengths; a group shares one")
         unit: list[int] = []
         size = 0
         for sequence in group:

@@ -99,6 +99,10 @@ def test_plans_refuse_what_they_cannot_lay_out():
         plan_packing([3, 2], [4, 1], 3, 4, capacity=6)
     with pytest.raises(ValueError, match=r"prompt lengths must lie in 1\.\.3"):
         plan_packing([0, 2], [4, 1], 3, 4)
+    with pytest.raises(ValueError, match=r"prompt group \[0, 1\] holds prompts of different lengths"):
+        plan_packing([3, 2], [4, 1], 3, 4, prompt_groups=[[0, 1]])
+    with pytest.raises(ValueError, match="sequence 1 is in more than one prompt group"):
+        plan_packing([2, 2, 2], [4, 1, 1], 3, 4, prompt_groups=[[0, 1], [1, 2]])
 
 
 @pytest.mark.parametrize("unit_limit", [10_000, 60, 1])
