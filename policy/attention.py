@@ -50,6 +50,9 @@ from r1kit.policy.config import DeepseekV3Config
 from r1kit.policy.fp8_linear import FP8Linear
 from r1kit.policy.layers import RMSNorm
 from r1kit.policy.rope import apply_rope, softmax_scale
+from r1kit.policy.segment_attention import SegmentLayout
+
+AttentionMask = torch.Tensor | SegmentLayout | None  # what `attention_layout` returns
 
 
 def packed_sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -174,16 +177,7 @@ def build_attention_mask(
     """
     key_length = past_length + query_length
     padded = attention_mask is not None and not bool(attention_mask.all())
-    if attention_mask is not None and attention_mask.shape[-1] != key_length:
-        raise ValueError(
-            f"attention_mask has {attention_mask.shape[-1]} columns; expected past ({past_length}) "
-            f"+ new ({query_length}) = {key_length} tokens"
-        )
-    if sequences is None and position_ids is not None and past_length == 0:
-        real = None if attention_mask is None else attention_mask[:, -query_length:]
-        sequences = PackedSequences.from_positions(position_ids, real)
-    if sequences is not None and not padded and not bool(sequences.segment[:, -1].any()):
-        sequences = None  # one sample per row: plain causal order (one host sync, as in transformers)
+    sequences = _packed_sequences(attention_mask, past_length, query_length, position_ids, sequences, padded)
     if not padded and sequences is None and (past_length == 0 or query_length == 1):
         return None
     device = next((t.device for t in (attention_mask, position_ids) if t is not None), None)
@@ -197,6 +191,55 @@ def build_attention_mask(
         return allowed
     allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
     return allowed | (key_pos[None, :] == query_pos[:, None])
+
+
+def attention_layout(
+    attention_mask: torch.Tensor | None,
+    past_length: int,
+    query_length: int,
+    position_ids: torch.Tensor | None = None,
+    sequences: PackedSequences | None = None,
+) -> AttentionMask:
+    """What the attention layers take for these tokens (arguments as in `build_attention_mask`).
+
+    Rows that pack several sequences (no past) get a `SegmentLayout` where it
+    pays off (policy/segment_attention.py): attention runs one sequence at a
+    time and costs sum(length x (prefix + length)), not T^2 per row. Everything
+    else gets `build_attention_mask`'s mask (or None).
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    sequences = _packed_sequences(attention_mask, past_length, query_length, position_ids, sequences, padded)
+    if sequences is None:
+        return build_attention_mask(attention_mask, past_length, query_length)
+    layout = SegmentLayout.from_sequences(
+        sequences, None if attention_mask is None else attention_mask[:, -query_length:]
+    )
+    if layout.pays_off():
+        return layout
+    return build_attention_mask(attention_mask, past_length, query_length, position_ids, sequences)
+
+
+def _packed_sequences(
+    attention_mask: torch.Tensor | None,
+    past_length: int,
+    query_length: int,
+    position_ids: torch.Tensor | None,
+    sequences: PackedSequences | None,
+    padded: bool,
+) -> PackedSequences | None:
+    """The rows' packed sequences; None when there is a past, no positions, or one unpadded sample per row."""
+    key_length = past_length + query_length
+    if attention_mask is not None and attention_mask.shape[-1] != key_length:
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[-1]} columns; expected past ({past_length}) "
+            f"+ new ({query_length}) = {key_length} tokens"
+        )
+    if sequences is None and position_ids is not None and past_length == 0:
+        real = None if attention_mask is None else attention_mask[:, -query_length:]
+        sequences = PackedSequences.from_positions(position_ids, real)
+    if sequences is not None and not padded and not bool(sequences.segment[:, -1].any()):
+        return None  # one sample per row: plain causal order (one host sync, as in transformers)
+    return sequences
 
 
 class MultiheadLatentAttention(nn.Module):
@@ -231,10 +274,10 @@ class MultiheadLatentAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
+        mask: AttentionMask,
         cache: LatentCache | None = None,
     ) -> torch.Tensor:
-        """x (B, T, hidden), rope cos/sin (B, T, d_r/2), mask of `build_attention_mask` -> (B, T, hidden)."""
+        """x (B, T, hidden), rope cos/sin (B, T, d_r/2), mask of `attention_layout` -> (B, T, hidden)."""
         cos, sin = rope
         q_nope, q_rope = self._queries(x, cos, sin)  # (B, T, n, d_n), (B, T, n, d_r)
         entries = self._latent_entries(x, cos, sin)  # (B, T, c + d_r)
@@ -260,7 +303,7 @@ class MultiheadLatentAttention(nn.Module):
         return torch.cat((self.kv_a_layernorm(latent), k_rope), dim=-1)
 
     def _expanded(
-        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, mask: AttentionMask
     ) -> torch.Tensor:
         """Attention over keys/values expanded from the latents -> (B, T, n * d_v)."""
         batch, seq_q, seq_k = q_nope.shape[0], q_nope.shape[1], kv.shape[1]
@@ -274,12 +317,16 @@ class MultiheadLatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, n, d_n + d_r)
         # zero-padding v to the q/k width lets SDPA take its fused (flash) kernel; the pad columns are dropped
         v = F.pad(v, (0, max(0, q.shape[-1] - self.v_dim)))
+        dropout_p = self.attention_dropout if self.training else 0.0
+        if isinstance(mask, SegmentLayout):  # packed rows, one sequence at a time
+            out = mask.attend(q, k, v, self.scale, dropout_p)[..., : self.v_dim]  # (B, T, n, d_v)
+            return out.reshape(batch, seq_q, self.num_heads * self.v_dim)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
             attn_mask=mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
+            dropout_p=dropout_p,
             is_causal=mask is None and seq_q > 1,
             scale=self.scale,
         )  # (B, n, T, max(d_v, d_n + d_r))

@@ -42,7 +42,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from r1kit.policy import checkpoint
-from r1kit.policy.attention import MultiheadLatentAttention, PackedSequences, build_attention_mask
+from r1kit.policy.attention import AttentionMask, MultiheadLatentAttention, PackedSequences, attention_layout
 from r1kit.policy.cache import LatentCache
 from r1kit.policy.config import DeepseekV3Config
 from r1kit.policy.fp8_gemm import FP8Config
@@ -71,7 +71,7 @@ class DecoderLayer(GradientCheckpointingLayer):
         self,
         hidden: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
+        mask: AttentionMask,
         cache: LatentCache | None = None,
         token_mask: torch.Tensor | None = None,
         routed_experts: torch.Tensor | None = None,
@@ -235,7 +235,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         """input_ids (B, T); attention_mask (B, past + T), 0 on padding; position_ids (B, T).
 
         Samples packed into one row, their position_ids restarting at 0, attend only
-        within themselves (block-diagonal causal mask, see `build_attention_mask`), and
+        within themselves (attention runs one sample at a time, see `attention_layout`), and
         the MoE balance loss is computed per sample, not per row. Samples may share a
         prefix (a prompt and several completions, `PackedSequences`): the prefix is
         computed once, and each sample's balance statistics and each token's expert
@@ -256,7 +256,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         sequences = None
         if position_ids is not None and past == 0:
             sequences = PackedSequences.from_positions(position_ids, token_mask)
-        mask = build_attention_mask(attention_mask, past, seq, position_ids, sequences)
+        mask = attention_layout(attention_mask, past, seq, position_ids, sequences)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=hidden.device).expand(batch, -1)
         rope = self.rotary_emb(position_ids, hidden.dtype)
@@ -407,7 +407,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             sequences = PackedSequences.from_positions(position_ids, attention_mask)
             if sequences.shares_prefixes:
                 raise ValueError("the MTP loss takes packed rows of whole samples, not samples sharing a prefix")
-        mask = build_attention_mask(attention_mask, 0, seq, position_ids, sequences)
+        mask = attention_layout(attention_mask, 0, seq, position_ids, sequences)
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, -1)
         rope = self.model.rotary_emb(position_ids, hidden_states.dtype)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1kit.policy.attention import AttentionMask
 from r1kit.policy.cache import LatentCache
 from r1kit.policy.config import DeepseekV3Config
 from r1kit.policy.layers import RMSNorm
@@ -55,7 +56,7 @@ class MTPModule(nn.Module):
         hidden: torch.Tensor,
         next_embeds: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
+        mask: AttentionMask,
         token_mask: torch.Tensor | None,
         cache: LatentCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -85,7 +86,7 @@ def mtp_loss(
     embed: nn.Embedding,
     head: nn.Module,
     rope: tuple[torch.Tensor, torch.Tensor],
-    mask: torch.Tensor | None,
+    mask: AttentionMask,
     attention_mask: torch.Tensor | None,
     weight: float,
     sequence_ids: torch.Tensor | None = None,
