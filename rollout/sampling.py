@@ -96,6 +96,29 @@ def kept_sets(keep: Tensor | None, num_rows: int, device: torch.device) -> Token
     return TokenSets.unrestricted(num_rows, device) if keep is None else TokenSets.from_mask(keep)
 
 
+def draw(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One index per row of weights (R, V), drawn with probability weight / row sum -> (R,) int64.
+
+    weights >= 0, each row with some positive weight (probabilities, or a residual
+    that is not normalised). Inverse-CDF sampling with one uniform per row
+    (`inverse_cdf`). `torch.multinomial` draws V exponentials per row instead,
+    about 20x slower for 128 rows of 426 tokens on CPU, where it was a tenth of decoding.
+    """
+    uniform = torch.rand(weights.shape[0], generator=generator, dtype=torch.float64, device=weights.device)
+    return inverse_cdf(weights, uniform)
+
+
+def inverse_cdf(weights: Tensor, uniform: Tensor) -> Tensor:
+    """weights (R, V) >= 0, uniform (R,) in [0, 1] -> (R,): the first index whose cumulative weight
+    (float64) exceeds uniform * total. An index of zero weight is never chosen: its cumulative
+    weight equals its predecessor's; where uniform * total reaches the total (u = 1, or rounding),
+    the last index of positive weight."""
+    cumulative = weights.double().cumsum(dim=-1)  # (R, V)
+    index = torch.searchsorted(cumulative, uniform[:, None] * cumulative[:, -1:], right=True).squeeze(-1)
+    last_positive = weights.shape[-1] - 1 - (weights > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(index, last_positive)
+
+
 def sample_next_tokens(
     logits: Tensor,
     *,
@@ -115,6 +138,6 @@ def sample_next_tokens(
     if temperature == 0:
         tokens = logprobs.argmax(dim=-1)
     else:
-        tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+        tokens = draw(logprobs.exp(), generator)
     kept = kept_sets(keep, len(tokens), logits.device) if return_kept else None
     return SampledTokens(tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), kept)

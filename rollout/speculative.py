@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from r1kit.policy.attention import build_attention_mask
 from r1kit.policy.cache import LatentCache
-from r1kit.rollout.sampling import kept_sets, processed_logprobs
+from r1kit.rollout.sampling import draw, kept_sets, processed_logprobs
 from r1kit.rollout.token_sets import TokenSets
 
 
@@ -109,7 +109,7 @@ def verify_drafts(
             residual = (target - drafted).clamp(min=0)
             empty = residual.sum(dim=-1, keepdim=True) <= 0  # p == q where a draft was rejected: round-off only
             target = torch.where(empty, target, residual)
-        last = torch.multinomial(target, 1, generator=generator).squeeze(-1)
+        last = draw(target, generator)
     tokens = torch.full((rows, width), -1, dtype=torch.long, device=logp.device)
     tokens[:, :k] = torch.where(columns[:k] < accepted.unsqueeze(-1), drafts, -1)
     tokens[row_index, accepted] = last
@@ -189,7 +189,7 @@ class MTPDrafter:
                 drafts.append(logp.argmax(dim=-1))
             else:
                 probs.append(logp.exp())
-                drafts.append(torch.multinomial(probs[-1], 1, generator=generator).squeeze(-1))
+                drafts.append(draw(probs[-1], generator))
         if num_tokens > 1:
             self.attention_mask[:, -(num_tokens - 1) :] = 0
         return torch.stack(drafts, dim=1), torch.stack(probs, dim=1) if probs else None

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from r1kit.rollout.engine import RolloutBatch, SamplingParams
-from r1kit.rollout.sampling import sample_next_tokens, truncation_mask
+from r1kit.rollout.sampling import draw, inverse_cdf, sample_next_tokens, truncation_mask
+from tests.rollout.test_speculative import chi_square, far_in_the_tail
 
 
 def top_p_kept(probs: list[float], top_p: float) -> list[bool]:
@@ -51,6 +52,20 @@ def test_sampling_follows_the_distribution_and_is_seeded():
     frequencies = torch.bincount(draw(1), minlength=3) / 20000
     torch.testing.assert_close(frequencies, probs, atol=0.015, rtol=0)
     assert torch.equal(draw(2), draw(2))
+
+
+def test_draws_follow_unnormalised_weights_and_never_take_a_zero_weight():
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 6.0, 0.0])
+    tokens = draw(weights.expand(40000, -1), torch.Generator().manual_seed(0))
+    statistic, dof = chi_square(torch.bincount(tokens, minlength=6).float(), weights / weights.sum())
+    assert not far_in_the_tail(statistic, dof)  # infinite if a zero-weight index was drawn
+
+
+def test_inverse_cdf_picks_the_first_index_past_the_uniform_share_of_the_mass():
+    weights = torch.tensor([[0.0, 1.0, 0.0, 1.0, 2.0, 0.0]]).expand(5, -1)
+    uniform = torch.tensor([0.0, 0.2499, 0.25, 0.5, 1.0], dtype=torch.float64)
+    # cumulative 0 1 1 2 4 4 of total 4: u * 4 = 0 -> 1; 0.9996 -> 1; 1 -> 3 (index 2 weighs 0); 2 -> 4; 4 -> 4
+    assert inverse_cdf(weights, uniform).tolist() == [1, 1, 3, 4, 4]
 
 
 def test_sampling_params_and_batch_validation():
