@@ -252,6 +252,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         cache = self._cache(pop_cache_argument(cache, kwargs), use_cache)
         past = cache.get_seq_length() if cache is not None else 0
         token_mask = None if attention_mask is None else attention_mask[:, -seq:].bool()
+        if position_ids is not None:
+            position_ids = position_ids.expand(batch, -1)  # (1, T) positions serve every row
         # the packed samples of each row: the mask keeps them apart, the MoE layers balance them one by one
         sequences = None
         if position_ids is not None and past == 0:
@@ -404,6 +406,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         batch, seq = input_ids.shape
         sequences = None
         if position_ids is not None:
+            position_ids = position_ids.expand(batch, -1)
             sequences = PackedSequences.from_positions(position_ids, attention_mask)
             if sequences.shares_prefixes:
                 raise ValueError("the MTP loss takes packed rows of whole samples, not samples sharing a prefix")

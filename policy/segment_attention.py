@@ -130,6 +130,8 @@ class SegmentLayout:
     ) -> torch.Tensor:
         """q, k (B, T, n, d_qk), v (B, T, n, d_v) -> (B, T, n, d_v): each query over its own sequence's keys."""
         batch, length, heads = q.shape[:3]
+        if (batch, length) != self.shape:
+            raise ValueError(f"this layout is for rows of shape {self.shape}, got queries of {(batch, length)}")
         entries, _, queries, keys = self.mask.shape
         if entries == 0:  # nothing but padding
             return v

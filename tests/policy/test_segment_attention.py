@@ -94,3 +94,16 @@ def test_a_long_row_of_completions_sharing_a_prompt_computes_what_separate_rows_
             torch.testing.assert_close(packed[start : start + len(completion)], alone[prompt:], atol=1e-5, rtol=1e-5)
             start += len(completion)
         torch.testing.assert_close(packed[:prompt], alone[:prompt], atol=1e-5, rtol=1e-5)
+
+
+def test_one_row_of_positions_serves_every_row_of_the_batch(tiny_config, randomized):
+    model = DeepseekV3ForCausalLM(tiny_config())
+    randomized(model)
+    model.eval()
+    positions = torch.arange(40).repeat(12)[None]  # (1, 480): long enough for the segments
+    ids = torch.randint(3, model.config.vocab_size, (2, 480))
+    with torch.no_grad():
+        batched = model(ids, position_ids=positions).logits
+        for row in range(2):
+            alone = model(ids[row : row + 1], position_ids=positions).logits[0]
+            torch.testing.assert_close(batched[row], alone, atol=1e-5, rtol=1e-5)
