@@ -23,9 +23,9 @@ the fused kernel about as much as a thousand more query-key pairs (measured
 on CPU), and the gathers cost too, so `pays_off` asks for half the modeled
 work of the dense mask: N (Q K + ENTRY_PAIRS) <= B T^2 / 2. On 2 CPU cores,
 tiny policy, training forward + backward: rows of 1024 tokens holding
-samples of about 128 tokens ran 1.7x faster than under the dense mask; rows
-of 400 holding a GRPO micro-batch's 32 completions of 4..48 tokens about as
-fast (the dense mask is kept there).
+samples of about 128 tokens ran 1.35-1.7x faster than under the dense mask,
+a GRPO micro-batch's shared-prompt rows (~500 tokens, 36 sequences) 1.03x,
+1.16x with every completion at the cap (docs/benchmarks.md).
 
 The result equals attention under `build_attention_mask`'s dense mask up to
 fp32 summation order: the same keys, the same causal order, a padding key
