@@ -15,7 +15,11 @@ uniformly from `--min-length`..`--max-length` (a wide spread, as RL completions
 have) or all at `--max-length` (every completion at the cap, only the prompts
 differ). Micro-batches of `--micro-batch-size` completions in batch order, as
 the trainer takes them. Policy: our "tiny" DeepSeek-V3 preset (the embedded
-default, random init, fp32, training mode: MoE balance loss on). Training pass:
+default, random init, fp32, training mode: MoE balance loss on), or with
+`--model PATH` a transformers causal LM saved there (fp32, training mode; e.g.
+SmolLM2-135M-Instruct from `r1kit fetch-model smollm2-135m-instruct`), its
+prompts through its chat template as the recipes give them (`--use_chat_template
+auto`). Training pass:
 forward, loss = -sum of completion log-probs + balance loss, backward, all
 micro-batches; log-probs: the same forwards under no_grad. Times are the median
 of `--repeats` runs after one warm-up round, the layouts' runs taking turns (load
@@ -29,7 +33,7 @@ micro-batches' token slots the packed rows do not hold (1 - packed / padded,
 this layout's time, measured in this run.
 
     python -m benchmarks.bench_padding_free [--prompts 16] [--samples 8] [--min-length 4] [--max-length 48]
-                                            [--micro-batch-size 32] [--repeats 5] [--threads N]
+                                            [--micro-batch-size 32] [--repeats 5] [--threads N] [--model PATH]
 """
 
 from __future__ import annotations
@@ -46,13 +50,16 @@ from transformers import PreTrainedTokenizerBase
 from r1kit.grpo.batch import PolicyBatch, build_policy_batch
 from r1kit.grpo.data import encode_prompt
 from r1kit.grpo.logprobs import TokenLogprobModel
+from r1kit.policy import load_policy
 from r1kit.recipes.embedded import embedded_policy, task_tokenizer
+from r1kit.recipes.pipeline import load_tokenizer
+from r1kit.recipes.prompts import format_prompts
 from r1kit.recipes.tasks.arithmetic import arithmetic_dataset
 from r1kit.rollout.engine import RolloutBatch
 
 
 def grpo_batch(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], samples: int, lengths: list[int], seed: int
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict]], samples: int, lengths: list[int], seed: int
 ) -> PolicyBatch:
     """G completions of random tokens of the given lengths for each prompt, as the trainer lays them out."""
     generator = torch.Generator().manual_seed(seed)
@@ -82,7 +89,8 @@ def logprob_pass(model: TokenLogprobModel, parts: list[PolicyBatch]) -> None:
 def training_pass(model: TokenLogprobModel, parts: list[PolicyBatch]) -> None:
     for part in parts:
         out = model(part.input_ids, part.attention_mask, part.position_ids, part.prompt_length)
-        (out.aux_loss - (out.logp * part.completion_mask).sum()).backward()
+        loss = -(out.logp * part.completion_mask).sum()
+        (loss if out.aux_loss is None else loss + out.aux_loss).backward()  # transformers models: no balance loss
     model.zero_grad(set_to_none=True)
 
 
@@ -115,6 +123,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", help="a transformers causal LM (local path) instead of the tiny DeepSeek-V3")
     args = parser.parse_args()
     if not 1 <= args.min_length <= args.max_length or args.repeats < 1:
         raise SystemExit("need 1 <= --min-length <= --max-length and --repeats >= 1")
@@ -122,10 +131,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     rows = arithmetic_dataset(2000, seed=args.seed)
-    tokenizer = task_tokenizer(rows)
-    prompts = rows["prompt"][: args.prompts]
     torch.manual_seed(args.seed)
-    policy = embedded_policy(tokenizer).train()
+    if args.model:
+        tokenizer, policy = load_tokenizer(args.model), load_policy(args.model).train()
+        rows = format_prompts(rows.select(range(args.prompts)), "auto", None, tokenizer.chat_template is not None)
+        name = f"{type(policy).__name__} from {args.model}"
+    else:
+        tokenizer = task_tokenizer(rows)
+        policy, name = embedded_policy(tokenizer).train(), "tiny DeepSeek-V3"
+    prompts = rows["prompt"][: args.prompts]
     layouts = {
         "padded": TokenLogprobModel(policy),
         "padding-free, rows of L": TokenLogprobModel(policy, padding_free=True, capacity=max),
@@ -137,7 +151,7 @@ def main() -> None:
     spread = torch.randint(args.min_length, args.max_length + 1, (completions,), generator=generator).tolist()
     prompt_lengths = [len(encode_prompt(tokenizer, prompt)) for prompt in prompts]
     print(
-        f"tiny DeepSeek-V3 ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, fp32, training "
+        f"{name} ({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, fp32, training "
         f"mode), {args.prompts} prompts ({min(prompt_lengths)}..{max(prompt_lengths)} tokens) x {args.samples} "
         f"completions, micro-batch {args.micro_batch_size}; median of {args.repeats} runs, torch threads "
         f"{torch.get_num_threads()}, torch {torch.__version__}"

@@ -122,7 +122,8 @@ class GRPOConfig:
     share_prompts: bool = option(
         True,
         "With padding_free, a micro-batch's completions of one prompt follow a single copy of it, so the prompt "
-        "is computed once, not once per completion (our DeepSeek-V3 policy; not with mtp_on_completions).",
+        "is computed once, not once per completion (our DeepSeek-V3, and transformers models with sdpa or eager "
+        "full attention in every layer; not with mtp_on_completions).",
     )
 
     # bookkeeping

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from r1kit.grpo.packing import plan_packing, row_capacity, same_prompt_groups
+from r1kit.policy.attention import build_attention_mask
 from r1kit.policy.modeling import DeepseekV3Model
 from r1kit.rollout.token_sets import TokenSets
 
@@ -153,6 +154,32 @@ def packed_rows_attention(model: nn.Module) -> str | None:
     return None
 
 
+def takes_shared_prefix_mask(model: nn.Module) -> bool:
+    """Whether a transformers model taking packed rows by position ids ("positions") also takes the mask of
+    completions sharing a prompt: a custom (B, 1, T, T) mask, which transformers passes to sdpa and eager
+    attention as it is. Only with full attention in every layer: a custom mask would drop a sliding window."""
+    if packed_rows_attention(model) != "positions":
+        return False
+    config = model.get_decoder().config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return set(layer_types) == {"full_attention"}
+    return getattr(config, "sliding_window", None) is None
+
+
+def shared_prefix_mask(model: nn.Module, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+    """The (R, 1, C, C) mask of packed rows whose sequences may continue a shared prefix, as `model`'s
+    attention takes it: boolean for sdpa (True: attend), additive for eager (0 or the dtype's minimum).
+
+    attention_mask (R, C): 1 on real tokens; position_ids (R, C), restarting per sequence (`PackedSequences`).
+    """
+    allowed = build_attention_mask(attention_mask, 0, attention_mask.shape[1], position_ids)  # (R, 1, C, C)
+    if model.get_decoder().config._attn_implementation == "sdpa":
+        return allowed
+    dtype = model.get_output_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 class TokenLogprobModel(nn.Module):
     """A causal LM whose forward returns the log-probs of the completion tokens.
 
@@ -168,12 +195,14 @@ class TokenLogprobModel(nn.Module):
     completion tokens only. Models that cannot take packed rows
     (`packed_rows_attention`) run padded.
 
-    share_prompts (with padding_free, for models that take the packed rows' mask,
-    i.e. our DeepSeek-V3, and not with the MTP loss): sequences with the same
-    prompt (a GRPO group in one micro-batch) hold it once per unit, their
+    share_prompts (with padding_free, not with the MTP loss): sequences with the
+    same prompt (a GRPO group in one micro-batch) hold it once per unit, their
     completions after it (`packing.plan_packing`'s prompt_groups), so the prompt
-    is computed once instead of once per completion. Log-probs, gradients and the
-    MoE balance loss and loads are those of the padded batch.
+    is computed once instead of once per completion. Our DeepSeek-V3 reads the
+    shared prompts from the position ids; transformers models with sdpa or eager
+    full attention in every layer get the rows' mask built here
+    (`shared_prefix_mask`); others pack whole sequences. Log-probs, gradients and
+    the MoE balance loss and loads are those of the padded batch.
     """
 
     def __init__(
@@ -193,7 +222,7 @@ class TokenLogprobModel(nn.Module):
         self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
         self.packing = packed_rows_attention(model) if padding_free else None
         self.capacity = capacity
-        self.share_prompts = share_prompts and self.packing == "mask"
+        self.share_prompts = share_prompts and (self.packing == "mask" or takes_shared_prefix_mask(model))
 
     def forward(
         self,
@@ -261,6 +290,8 @@ class TokenLogprobModel(nn.Module):
         )
         packed_ids = plan.pack(input_ids, 0)  # (R, C)
         packed_mask = plan.attention_mask if self.packing == "mask" else None
+        if self.packing == "positions" and groups is not None:  # a transformers model sharing prompts
+            packed_mask = shared_prefix_mask(self.model, plan.attention_mask, plan.position_ids)
         replay = {}
         if routed_experts is not None:  # (L, N, P + T, K) -> (L, R, C, K), -1 (route live) on padding
             replay["routed_experts"] = plan.pack(routed_experts.movedim(0, 2), -1).movedim(2, 0)

@@ -13,10 +13,23 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from r1kit.grpo.batch import PolicyBatch, build_policy_batch
-from r1kit.grpo.logprobs import TokenLogprobModel, TokenLogprobs, packed_rows_attention
+from r1kit.grpo.logprobs import (
+    TokenLogprobModel,
+    TokenLogprobs,
+    packed_rows_attention,
+    shared_prefix_mask,
+    takes_shared_prefix_mask,
+)
 from r1kit.grpo.packing import best_fit_decreasing, plan_packing, row_capacity, same_prompt_groups
 from r1kit.policy import DeepseekV3ForCausalLM, preset_config
 from r1kit.rollout.engine import RolloutBatch
@@ -328,6 +341,10 @@ def tiny_llama(attention: str) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**TINY, attn_implementation=attention))
 
 
+def tiny_qwen2(use_sliding_window: bool) -> Qwen2ForCausalLM:
+    return Qwen2ForCausalLM(Qwen2Config(**TINY, use_sliding_window=use_sliding_window, sliding_window=3))
+
+
 def tiny_mistral(window: int) -> MistralForCausalLM:
     return MistralForCausalLM(MistralConfig(**TINY, sliding_window=window))
 
@@ -352,6 +369,55 @@ def test_transformers_models_forward_is_the_padded_one(build, lora):
     packed, packed_grads = forward_and_backward(model, batch, padding_free=True)
     assert_same(packed, padded, packed_grads, padded_grads, batch)
     assert not lora or all("lora" in name for name in packed_grads)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize(
+    "build, shares",
+    [(lambda: tiny_llama("sdpa"), True), (lambda: tiny_llama("eager"), True),
+     (lambda: tiny_qwen2(use_sliding_window=False), True), (lambda: tiny_mistral(window=3), False)],
+    ids=["llama-sdpa", "llama-eager", "qwen2-full-attention", "mistral-sliding-window"],
+)  # fmt: skip
+def test_transformers_models_share_prompts_with_the_padded_forward(build, shares, lora):
+    """Full attention in every layer: each prompt once for its completions, under the mask built for the rows;
+    a sliding window packs whole sequences. Log-probs and gradients are the padded ones either way."""
+    torch.manual_seed(0)
+    model = build()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        adapter = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model = get_peft_model(model, adapter)
+    assert takes_shared_prefix_mask(model) == shares
+    batch = grouped_rollout_batch(64, torch.Generator().manual_seed(4), (1, 4, 2))
+    batch = dataclasses.replace(batch, routed_experts=None)
+    padded, padded_grads = forward_and_backward(model, batch, padding_free=False)
+    whole = TokenLogprobModel(model, padding_free=True, temperature=0.8)
+    shared = TokenLogprobModel(model, padding_free=True, share_prompts=True, temperature=0.8)
+    packed, packed_grads = forward_and_backward(model, batch, shared)
+    assert_same(packed, padded, packed_grads, padded_grads, batch)
+    with torch.no_grad():
+        whole_slots = whole(batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_length).token_slots
+    assert (packed.token_slots < whole_slots) == shares  # the prompt copies saved
+
+
+def test_the_shared_prefix_mask_follows_the_attention_implementation():
+    """sdpa takes the boolean mask, eager the additive one: the same entries allowed."""
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0]])
+    position_ids = torch.tensor([[0, 1, 2, 2, 3, 2, 0]])  # a prompt of 2, completions of 1, 2 and 1, padding
+    allowed = shared_prefix_mask(tiny_llama("sdpa"), attention_mask, position_ids)
+    additive = shared_prefix_mask(tiny_llama("eager"), attention_mask, position_ids)
+    assert allowed.dtype == torch.bool and additive.dtype == torch.float32
+    assert torch.equal(additive == 0, allowed)
+    assert allowed[0, 0].long().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0, 0],
+        [1, 1, 0, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 0, 1],
+    ]
 
 
 def test_models_that_cannot_take_packed_rows_run_padded():
