@@ -222,7 +222,9 @@ class TokenLogprobModel(nn.Module):
         self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
         self.packing = packed_rows_attention(model) if padding_free else None
         self.capacity = capacity
-        self.share_prompts = share_prompts and (self.packing == "mask" or takes_shared_prefix_mask(model))
+        self.share_prompts = share_prompts and (
+            self.packing == "mask" or (self.packing == "positions" and takes_shared_prefix_mask(model))
+        )
 
     def forward(
         self,
