@@ -17,7 +17,10 @@ clip 1.0). One optimizer step consumes B * G completions on both sides.
           (padding_free and share_prompts, the defaults; TRL pads and repeats
           the prompt for every completion, as --no-shared-prompts does);
           importance_correction="none" (TRL applies no sampler correction without
-          vLLM); with --num-speculative-tokens k > 0 the engine decodes with MTP
+          vLLM); the reference log-probs in one no-grad forward over the step's
+          B * G completions (logprob_micro_batch_size; TRL runs its reference
+          forward per training micro-batch and has no such knob); with
+          --num-speculative-tokens k > 0 the engine decodes with MTP
           self-speculation (exact samples of the same policy; the random-init
           MTP module is a poor draft).
     TRL   trl.GRPOTrainer, transformers `generate` (use_vllm=False), loss_type
@@ -46,6 +49,7 @@ process, ours first, with the same torch thread count.
 
     python -m benchmarks.bench_grpo_vs_trl [--steps 10] [--warmup 2] [--prompts 16] [--samples 8]
                                            [--max-new-tokens 48] [--micro-batch-size 32] [--beta 0.04]
+                                           [--logprob-micro-batch-size 0]
                                            [--num-speculative-tokens 0] [--start "random init" | sft]
                                            [--no-shared-prompts]
 """
@@ -169,6 +173,7 @@ def run_ours(start: Path, tokenizer, prompts, args: argparse.Namespace, output_d
         importance_correction="none", learning_rate=args.lr, adam_beta2=0.99, max_grad_norm=1.0,
         micro_batch_size=args.micro_batch_size, max_steps=args.warmup + args.steps, seed=0,
         log_completions_steps=0, output_dir=str(output_dir), share_prompts=not args.no_shared_prompts,
+        logprob_micro_batch_size=args.logprob_micro_batch_size or args.prompts * args.samples,
     )  # fmt: skip
     timings = Timings()
     torch.manual_seed(0)
@@ -253,6 +258,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="G: completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="completion length cap")
     parser.add_argument("--micro-batch-size", type=int, default=32, help="completions per forward/backward")
+    parser.add_argument(
+        "--logprob-micro-batch-size", type=int, default=0, help="ours: rows per no-grad forward (0: B * G, one forward)"
+    )
     parser.add_argument("--beta", type=float, default=0.04, help="KL weight (> 0 adds a reference forward)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--num-speculative-tokens", type=int, default=0, help="ours: MTP drafts per decoding round")

@@ -111,6 +111,12 @@ class GRPOConfig:
     max_grad_norm: float = option(1.0, "Gradient clipping norm.")
     num_iterations: int = option(1, "mu: optimizer updates per rollout batch (old log-probs cached when > 1).")
     micro_batch_size: int = option(32, "Completions per forward/backward; a step's completions are accumulated.")
+    logprob_micro_batch_size: int = option(
+        0,
+        "Completions per no-grad log-prob forward (the reference's, and the old policy's when computed); "
+        "0: micro_batch_size. Such a forward keeps no activations for backward, so it fits a larger batch, "
+        "and fewer forwards pay less per-operation overhead.",
+    )
     max_steps: int = option(200, "Number of GRPO steps (rollout batches).")
     seed: int = option(0, "Seed of prompt order, sampling and initialisation.")
     logprob_chunk_size: int = option(1024, "Tokens per chunk when computing log-probs from the output head.")
@@ -146,6 +152,9 @@ class GRPOConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.logprob_micro_batch_size < 0:
+            raise ConfigError(f"logprob_micro_batch_size must be >= 0 (0: micro_batch_size), got "
+                              f"{self.logprob_micro_batch_size}")  # fmt: skip
         if self.beta < 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
         if self.epsilon <= 0:

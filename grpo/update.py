@@ -82,16 +82,17 @@ class PolicyUpdate:
                 totals[key] += value / config.num_iterations
         return {**totals, **times}
 
-    def micro_batches(self, n: int) -> list[slice]:
-        size = self.config.micro_batch_size
+    @staticmethod
+    def micro_batches(n: int, size: int) -> list[slice]:
+        """Consecutive row slices of at most `size` of n rows."""
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
     @torch.no_grad()
     def logprobs(self, model: nn.Module, batch: PolicyBatch) -> Tensor:
-        """(N, T) completion log-probs of `model` without gradient, micro-batch by micro-batch."""
-        width = batch.completion_mask.shape[1]
-        chunks = []
-        for rows in self.micro_batches(len(batch)):
+        """(N, T) completion log-probs of `model` without gradient, `logprob_micro_batch_size` rows at a time."""
+        width, chunks = batch.completion_mask.shape[1], []
+        size = self.config.logprob_micro_batch_size or self.config.micro_batch_size
+        for rows in self.micro_batches(len(batch), size):
             part = batch.rows(rows)
             logp = model(part.input_ids, part.attention_mask, part.position_ids, part.prompt_length,
                          routed_experts=part.routed_experts, kept_tokens=part.kept_tokens).logp  # fmt: skip
@@ -115,7 +116,7 @@ class PolicyUpdate:
         normalizers = {"num_sequences": num_sequences, "num_tokens": num_tokens,
                        "max_length": config.max_completion_length}  # fmt: skip
         sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
-        micro_batches = self.micro_batches(len(batch))
+        micro_batches = self.micro_batches(len(batch), config.micro_batch_size)
         for index, rows in enumerate(micro_batches):
             part = batch.rows(rows)
             width, share = part.completion_mask.shape[1], len(part) / len(batch)

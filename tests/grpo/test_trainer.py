@@ -61,6 +61,27 @@ def test_gradient_accumulation_equals_one_full_batch(make_trainer):
         assert stats["loss"] == pytest.approx(full_stats["loss"], rel=1e-5, abs=1e-7)
 
 
+def test_logprob_micro_batch_size_sets_the_no_grad_forwards_and_changes_no_logprob(make_trainer):
+    trainer = make_trainer(micro_batch_size=4, beta=0.1)
+    scored = trainer.collector.collect(0)
+    batch = build_policy_batch(scored.rollout, trainer.tokenizer.pad_token_id)
+    reference, forward = trainer.update.reference, trainer.update.reference.forward
+    rows_per_forward: list[int] = []
+    reference.forward = lambda input_ids, *args, **kwargs: (
+        rows_per_forward.append(len(input_ids)), forward(input_ids, *args, **kwargs))[1]  # fmt: skip
+    results = {}
+    for size in (0, 3, len(batch)):
+        trainer.update.config.logprob_micro_batch_size = size
+        rows_per_forward.clear()
+        results[size] = trainer.update.logprobs(reference, batch)
+        expected = [4] * (len(batch) // 4) if size == 0 else [size] * (len(batch) // size)
+        assert rows_per_forward[: len(expected)] == expected and sum(rows_per_forward) == len(batch), size
+    for size in (3, len(batch)):
+        torch.testing.assert_close(results[size], results[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="logprob_micro_batch_size"):
+        make_trainer(logprob_micro_batch_size=-1)
+
+
 def test_only_the_last_micro_batch_of_a_step_syncs_gradients(make_trainer, monkeypatch):
     """Accelerate's DeepSpeed backward steps the engine whenever `sync_gradients` is True: with 4 micro-batches
     per step it must read False three times, then True once."""
