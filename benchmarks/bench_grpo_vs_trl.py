@@ -45,9 +45,12 @@ rewards, reference log-probs, the accumulated backward passes and the optimizer
 step), and, inside it, generation alone (ours: the engine's `generate`; TRL:
 `_generate`, transformers `generate` plus decoding). The first `--warmup` steps
 of each trainer are not timed. The two trainers run one after the other in this
-process, ours first, with the same torch thread count.
+process, ours first, with the same torch thread count; with `--rounds R` both
+run R times, in alternating order (ours first, then TRL first, ...), each time
+from the same start, and the timed steps of all rounds are pooled, so that a
+host whose speed drifts during the run weighs on both alike.
 
-    python -m benchmarks.bench_grpo_vs_trl [--steps 10] [--warmup 2] [--prompts 16] [--samples 8]
+    python -m benchmarks.bench_grpo_vs_trl [--steps 10] [--warmup 2] [--rounds 1] [--prompts 16] [--samples 8]
                                            [--max-new-tokens 48] [--micro-batch-size 32] [--beta 0.04]
                                            [--logprob-micro-batch-size 0]
                                            [--num-speculative-tokens 0] [--start "random init" | sft]
@@ -105,6 +108,11 @@ class Timings:
         """The steps after the first `warmup`."""
         return Timings(self.step_s[warmup:], self.generation_s[warmup:], self.completion_length[warmup:],
                        self.phases[warmup:])  # fmt: skip
+
+    def __add__(self, other: Timings) -> Timings:
+        """The steps of both runs."""
+        return Timings(self.step_s + other.step_s, self.generation_s + other.generation_s,
+                       self.completion_length + other.completion_length, self.phases + other.phases)  # fmt: skip
 
 
 class TimedEngine:
@@ -254,6 +262,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per trainer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs of both trainers, in alternating order; their steps are pooled"
+    )
     parser.add_argument("--prompts", type=int, default=16, help="B: prompts per step")
     parser.add_argument("--samples", type=int, default=8, help="G: completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="completion length cap")
@@ -275,8 +286,8 @@ def main() -> None:
     )
     parser.add_argument("--cache-dir", default="outputs/cache", help="--start sft: the recipe's SFT cache")  # fmt: skip
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        raise SystemExit("--steps and --rounds must be >= 1 and --warmup >= 0")
 
     huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL reports usage when a trainer is built
     transformers.logging.set_verbosity_error()
@@ -292,8 +303,18 @@ def main() -> None:
             f"{args.steps} timed steps, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, trl {trl.__version__}"
         )
-        ours = run_ours(start, tokenizer, prompts, args, root / "ours").measured(args.warmup)
-        theirs = run_trl(start, tokenizer, prompts, args, root / "trl").measured(args.warmup)
+        ours, theirs = Timings(), Timings()
+        for round_index in range(args.rounds):  # the order alternates, so that a host slowing down or speeding
+            order = ("ours", "TRL") if round_index % 2 == 0 else ("TRL", "ours")  # up weighs on both alike
+            runs = {}
+            for name in order:
+                run = run_ours if name == "ours" else run_trl
+                runs[name] = run(start, tokenizer, prompts, args, root / f"{name}-{round_index}").measured(args.warmup)
+            ours, theirs = ours + runs["ours"], theirs + runs["TRL"]
+            if args.rounds > 1:
+                mine, trl_step = (statistics.median(runs[name].step_s) for name in ("ours", "TRL"))
+                print(f"  round {round_index + 1} ({order[0]} first): step median ours {mine:.2f} s, "
+                      f"TRL {trl_step:.2f} s: {trl_step / mine:.2f}x")  # fmt: skip
     print("  per-step times (s): ours " + " ".join(f"{t:.2f}" for t in ours.step_s)
           + " | TRL " + " ".join(f"{t:.2f}" for t in theirs.step_s))  # fmt: skip
     print(summary_line("ours", ours))
