@@ -303,13 +303,11 @@ def main() -> None:
             f"{args.steps} timed steps, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, trl {trl.__version__}"
         )
-        ours, theirs = Timings(), Timings()
+        ours, theirs, trainers = Timings(), Timings(), {"ours": run_ours, "TRL": run_trl}
         for round_index in range(args.rounds):  # the order alternates, so that a host slowing down or speeding
             order = ("ours", "TRL") if round_index % 2 == 0 else ("TRL", "ours")  # up weighs on both alike
-            runs = {}
-            for name in order:
-                run = run_ours if name == "ours" else run_trl
-                runs[name] = run(start, tokenizer, prompts, args, root / f"{name}-{round_index}").measured(args.warmup)
+            runs = {name: trainers[name](start, tokenizer, prompts, args, root / f"{name}-{round_index}")
+                    .measured(args.warmup) for name in order}  # fmt: skip
             ours, theirs = ours + runs["ours"], theirs + runs["TRL"]
             if args.rounds > 1:
                 mine, trl_step = (statistics.median(runs[name].step_s) for name in ("ours", "TRL"))

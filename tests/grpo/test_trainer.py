@@ -74,8 +74,8 @@ def test_logprob_micro_batch_size_sets_the_no_grad_forwards_and_changes_no_logpr
         trainer.update.config.logprob_micro_batch_size = size
         rows_per_forward.clear()
         results[size] = trainer.update.logprobs(reference, batch)
-        expected = [4] * (len(batch) // 4) if size == 0 else [size] * (len(batch) // size)
-        assert rows_per_forward[: len(expected)] == expected and sum(rows_per_forward) == len(batch), size
+        rows = size or trainer.config.micro_batch_size
+        assert rows_per_forward == [min(rows, len(batch) - start) for start in range(0, len(batch), rows)], size
     for size in (3, len(batch)):
         torch.testing.assert_close(results[size], results[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="logprob_micro_batch_size"):
