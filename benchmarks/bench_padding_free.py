@@ -50,6 +50,7 @@ from transformers import PreTrainedTokenizerBase
 from r1kit.grpo.batch import PolicyBatch, build_policy_batch
 from r1kit.grpo.data import encode_prompt
 from r1kit.grpo.logprobs import TokenLogprobModel
+from r1kit.grpo.update import PolicyUpdate
 from r1kit.policy import load_policy
 from r1kit.recipes.embedded import embedded_policy, task_tokenizer
 from r1kit.recipes.pipeline import load_tokenizer
@@ -77,7 +78,8 @@ def grpo_batch(
 
 
 def micro_batches(batch: PolicyBatch, size: int) -> list[PolicyBatch]:
-    return [batch.rows(slice(i, min(i + size, len(batch)))) for i in range(0, len(batch), size)]
+    """The batch's micro-batches of at most `size` completions, in order, as the trainer takes them."""
+    return [batch.rows(rows) for rows in PolicyUpdate.micro_batches(len(batch), size)]
 
 
 def logprob_pass(model: TokenLogprobModel, parts: list[PolicyBatch]) -> None:
